@@ -1,0 +1,49 @@
+# loraq: `make demo` and `make test` work on a fresh machine (they create .venv and fetch what they need).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE ?= $(HOME)/.cache/loraq
+export LORAQ_CACHE := $(CACHE)
+SMOL := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
+DEMO := runs/demo-inputs
+
+.PHONY: setup demo test test-interop bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(SMOL): | $(BIN)/python
+	$(BIN)/python scripts/fetch_smollm2.py
+
+# The demo's inputs: an F16 base made from the Q4_1 SmolLM2 with loraq itself, and a PEFT adapter.
+$(DEMO)/smollm2-f16.gguf: $(SMOL) $(VENV)/.installed
+	$(BIN)/loraq quantize $(SMOL) $@ F16 --allow-requantize
+
+$(DEMO)/adapter/adapter_model.safetensors: $(DEMO)/smollm2-f16.gguf scripts/make_demo_adapter.py
+	$(BIN)/python scripts/make_demo_adapter.py $(DEMO)/smollm2-f16.gguf $(DEMO)/adapter
+
+demo: $(DEMO)/adapter/adapter_model.safetensors
+	$(BIN)/loraq run configs/smollm2-demo.yaml
+
+test: $(VENV)/.installed $(SMOL)
+	$(BIN)/pytest -q
+
+$(VENV)/.interop: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,interop]'
+	touch $@
+
+test-interop: $(VENV)/.interop $(SMOL)
+	$(BIN)/pytest -q -m interop
+
+bench: $(VENV)/.interop $(SMOL)
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf runs .pytest_cache

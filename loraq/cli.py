@@ -1,0 +1,281 @@
+"""The command line: parse, call one core function, render, map errors to exit codes.
+
+Exit codes (design.md): 0 ok, 1 unexpected error, 2 bad arguments or config, 3 quality gate
+failed, 4 bad input data, 5 I/O. Errors print one line; `-v` shows the traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, List, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LoraqError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="LoRA fine-tune -> llama.cpp GGUF files, with proof the fine-tune survived.")
+err = Console(stderr=True, highlight=False)
+# Tables are data: when stdout is not a terminal, do not squeeze them into 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+_state = {"verbose": False}
+R = TypeVar("R")
+
+
+def _call(fn: Callable[[], R]) -> R:
+    """Run a core call; turn errors into one line and the documented exit code."""
+    try:
+        return fn()
+    except LoraqError as exc:
+        if _state["verbose"]:
+            traceback.print_exc()
+        err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; finished outputs are kept, partial ones were removed")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - the boundary for anything unexpected
+        if _state["verbose"]:
+            traceback.print_exc()
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        err.print(f"[red]unexpected error:[/red] {type(exc).__name__}: {cause} (run with -v for the traceback)", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _progress(total: int, label: str):
+    """A rich progress bar on stderr when it is a terminal; otherwise a no-op."""
+    if not err.is_terminal:
+        return None, (lambda *_: None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+    task = p.add_task(label, total=total)
+    return p, (lambda *_: p.advance(task))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors.")) -> None:
+    _state["verbose"] = verbose
+
+
+@app.command()
+def convert(
+    adapter: Path = typer.Argument(..., help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    base: Path = typer.Option(..., "--base", help="Base model GGUF: supplies architecture, head counts and tensor names."),
+    output: Path = typer.Option(..., "-o", "--outfile", "--output", help="Output GGUF LoRA adapter."),
+    outtype: str = typer.Option("f16", "--outtype", help="f32, f16, bf16 or q8_0."),
+) -> None:
+    """PEFT adapter -> GGUF LoRA adapter (convert_lora_to_gguf.py, with rsLoRA and alpha_pattern right)."""
+    from .convert import convert_adapter
+
+    res = _call(lambda: convert_adapter(adapter, base, output, outtype=outtype))
+    out.print(f"wrote {res.out} ({res.n_tensors} tensors, alpha {res.alpha:g})")
+    for note in res.notes:
+        err.print(f"note: {note}")
+
+
+def _parse_scaled(values: List[str]) -> list[tuple[Path, float]]:
+    pairs = []
+    for v in values:
+        path, sep, scale = v.rpartition(":")
+        try:
+            pairs.append((Path(path), float(scale)))
+        except ValueError:
+            sep = ""
+        if not sep:
+            err.print(f"[red]error:[/red] --lora-scaled expects PATH:SCALE, got '{v}'")
+            raise typer.Exit(2)
+    return pairs
+
+
+@app.command()
+def merge(
+    base: Path = typer.Argument(..., help="Base model GGUF (F32/F16/BF16)."),
+    lora: List[Path] = typer.Option([], "--lora", help="Adapter (GGUF LoRA or PEFT folder) with scale 1.0; repeatable."),
+    lora_scaled: List[str] = typer.Option([], "--lora-scaled", help="PATH:SCALE; repeatable."),
+    output: Path = typer.Option(..., "-o", "--output", help="Merged GGUF."),
+    outtype: str = typer.Option("f16", "--outtype", help="f16, bf16 or f32."),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Accept a quantized base (dequantized; the result is quantized twice)."),
+) -> None:
+    """W + scale·(alpha/r)·B·A into one GGUF (llama-export-lora, rounded once from float64)."""
+    from .merge import AdapterSpec, merge_model
+
+    specs = [AdapterSpec(p, 1.0) for p in lora] + [AdapterSpec(p, s) for p, s in _parse_scaled(lora_scaled)]
+    from .gguf import open_gguf
+
+    n = _call(lambda: len(open_gguf(base).tensors))
+    prog, tick = _progress(n, "merge")
+    with prog or _null():
+        res = _call(lambda: merge_model(base, specs, output, outtype, allow_requantize, on_tensor=tick))
+    for w in res.warnings:
+        err.print(f"warning: {w}")
+    out.print(f"wrote {res.out}: {len(res.merged)} tensors merged")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@app.command()
+def quantize(
+    args: List[str] = typer.Argument(..., help="IN [OUT] TYPE, as llama-quantize."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (GGUF or legacy .dat)."),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type"),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type"),
+    tensor_type: List[str] = typer.Option([], "--tensor-type", help="PATTERN=TYPE; first match wins; repeatable."),
+    pure: bool = typer.Option(False, "--pure", help="No mixture rules: every quantizable tensor gets TYPE."),
+    leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor"),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize"),
+    include_weights: List[str] = typer.Option([], "--include-weights"),
+    exclude_weights: List[str] = typer.Option([], "--exclude-weights"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the size; write nothing."),
+    threads: int = typer.Option(0, "--threads", "-t", help="Worker threads (0: all cores)."),
+) -> None:
+    """Quantize a GGUF with llama-quantize's per-tensor type rules; byte-identical blocks."""
+    from .ggml_types import file_type
+    from .quantize.driver import QuantizeOptions, quantize_model
+    from .pipeline.checkpoint import cpu_threads
+
+    if len(args) not in (2, 3):
+        err.print("[red]error:[/red] usage: loraq quantize IN [OUT] TYPE")
+        raise typer.Exit(2)
+    inp, ftype = Path(args[0]), args[-1]
+    fobj = _call(lambda: file_type(ftype))
+    dest = Path(args[1]) if len(args) == 3 else inp.parent / f"ggml-model-{fobj.name}.gguf"
+    if include_weights and exclude_weights:
+        err.print("[red]error:[/red] --include-weights and --exclude-weights cannot be combined")
+        raise typer.Exit(2)
+    if imatrix is not None:
+        err.print("[red]error:[/red] --imatrix arrives with the imatrix stage; it is not supported yet")
+        raise typer.Exit(2)
+    tts = []
+    for spec in tensor_type:
+        pat, sep, t = spec.partition("=")
+        if not sep or not pat or not t:
+            err.print(f"[red]error:[/red] --tensor-type expects PATTERN=TYPE, got '{spec}'")
+            raise typer.Exit(2)
+        tts.append((pat, t))
+    opts = QuantizeOptions(output_tensor_type, token_embedding_type, tts, pure, leave_output_tensor, allow_requantize, None, cpu_threads(threads))
+    if dry_run:
+        res = _call(lambda: quantize_model(inp, None, fobj.name, opts, dry_run=True))
+        _print_plan(res)
+        return
+    from .gguf import open_gguf
+
+    n = _call(lambda: len(open_gguf(inp).tensors))
+    prog, tick = _progress(n, f"quantize {fobj.name}")
+    with prog or _null():
+        res = _call(lambda: quantize_model(inp, dest, fobj.name, opts, on_tensor=tick))
+    out.print(f"wrote {dest}: {_size(res.size_bytes)}, {res.bpw:.2f} bpw, {res.n_fallback} shape fallbacks")
+
+
+def _print_plan(res) -> None:
+    t = Table(title=f"plan for {res.ftype.name}", show_lines=False)
+    for c in ("tensor", "shape (ne)", "from", "to", "why"):
+        t.add_column(c)
+    for e in res.plan:
+        t.add_row(e.name, "×".join(map(str, e.ne)), e.src.name, e.dst.name, e.reason)
+    out.print(t)
+    out.print(f"size {_size(res.size_bytes)} ({res.size_bytes} bytes), {res.bpw:.3f} bpw, {res.n_fallback} shape fallbacks")
+
+
+@app.command()
+def inspect(file: Path = typer.Argument(..., help="A GGUF file.")) -> None:
+    """Metadata, tensor table, type histogram and bits per weight of a GGUF."""
+    from .inspect import describe
+
+    info = _call(lambda: describe(file))
+    kv = Table(title=str(file), show_header=True)
+    kv.add_column("key")
+    kv.add_column("value", overflow="fold")
+    for k, v in info.kvs:
+        kv.add_row(k, v)
+    out.print(kv)
+    tt = Table(show_header=True)
+    for c in ("tensor", "ne", "type", "bytes"):
+        tt.add_column(c)
+    for name, ne, typ, nb in info.tensors:
+        tt.add_row(name, "×".join(map(str, ne)), typ, str(nb))
+    out.print(tt)
+    hist = ", ".join(f"{k}: {v}" for k, v in info.histogram.items())
+    out.print(f"{len(info.tensors)} tensors ({hist}); {info.n_weights:,} weights, {_size(info.data_bytes)}, {info.bpw:.3f} bpw")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="The pipeline's YAML config."),
+    force: Optional[str] = typer.Option(None, "--force", is_flag=False, flag_value="all", help="Rerun every stage, or --force=STAGE."),
+    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (name or kind)."),
+    json_events: bool = typer.Option(False, "--json", help="One JSON object per event on stdout."),
+) -> None:
+    """The whole chain, skipping stages that are up to date."""
+    from .pipeline.config import load_config
+    from .pipeline.runner import run_pipeline
+
+    cfg = _call(lambda: load_config(config))
+
+    def on_event(e: dict) -> None:
+        if json_events:
+            sys.stdout.write(json.dumps(e) + "\n")
+            sys.stdout.flush()
+        elif e["event"] == "stage_skipped":
+            err.print(f"[dim]skip[/dim] {e['stage']}: {e['reason']}")
+        elif e["event"] == "stage_started":
+            err.print(f"[bold]run[/bold]  {e['stage']} ({e['reason']})")
+
+    reports = _call(lambda: run_pipeline(cfg, force=force, until=until, on_event=on_event))
+    if json_events:
+        sys.stdout.write(json.dumps({"event": "summary", "stages": [
+            {"stage": r.name, "status": r.status, "reason": r.reason, "seconds": round(r.seconds, 3),
+             "outputs": [str(o) for o in r.outputs]} for r in reports]}) + "\n")
+        return
+    t = Table(title=f"{cfg.name}: {cfg.workdir_path}")
+    for c in ("stage", "status", "reason", "seconds", "output", "size"):
+        t.add_column(c)
+    for r in reports:
+        for i, o in enumerate(r.outputs):
+            size = _size(o.stat().st_size) if o.exists() else "-"
+            first = i == 0
+            t.add_row(r.name if first else "", r.status if first else "", r.reason if first else "",
+                      f"{r.seconds:.1f}" if first and r.status == "ran" else "", o.name, size)
+    out.print(t)
+
+
+@app.command()
+def status(config: Path = typer.Argument(..., help="The pipeline's YAML config.")) -> None:
+    """Each stage: up to date or not, and why."""
+    from .pipeline.config import load_config
+    from .pipeline.runner import stage_status
+
+    cfg = _call(lambda: load_config(config))
+    reports = _call(lambda: stage_status(cfg))
+    t = Table(title=f"{cfg.name}: {cfg.workdir_path}")
+    for c in ("stage", "status", "reason"):
+        t.add_column(c)
+    for r in reports:
+        t.add_row(r.name, r.status, r.reason)
+    out.print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""`loraq convert`: PEFT LoRA adapter folder -> llama.cpp GGUF LoRA adapter (reference §1)."""
+
+from .lora_gguf import OUTTYPES, ConvertResult, convert_adapter
+from .peft import LoraModule, PeftAdapter, load_peft_adapter
+
+__all__ = ["OUTTYPES", "ConvertResult", "convert_adapter", "LoraModule", "PeftAdapter", "load_peft_adapter"]

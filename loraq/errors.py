@@ -1,0 +1,32 @@
+"""Error types that carry the CLI exit code documented in design.md.
+
+Core code raises these with a one-line message saying what failed and what to do; the CLI prints
+the message and exits with the code. Anything else is an unexpected error (exit 1)."""
+
+
+class LoraqError(Exception):
+    exit_code = 1
+
+
+class BadArguments(LoraqError):
+    """Bad command-line arguments or config (exit 2)."""
+
+    exit_code = 2
+
+
+class GateFailed(LoraqError):
+    """A quality gate failed (exit 3)."""
+
+    exit_code = 3
+
+
+class BadInput(LoraqError):
+    """Bad input data: corrupt file, shape or architecture mismatch, NaN/Inf (exit 4)."""
+
+    exit_code = 4
+
+
+class IOFailure(LoraqError):
+    """Disk full, permission denied and other I/O failures (exit 5)."""
+
+    exit_code = 5

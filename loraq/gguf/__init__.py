@@ -1,0 +1,7 @@
+"""GGUF container I/O: gguf-py parses the header; loraq reads tensor data and writes files with
+the exact layout llama.cpp's C writer produces (reference §4.8, §9)."""
+
+from .reader import GGUFFile, TensorInfo, open_gguf
+from .writer import GGUFStreamWriter, KVList, encode_kv
+
+__all__ = ["GGUFFile", "TensorInfo", "open_gguf", "GGUFStreamWriter", "KVList", "encode_kv"]

@@ -1,0 +1,166 @@
+"""Read a GGUF file: metadata through gguf-py's parser, tensor data through plain reads.
+
+Tensor data is read with pread into fresh buffers rather than through the memory map, so pages of
+tensors already processed do not stay resident: peak RSS follows the largest tensor, not the file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import check_readable, io_error
+from ..errors import BadInput
+from ..ggml_types import GGMLType, BY_ID
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ne: tuple[int, ...]  # ggml order: ne[0] is the row length
+    type: GGMLType
+    offset: int  # absolute offset in the file
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy shape (slowest first), in elements."""
+        return tuple(reversed(self.ne))
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.ne, dtype=np.int64))
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_elements // self.ne[0]
+
+    @property
+    def n_dims(self) -> int:
+        """ggml_n_dims: trailing size-1 dimensions do not count (minimum 1)."""
+        n = len(self.ne)
+        while n > 1 and self.ne[n - 1] == 1:
+            n -= 1
+        return n
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    vtype: int  # GGUFValueType of the value
+    raw: bytes  # the whole record as stored (key, type, value), for verbatim copies
+    value: Any
+
+
+class GGUFFile:
+    """An open GGUF: ordered KVs, tensor infos, and tensor reads. Use as a context manager."""
+
+    def __init__(self, path: Path | str):
+        self.path = check_readable(path, "GGUF file")
+        try:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(self.path)
+        except OSError as exc:
+            raise io_error(exc, self.path, "read") from exc
+        except Exception as exc:  # gguf-py raises ValueError/IndexError/etc. on bad headers
+            raise BadInput(f"{self.path} is not a readable GGUF file ({_short(exc)})") from exc
+        self.kvs: dict[str, KV] = {}
+        try:
+            for name, field in reader.fields.items():
+                if name.startswith("GGUF."):
+                    continue
+                n = sum(int(p.nbytes) for p in field.parts)
+                raw = reader.data[field.offset : field.offset + n].tobytes()
+                self.kvs[name] = KV(name, int(field.types[0]), raw, field.contents())
+            self.tensors: list[TensorInfo] = []
+            for t in reader.tensors:
+                ttype = BY_ID.get(int(t.tensor_type))
+                if ttype is None:
+                    raise BadInput(f"{self.path}: tensor {t.name} has unknown type {int(t.tensor_type)}")
+                ne = tuple(int(x) for x in t.shape)
+                self.tensors.append(TensorInfo(t.name, ne, ttype, int(t.data_offset), int(t.n_bytes)))
+        except BadInput:
+            raise
+        except Exception as exc:
+            raise BadInput(f"{self.path} is not a readable GGUF file ({_short(exc)})") from exc
+        del reader  # drop the memory map; data is read with pread from here on
+        self._by_name = {t.name: t for t in self.tensors}
+        size = self.path.stat().st_size
+        for t in self.tensors:
+            if t.ne[0] % t.type.block:
+                raise BadInput(f"{self.path}: tensor {t.name} row length {t.ne[0]} is not a multiple of {t.type.block}")
+            if t.offset + t.nbytes > size:
+                raise BadInput(f"{self.path} is truncated: tensor {t.name} ends past the end of the file; re-download or regenerate it")
+        self._fd: int | None = None
+
+    # -- metadata ---------------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        kv = self.kvs.get(key)
+        return default if kv is None else kv.value
+
+    @cached_property
+    def arch(self) -> str:
+        return str(self.get("general.architecture", ""))
+
+    def arch_int(self, suffix: str, default: int | None = None) -> int | None:
+        v = self.get(f"{self.arch}.{suffix}")
+        if v is None:
+            return default
+        if isinstance(v, list):  # per-layer arrays (e.g. head_count_kv): llama.cpp uses layer 0 here
+            v = v[0]
+        return int(v)
+
+    def tensor(self, name: str) -> TensorInfo:
+        return self._by_name[name]
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._by_name
+
+    # -- data ---------------------------------------------------------------------------------
+    def read_raw(self, t: TensorInfo) -> np.ndarray:
+        """The tensor's stored bytes as a uint8 array."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        buf = bytearray(t.nbytes)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < t.nbytes:
+                n = os.preadv(self._fd, [view[got:]], t.offset + got)
+                if n == 0:
+                    raise BadInput(f"{self.path} is truncated inside tensor {t.name}")
+                got += n
+        except OSError as exc:
+            raise io_error(exc, self.path, "read") from exc
+        return np.frombuffer(buf, dtype=np.uint8)
+
+    def read_f32(self, t: TensorInfo) -> np.ndarray:
+        """The tensor dequantized to float32, numpy shape (…, ne[0])."""
+        from ..quant import dequantize
+
+        return dequantize(self.read_raw(t), t.type, t.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "GGUFFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_gguf(path: Path | str) -> GGUFFile:
+    return GGUFFile(path)
+
+
+def _short(exc: Exception) -> str:
+    msg = str(exc).strip().splitlines()
+    return msg[0][:160] if msg else type(exc).__name__

@@ -1,0 +1,200 @@
+"""Stream a GGUF file with the byte layout of llama.cpp's C writer (reference §4.8, §9).
+
+Layout: magic, version 3, n_tensors, n_kv, the KV records, the tensor infos (n_dims, ne, type,
+offset relative to the data section), zero padding to 32, then each tensor's bytes followed by
+zero padding to 32 (the last tensor included). No `general.alignment` key is written: 32 is
+llama.cpp's default and what its tools emit.
+
+The header is computed up front from the tensor infos, so tensors can be produced and written one
+at a time; the file appears under its final name only once every tensor has been written."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from gguf import GGUFValueType
+
+from ..atomic import atomic_output, io_error
+from ..errors import LoraqError
+from ..ggml_types import GGMLType
+
+ALIGNMENT = 32
+
+_SCALAR = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
+
+
+def _pad(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode("utf-8") if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def _value(vtype: GGUFValueType, value: Any, subtype: GGUFValueType | None) -> bytes:
+    if vtype == GGUFValueType.STRING:
+        return _str(value)
+    if vtype == GGUFValueType.ARRAY:
+        if subtype is None:
+            raise ValueError("an ARRAY KV needs its element type")
+        body = b"".join(_value(subtype, v, None) for v in value)
+        return struct.pack("<IQ", int(subtype), len(value)) + body
+    return struct.pack(_SCALAR[vtype], value)
+
+
+def encode_kv(key: str, vtype: GGUFValueType, value: Any, subtype: GGUFValueType | None = None) -> bytes:
+    """One KV record as stored in GGUF: key string, u32 value type, value."""
+    return _str(key) + struct.pack("<I", int(vtype)) + _value(vtype, value, subtype)
+
+
+class KVList:
+    """Ordered KV records with llama.cpp's `gguf_set_*` semantics: setting a key that exists
+    removes it and appends it at the end (reference §4.8)."""
+
+    def __init__(self, records: Iterable[tuple[str, bytes]] = ()):
+        self._items: dict[str, bytes] = dict(records)
+
+    def set(self, key: str, vtype: GGUFValueType, value: Any, subtype: GGUFValueType | None = None) -> None:
+        self._items.pop(key, None)
+        self._items[key] = encode_kv(key, vtype, value, subtype)
+
+    def set_raw(self, key: str, raw: bytes) -> None:
+        self._items.pop(key, None)
+        self._items[key] = raw
+
+    def remove(self, key: str) -> None:
+        self._items.pop(key, None)
+
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def records(self) -> list[bytes]:
+        return list(self._items.values())
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    ne: tuple[int, ...]  # ggml order
+    type: GGMLType
+    n_dims: int | None = None  # None: ggml_n_dims (C writers); the Python writer uses len(shape)
+
+    @property
+    def nbytes(self) -> int:
+        n = int(np.prod(self.ne[1:], dtype=np.int64)) if len(self.ne) > 1 else 1
+        return n * self.type.row_bytes(self.ne[0])
+
+    def dims(self) -> int:
+        if self.n_dims is not None:
+            return self.n_dims
+        n = len(self.ne)
+        while n > 1 and self.ne[n - 1] == 1:
+            n -= 1
+        return n
+
+
+class GGUFStreamWriter:
+    """Write tensors in the declared order; the file is renamed into place on a clean exit."""
+
+    def __init__(self, path: Path | str, kvs: KVList, tensors: Sequence[OutTensor]):
+        self.path = Path(path)
+        self.tensors = list(tensors)
+        self._kvs = kvs
+        self._next = 0
+        self._ctx = None
+        self._f = None
+
+    def _header(self) -> bytes:
+        parts = [b"GGUF", struct.pack("<IQQ", 3, len(self.tensors), len(self._kvs))]
+        parts += self._kvs.records()
+        offset = 0
+        for t in self.tensors:
+            d = t.dims()
+            parts.append(_str(t.name) + struct.pack(f"<I{d}QIQ", d, *t.ne[:d], t.type.id, offset))
+            offset += _pad(t.nbytes)
+        head = b"".join(parts)
+        return head + b"\0" * (_pad(len(head)) - len(head))
+
+    def __enter__(self) -> "GGUFStreamWriter":
+        self._ctx = atomic_output(self.path)
+        tmp = self._ctx.__enter__()
+        try:
+            self._f = open(tmp, "wb")
+            self._f.write(self._header())
+        except OSError as exc:
+            self._abort(exc)
+            raise io_error(exc, self.path, "write") from exc
+        return self
+
+    def write(self, name: str, data: np.ndarray | bytes | Iterable[np.ndarray | bytes]) -> None:
+        """Write the next tensor's bytes: one buffer, or an iterable of consecutive chunks."""
+        t = self.tensors[self._next]
+        if t.name != name:
+            raise LoraqError(f"internal: tensor {name} written out of order (expected {t.name})")
+        chunks = [data] if isinstance(data, (np.ndarray, bytes, bytearray, memoryview)) else data
+        total = 0
+        try:
+            for chunk in chunks:
+                buf = memoryview(np.ascontiguousarray(chunk)).cast("B") if isinstance(chunk, np.ndarray) else memoryview(chunk)
+                total += buf.nbytes
+                if total > t.nbytes:
+                    break
+                self._f.write(buf)
+            if total != t.nbytes:
+                raise LoraqError(f"internal: tensor {name} has {total}+ bytes, expected {t.nbytes}")
+            self._f.write(b"\0" * (_pad(t.nbytes) - t.nbytes))
+        except OSError as exc:
+            raise io_error(exc, self.path, "write") from exc
+        self._next += 1
+
+    def _abort(self, exc: BaseException) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            try:
+                ctx.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException:
+                pass
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None and self._next != len(self.tensors):
+            exc = LoraqError(f"internal: only {self._next} of {len(self.tensors)} tensors written")
+            self._abort(exc)
+            raise exc
+        if exc is not None:
+            self._abort(exc)
+            return
+        try:
+            self._f.flush()
+            self._f.close()
+        except OSError as e:
+            self._abort(e)
+            raise io_error(e, self.path, "write") from e
+        self._f = None
+        ctx, self._ctx = self._ctx, None
+        ctx.__exit__(None, None, None)

@@ -1,0 +1,183 @@
+"""The YAML config (design.md, Config), validated strictly: unknown keys, wrong types and missing
+files are all reported at once, each with its dotted location and, for a misspelled key, the
+nearest valid name."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import BadArguments
+from ..ggml_types import file_type, ggml_type
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdapterConfig(_Strict):
+    path: str
+    scale: float = 1.0
+
+
+class ConvertConfig(_Strict):
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16"
+
+
+class MergeConfig(_Strict):
+    outtype: Literal["f16", "bf16", "f32"] = "f16"
+
+
+class ImatrixConfig(_Strict):
+    text: str
+    ctx: int = Field(512, gt=0)
+    chunks: int = Field(32, gt=0)
+
+
+class QuantizeConfig(_Strict):
+    types: list[str] = Field(default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q8_0"], min_length=1)
+    output_tensor_type: Optional[str] = None
+    token_embedding_type: Optional[str] = None
+    tensor_types: dict[str, str] = Field(default_factory=dict)
+    pure: bool = False
+    leave_output_tensor: bool = False
+    threads: int = Field(0, ge=0)
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, v: list[str]) -> list[str]:
+        names = []
+        for t in v:
+            names.append(_check(lambda: file_type(t).name))
+        if len(set(names)) != len(names):
+            raise ValueError("a type is listed twice")
+        return names
+
+    @field_validator("output_tensor_type", "token_embedding_type")
+    @classmethod
+    def _tt(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _check(lambda: ggml_type(v).name)
+
+    @field_validator("tensor_types")
+    @classmethod
+    def _tts(cls, v: dict[str, str]) -> dict[str, str]:
+        return {k: _check(lambda t=t: ggml_type(t).name) for k, t in v.items()}
+
+
+class Gates(_Strict):
+    max_kld_mean: Optional[float] = None
+    min_same_top: Optional[float] = Field(None, ge=0, le=1)
+    min_effect_retention: Optional[float] = None
+
+
+class CompareConfig(_Strict):
+    text: str
+    ctx: int = Field(256, gt=0)
+    chunks: int = Field(16, gt=0)
+    runtime_lora: bool = True
+    gates: Gates = Field(default_factory=Gates)
+
+
+class Config(_Strict):
+    name: str
+    workdir: str
+    base: str
+    allow_requantized_base: bool = False
+    adapters: list[AdapterConfig] = Field(min_length=1)
+    convert: ConvertConfig = Field(default_factory=ConvertConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    imatrix: Optional[ImatrixConfig] = None
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    compare: Optional[CompareConfig] = None
+
+    # Filled in by load_config: the folder relative paths resolve against.
+    root: Path = Field(default=Path("."), exclude=True)
+
+    def resolve(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return Path(os.path.normpath(q if q.is_absolute() else self.root / q))
+
+    @property
+    def workdir_path(self) -> Path:
+        return self.resolve(self.workdir)
+
+
+def _check(fn):
+    try:
+        return fn()
+    except BadArguments as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _fields(model: type[BaseModel]) -> list[str]:
+    return [n for n in model.model_fields if n != "root"]
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at `loc` (for near-miss suggestions)."""
+    m: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if m is None or isinstance(part, int):
+            continue
+        f = m.model_fields.get(part)
+        if f is None:
+            return None
+        ann = f.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        cands = [ann, *args, *(x for a in args for x in (getattr(a, "__args__", ()) or ()))]
+        m = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return m
+
+
+def _format(err: dict) -> str:
+    loc = tuple(err["loc"])
+    where = ".".join(str(x) for x in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        hint = ""
+        if owner is not None:
+            close = difflib.get_close_matches(str(loc[-1]), _fields(owner), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(_fields(owner))}"
+        return f"{where}: unknown key{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}"
+
+
+def load_config(path: Path | str) -> Config:
+    """Parse and validate a config file; raise BadArguments listing every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadArguments(f"config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise BadArguments(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise BadArguments(f"{path}: expected a mapping of settings at the top level")
+    problems: list[str] = []
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [_format(e) for e in exc.errors()]
+        raise BadArguments(f"{path}: {len(problems)} problem(s): " + " | ".join(problems)) from None
+    cfg.root = path.resolve().parent
+    missing = []
+    if not cfg.resolve(cfg.base).exists():
+        missing.append(f"base: file not found: {cfg.base}")
+    for i, a in enumerate(cfg.adapters):
+        if not cfg.resolve(a.path).exists():
+            missing.append(f"adapters.{i}.path: not found: {a.path}")
+    if cfg.imatrix and not cfg.resolve(cfg.imatrix.text).exists():
+        missing.append(f"imatrix.text: file not found: {cfg.imatrix.text}")
+    if cfg.compare and not cfg.resolve(cfg.compare.text).exists():
+        missing.append(f"compare.text: file not found: {cfg.compare.text}")
+    if missing:
+        raise BadArguments(f"{path}: {len(missing)} problem(s): " + " | ".join(missing))
+    return cfg

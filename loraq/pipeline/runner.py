@@ -1,0 +1,178 @@
+"""The stage chain convert → merge → quantize (one output per type), with checkpoints.
+
+Each stage declares its inputs, output-affecting settings and outputs; it runs only when
+`check_stage` says it is stale (or it is forced), and its record is saved as soon as it finishes,
+so an interrupted run resumes at the first unfinished stage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..convert import convert_adapter
+from ..errors import BadArguments
+from ..merge import AdapterSpec, merge_model
+from ..quantize.driver import QuantizeOptions, quantize_model
+from .checkpoint import Manifest, Verdict, check_stage, cpu_threads, record_stage
+from .config import Config
+
+Event = dict[str, Any]
+STAGE_KINDS = ("convert", "merge", "quantize")
+
+
+@dataclass
+class Stage:
+    name: str  # "convert", "merge", "quantize:Q4_K_M"
+    kind: str
+    settings: dict[str, Any]  # only what changes the output bytes
+    inputs: dict[str, Path]
+    outputs: list[Path]
+    action: Callable[[], None]
+    after: list[str] = field(default_factory=list)  # upstream stages whose outputs are inputs here
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str  # "ran", "skipped", "pending"
+    reason: str
+    outputs: list[Path]
+    seconds: float = 0.0
+
+
+def _is_peft(p: Path) -> bool:
+    return p.is_dir()
+
+
+def build_stages(cfg: Config) -> list[Stage]:
+    wd = cfg.workdir_path
+    base = cfg.resolve(cfg.base)
+    adapters = [(cfg.resolve(a.path), a.scale) for a in cfg.adapters]
+    stages: list[Stage] = []
+
+    peft = [(i, p) for i, (p, _) in enumerate(adapters) if _is_peft(p)]
+    if peft:
+        ct = cfg.convert.outtype
+        outs = {i: wd / (f"adapter-{ct}.gguf" if len(adapters) == 1 else f"adapter{i}-{ct}.gguf") for i, _ in peft}
+
+        def do_convert() -> None:
+            for i, p in peft:
+                convert_adapter(p, base, outs[i], outtype=ct)
+
+        stages.append(Stage("convert", "convert", {"outtype": ct}, {"base": base, **{_aname(i, adapters): p for i, p in peft}}, list(outs.values()), do_convert))
+
+    merged = wd / f"merged-{cfg.merge.outtype}.gguf"
+
+    def do_merge() -> None:
+        merge_model(base, [AdapterSpec(p, s) for p, s in adapters], merged, cfg.merge.outtype, allow_requantize=cfg.allow_requantized_base)
+
+    stages.append(
+        Stage(
+            "merge", "merge",
+            {"outtype": cfg.merge.outtype, "scales": [s for _, s in adapters], "allow_requantize": cfg.allow_requantized_base},
+            {"base": base, **{_aname(i, adapters): p for i, (p, _) in enumerate(adapters)}},
+            [merged], do_merge,
+        )
+    )
+
+    q = cfg.quantize
+    opts = QuantizeOptions(
+        output_tensor_type=q.output_tensor_type,
+        token_embedding_type=q.token_embedding_type,
+        tensor_types=list(q.tensor_types.items()),
+        pure=q.pure,
+        leave_output_tensor=q.leave_output_tensor,
+        threads=cpu_threads(q.threads),
+    )
+    qsettings = {k: v for k, v in q.model_dump().items() if k not in ("types", "threads")}
+    for t in q.types:
+        out = wd / f"merged-{t}.gguf"
+        stages.append(
+            Stage(f"quantize:{t}", "quantize", {"type": t, **qsettings}, {merged.name.removesuffix(".gguf"): merged}, [out],
+                  (lambda t=t, out=out: quantize_model(merged, out, t, opts) and None), after=["merge"])
+        )
+    return stages
+
+
+def _aname(i: int, adapters: list) -> str:
+    return "adapter" if len(adapters) == 1 else f"adapter{i}"
+
+
+def _select(stages: list[Stage], which: str | None, flag: str) -> set[str]:
+    if which is None:
+        return set()
+    if which == "all":
+        return {s.name for s in stages}
+    hit = {s.name for s in stages if s.name == which or s.kind == which}
+    if not hit:
+        raise BadArguments(f"{flag}: no stage named '{which}'; stages are: {', '.join(s.name for s in stages)}")
+    return hit
+
+
+def _until(stages: list[Stage], until: str | None) -> list[Stage]:
+    if until is None:
+        return stages
+    _select(stages, until, "--until")
+    last = max(i for i, s in enumerate(stages) if s.name == until or s.kind == until)
+    return stages[: last + 1]
+
+
+def _verdict(m: Manifest, s: Stage, stale: set[str]) -> tuple[Verdict, dict[str, str]]:
+    waiting = [a for a in s.after if a in stale]
+    inputs = {k: m.file_hash(p) for k, p in s.inputs.items() if p.exists()}
+    if waiting:
+        return Verdict(False, f"waits-for:{waiting[0]}"), inputs
+    return check_stage(m, s.name, s.settings, inputs, s.outputs), inputs
+
+
+def stage_status(cfg: Config) -> list[StageReport]:
+    """Each stage: up to date or not, and why, without running anything."""
+    stages = build_stages(cfg)
+    m = Manifest(cfg.workdir_path)
+    stale: set[str] = set()
+    reports = []
+    for s in stages:
+        v, _ = _verdict(m, s, stale)
+        if not v.up_to_date:
+            stale.add(s.name)
+        reports.append(StageReport(s.name, "up-to-date" if v.up_to_date else "stale", v.reason, s.outputs))
+    return reports
+
+
+def run_pipeline(cfg: Config, force: str | None = None, until: str | None = None, on_event: Callable[[Event], None] | None = None) -> list[StageReport]:
+    emit = on_event or (lambda e: None)
+    stages = build_stages(cfg)
+    forced = _select(stages, force, "--force")
+    stages = _until(stages, until)
+    wd = cfg.workdir_path
+    try:
+        wd.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from ..atomic import io_error
+
+        raise io_error(exc, wd, "create workdir") from exc
+    m = Manifest(wd)
+    reports = []
+    stale: set[str] = set()
+    for s in stages:
+        v, _ = _verdict(m, s, set())
+        if v.up_to_date and s.name not in forced:
+            emit({"event": "stage_skipped", "stage": s.name, "reason": v.reason})
+            reports.append(StageReport(s.name, "skipped", v.reason, s.outputs))
+            continue
+        reason = "forced" if v.up_to_date else v.reason
+        emit({"event": "stage_started", "stage": s.name, "reason": reason})
+        t0 = time.perf_counter()
+        s.action()
+        dt = time.perf_counter() - t0
+        inputs = {k: m.file_hash(p) for k, p in s.inputs.items()}
+        record_stage(m, s.name, s.kind, s.settings, inputs, s.outputs, dt)
+        m.save()
+        stale.add(s.name)
+        emit({"event": "stage_done", "stage": s.name, "seconds": round(dt, 3),
+              "outputs": [{"path": str(o), "size_bytes": o.stat().st_size} for o in s.outputs]})
+        reports.append(StageReport(s.name, "ran", reason, s.outputs, dt))
+    m.save()
+    return reports

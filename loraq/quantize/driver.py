@@ -1,0 +1,223 @@
+"""Quantize a GGUF model file the way llama-quantize does (reference §4.7, §4.8).
+
+Tensors are processed one at a time in llama.cpp's iteration order and streamed to the output in
+row chunks, so memory follows the largest chunk rather than the model."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from gguf import GGUFValueType
+
+from ..errors import BadArguments, BadInput
+from ..ggml_types import FileType, GGMLType, file_type
+from ..gguf import GGUFFile, KVList, open_gguf
+from ..gguf.writer import GGUFStreamWriter, OutTensor
+from ..quant import can_quantize, dequantize, quantize
+from .rules import ModelFacts, TypeOptions, TypePlanner, category, iteration_order, requires_imatrix
+
+CHUNK_ELEMENTS = 1 << 21  # rows per work item ≈ 2M weights: bounded temporaries, enough for BLAS-free numpy
+
+
+@dataclass
+class QuantizeOptions:
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    tensor_types: list[tuple[str, str]] = field(default_factory=list)  # (regex, type), first match wins
+    pure: bool = False
+    leave_output_tensor: bool = False
+    allow_requantize: bool = False
+    imatrix: dict[str, np.ndarray] | None = None  # tensor name -> per-column weights (mean x²)
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    name: str
+    ne: tuple[int, ...]
+    src: GGMLType
+    dst: GGMLType
+    reason: str
+
+    @property
+    def nbytes(self) -> int:
+        return OutTensor(self.name, self.ne, self.dst).nbytes
+
+
+@dataclass
+class QuantizeResult:
+    out: Path | None
+    ftype: FileType
+    plan: list[PlanEntry]
+    n_fallback: int
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(e.nbytes for e in self.plan)
+
+    @property
+    def n_weights(self) -> int:
+        return sum(int(np.prod(e.ne)) for e in self.plan)
+
+    @property
+    def bpw(self) -> float:
+        return 8.0 * self.size_bytes / max(1, self.n_weights)
+
+
+def model_facts(src: GGUFFile) -> ModelFacts:
+    n_head = src.arch_int("attention.head_count", 0) or 0
+    return ModelFacts(
+        arch=src.arch,
+        n_layer=src.arch_int("block_count", 0) or 0,
+        n_head=n_head,
+        n_head_kv=src.arch_int("attention.head_count_kv", n_head) or n_head,
+        n_expert=src.arch_int("expert_count", 0) or 0,
+        has_output=src.has_tensor("output.weight"),
+        n_attention_wv=sum(category(t.name) == "attn_v" for t in src.tensors),
+    )
+
+
+def _type_options(opts: QuantizeOptions) -> TypeOptions:
+    from ..ggml_types import ggml_type
+
+    return TypeOptions(
+        output_tensor_type=ggml_type(opts.output_tensor_type) if opts.output_tensor_type else None,
+        token_embedding_type=ggml_type(opts.token_embedding_type) if opts.token_embedding_type else None,
+        tensor_types=[(p, ggml_type(t)) for p, t in opts.tensor_types],
+        pure=opts.pure,
+        leave_output_tensor=opts.leave_output_tensor,
+        has_imatrix=opts.imatrix is not None,
+    )
+
+
+def plan_quantize(src: GGUFFile, ftype: FileType, opts: QuantizeOptions, dry_run: bool = False) -> tuple[list[PlanEntry], int]:
+    """Each tensor's target type, in output order, and the number of shape fallbacks."""
+    if src.get("split.count") is not None:
+        raise BadArguments(f"{src.path} is a split model; merge the shards with llama-gguf-split first")
+    for p, _ in opts.tensor_types:
+        try:
+            import re
+
+            re.compile(p)
+        except re.error as exc:
+            raise BadArguments(f"--tensor-type pattern '{p}' is not a valid regular expression ({exc})") from exc
+    planner = TypePlanner(ftype, model_facts(src), _type_options(opts))
+    plan = []
+    for name in iteration_order([t.name for t in src.tensors]):
+        t = src.tensor(name)
+        c = planner.choose(name, t.ne, t.type, t.n_dims)
+        if c.quantize and c.type != t.type:
+            if t.type.quantized and not opts.allow_requantize:
+                raise BadArguments(
+                    f"tensor {name} is already {t.type.name}: requantizing is disabled; "
+                    "pass --allow-requantize (quality suffers from quantizing twice) or start from an F16/F32 file"
+                )
+            if not can_quantize(c.type) and not dry_run:
+                raise BadArguments(f"tensor {name} needs type {c.type.name}, which loraq cannot write yet")
+            if requires_imatrix(ftype, c.type, name) and opts.imatrix is None and not dry_run:
+                raise BadArguments(f"{ftype.name} needs an importance matrix for {name} ({c.type.name}); pass --imatrix")
+        plan.append(PlanEntry(name, t.ne, t.type, c.type if c.quantize else t.type, c.reason))
+    return plan, planner.n_fallback
+
+
+def output_kvs(src: GGUFFile, ftype: FileType) -> KVList:
+    """Input KVs in order, then quantization_version and file_type moved to the end (§4.8)."""
+    kvs = KVList((k, kv.raw) for k, kv in src.kvs.items())
+    kvs.set("general.quantization_version", GGUFValueType.UINT32, 2)
+    kvs.set("general.file_type", GGUFValueType.UINT32, ftype.id)
+    for k in ("split.no", "split.count", "split.tensors.count"):
+        kvs.remove(k)
+    return kvs
+
+
+def quantize_model(
+    inp: Path | str,
+    out: Path | str | None,
+    ftype_name: str,
+    opts: QuantizeOptions | None = None,
+    dry_run: bool = False,
+    on_tensor: Callable[[PlanEntry], None] | None = None,
+) -> QuantizeResult:
+    """Quantize `inp` to `out` as `llama-quantize inp out FTYPE` would; with dry_run, plan only."""
+    opts = opts or QuantizeOptions()
+    ftype = file_type(ftype_name)
+    inp = Path(inp)
+    if out is not None and not dry_run and Path(out).resolve() == inp.resolve():
+        raise BadArguments("input and output must be different files")
+    with open_gguf(inp) as src:
+        plan, n_fallback = plan_quantize(src, ftype, opts, dry_run)
+        if dry_run or out is None:
+            return QuantizeResult(None, ftype, plan, n_fallback)
+        tensors = [OutTensor(e.name, e.ne, e.dst) for e in plan]
+        with GGUFStreamWriter(out, output_kvs(src, ftype), tensors) as w, ThreadPoolExecutor(max(1, opts.threads)) as pool:
+            for e in plan:
+                w.write(e.name, _tensor_bytes(src, e, opts, pool))
+                if on_tensor:
+                    on_tensor(e)
+    return QuantizeResult(Path(out), ftype, plan, n_fallback)
+
+
+def _tensor_bytes(src: GGUFFile, e: PlanEntry, opts: QuantizeOptions, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
+    info = src.tensor(e.name)
+    raw = src.read_raw(info)
+    if e.dst == e.src:
+        _check_finite(e.name, raw, info.type, info.shape)
+        yield raw
+        return
+    ne0 = info.ne[0]
+    rows = raw.reshape(info.n_rows, -1)
+    imat = _imatrix_for(e, opts)
+    step = max(1, CHUNK_ELEMENTS // ne0)
+    n_rows_per_expert = info.n_rows if len(info.ne) < 3 else info.ne[1]
+
+    def work(start: int) -> np.ndarray:
+        stop = min(start + step, info.n_rows, (start // n_rows_per_expert + 1) * n_rows_per_expert)
+        x = dequantize(rows[start:stop], info.type, (stop - start, ne0))
+        if not np.isfinite(x).all():
+            raise BadInput(f"tensor {e.name} has invalid data (NaN or Inf); fix the model that produced it")
+        w = None
+        if imat is not None:
+            ex = start // n_rows_per_expert
+            w = imat[ex * ne0 : (ex + 1) * ne0]
+        return quantize(x, e.dst, w)
+
+    starts = []
+    s = 0
+    while s < info.n_rows:
+        starts.append(s)
+        s = min(s + step, info.n_rows, (s // n_rows_per_expert + 1) * n_rows_per_expert)
+    width = max(1, pool._max_workers)  # keep at most one window of chunks in flight
+    for i in range(0, len(starts), width):
+        yield from pool.map(work, starts[i : i + width])
+
+
+def _imatrix_for(e: PlanEntry, opts: QuantizeOptions) -> np.ndarray | None:
+    if opts.imatrix is None:
+        return None
+    w = opts.imatrix.get(e.name)
+    if w is None:
+        return None
+    n_expert = e.ne[2] if len(e.ne) > 2 else 1
+    if w.size != e.ne[0] * n_expert:
+        if e.name == "token_embd.weight":
+            return None
+        raise BadInput(f"imatrix entry for {e.name} has {w.size} values, expected {e.ne[0] * n_expert}")
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _check_finite(name: str, raw: np.ndarray, t: GGMLType, shape: tuple[int, ...]) -> None:
+    """llama-quantize validates every input row it reads (§4.7): NaN/Inf in a float tensor aborts."""
+    if t.name == "f32":
+        ok = np.isfinite(raw.view(np.float32)).all()
+    elif t.name == "f16":
+        ok = np.isfinite(raw.view(np.float16)).all()
+    elif t.name == "bf16":
+        ok = ((raw.view(np.uint16) & 0x7F80) != 0x7F80).all()  # exponent all ones: Inf or NaN
+    else:
+        return
+    if not ok:
+        raise BadInput(f"tensor {name} has invalid data (NaN or Inf); fix the model that produced it")
