@@ -36,7 +36,7 @@ class Stage:
 @dataclass
 class StageReport:
     name: str
-    status: str  # "ran", "skipped", "pending"
+    status: str  # run: "ran" or "skipped"; status: "ok" or "will run"
     reason: str
     outputs: list[Path]
     seconds: float = 0.0
@@ -137,7 +137,7 @@ def stage_status(cfg: Config) -> list[StageReport]:
         v, _ = _verdict(m, s, stale)
         if not v.up_to_date:
             stale.add(s.name)
-        reports.append(StageReport(s.name, "up-to-date" if v.up_to_date else "stale", v.reason, s.outputs))
+        reports.append(StageReport(s.name, "ok" if v.up_to_date else "will run", v.reason, s.outputs))
     return reports
 
 

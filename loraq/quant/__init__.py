@@ -62,3 +62,5 @@ def dequantize(raw: np.ndarray, qtype: GGMLType | str, shape: tuple[int, ...]) -
 # Register the kernels (import for side effects).
 from . import fp as _fp  # noqa: E402,F401
 from . import legacy as _legacy  # noqa: E402,F401
+from . import iquants as _iquants  # noqa: E402,F401
+from . import ternary as _ternary  # noqa: E402,F401

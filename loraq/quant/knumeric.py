@@ -1,0 +1,360 @@
+"""Vectorized float32 helpers for the K quantizers (reference §5.2; ggml-quants.c is the truth).
+
+Same conventions as numeric.py: blocks in the T layout (B, n, K) (element j of block (b, k) is
+`t[b, j, k]`), float32 arithmetic in C source order, sequential sums. Differences, for speed:
+
+* `rsum` reduces with np.add.reduce over axis 1. With K >= 2 contiguous lanes numpy adds the n
+  rows one after the other (a strictly sequential float32 sum; pairwise summation only happens
+  along the contiguous axis), so callers must keep K >= 2 (kquants pads to MIN_LANES).
+* Searches never select whole (B, n, K) arrays per candidate (np.where on a random mask costs
+  ~4 ns an element here, 50x an add): they keep the winning iscale (and min) per block and
+  re-derive L at the end, which is exactly what ggml does on acceptance.
+* Per-block selects use `blend`, a bitwise select on the int32 views (exact, branch free).
+* `ni` is ggml's nearest_int bit trick itself, exact for every input (huge, inf, NaN). The
+  search loops use np.rint where the argument is bounded by construction (|v| <= nmax + 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .numeric import GROUP_MAX_EPS, signed_absmax
+
+F32 = np.float32
+I32 = np.int32
+MAGIC = F32(12582912.0)  # 1.5 * 2^23
+NI_SAFE = F32(4194303.0)
+
+
+def rsum(a: np.ndarray) -> np.ndarray:
+    """C `s = 0; for (i) s += a[i];` over axis 1 (sequential; +0.0 start fixes -0.0 sums)."""
+    s = np.add.reduce(a, axis=1)
+    s += F32(0)
+    return s
+
+
+def rsum1(a: np.ndarray) -> np.ndarray:
+    """C `s = a[0]; for (i = 1..) s += a[i];` over axis 1."""
+    return np.add.reduce(a, axis=1)
+
+
+def ni_int(v: np.ndarray) -> np.ndarray:
+    """ggml nearest_int as int32: (bits(v + 1.5*2^23) & 0x7fffff) - 0x400000, exact for any v."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        b = np.add(v, MAGIC, dtype=F32).view(I32)
+    b &= 0x7FFFFF
+    b -= 0x400000
+    return b
+
+
+def ni(v: np.ndarray) -> np.ndarray:
+    """ggml nearest_int as float32 values (exact for any v)."""
+    return ni_int(v).astype(F32)
+
+
+def wrap_u8(v: np.ndarray) -> np.ndarray:
+    """int32 values -> the uint8 a C `uint8_t x = (int)v` stores."""
+    return (v & 255).astype(np.uint8)
+
+
+def wrap_i8(v: np.ndarray) -> np.ndarray:
+    """int32 values -> the int8 a C `int8_t x = (int)v` stores."""
+    return v.astype(np.int8)  # numpy int32 -> int8 wraps modulo 256
+
+
+def blend(m: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact `m ? a : b` for float32 arrays (bitwise select; np.where is branchy and slow)."""
+    mi = m.astype(I32)
+    np.negative(mi, out=mi)
+    return blend_i(mi, a, b)
+
+
+def blend_i(mi: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """As blend with a ready int32 mask (0 or -1)."""
+    bi = b.view(I32)
+    r = np.bitwise_xor(a.view(I32), bi)
+    r &= mi
+    r ^= bi
+    return r.view(F32)
+
+
+def fmask(m: np.ndarray) -> np.ndarray:
+    """bool -> int32 0 / -1 mask for blend_i."""
+    mi = m.astype(I32)
+    np.negative(mi, out=mi)
+    return mi
+
+
+def fp16_round(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GGML_FP32_TO_FP16 then back: (uint16 bits, float32 value). NaN never occurs here."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        h = v.astype(np.float16)
+    return h.view(np.uint16), h.astype(F32)
+
+
+# ---------------------------------------------------------------- make_qx_quants
+
+
+class QxResult:
+    """make_qx_quants(n, nmax, x, L, 1, qw) for T-layout blocks; L is derived lazily."""
+
+    def __init__(self, x: np.ndarray, nmax: int, w: np.ndarray | None):
+        self.x, self.nmax = x, nmax
+        fn = F32(nmax)
+        amax_el = signed_absmax(x)
+        self.zero = np.abs(amax_el) < GROUP_MAX_EPS
+        mx = blend(self.zero, np.ones_like(amax_el), amax_el)
+        if w is None:
+            w = x * x
+        wx = w * x  # C: w*x[i]*l == (w*x)*l
+        lo, hi = -fn, fn - F32(1)
+        l = np.empty_like(x)
+        t = np.empty_like(x)
+
+        def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            # |iscale*x| <= (nmax + 0.9)*(1+eps): np.rint is nearest_int here
+            np.multiply(x, iscale[:, None, :], out=l)
+            np.rint(l, out=l)
+            np.clip(l, lo, hi, out=l)
+            np.multiply(wx, l, out=t)
+            sumlx = rsum(t)
+            np.multiply(w, l, out=t)
+            t *= l
+            return sumlx, rsum(t)
+
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            iscale = -fn / mx
+            sumlx, suml2 = sums(iscale)
+            scale = blend(suml2 != 0, sumlx / suml2, np.zeros_like(sumlx))
+            best = scale * sumlx
+            best_is = iscale
+            for i in range(-9, 10):
+                if i == 0:
+                    continue
+                iscale = -(fn + F32(0.1) * F32(i)) / mx
+                sumlx, suml2 = sums(iscale)
+                take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+                mi = fmask(take)
+                new = sumlx / suml2
+                scale = blend_i(mi, new, scale)
+                best = blend_i(mi, new * sumlx, best)
+                best_is = blend_i(mi, iscale, best_is)
+        self.scale = blend(self.zero, np.zeros_like(scale), scale)
+        self.iscale = best_is
+
+    def L(self, idx: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """uint8 L in [0, 2*nmax-1] (0 for all-zero blocks): all blocks (B, n, K), or the blocks
+        idx = (b, k) as (m, n)."""
+        fn = F32(self.nmax)
+        if idx is None:
+            x, isc, zero = self.x, self.iscale[:, None, :], self.zero[:, None, :]
+        else:
+            b, k = idx
+            x, isc, zero = self.x[b, :, k], self.iscale[b, k][:, None], self.zero[b, k][:, None]
+        l = np.rint(x * isc)
+        np.clip(l, -fn, fn - F32(1), out=l)
+        l += fn
+        l *= ~zero
+        return l.astype(np.uint8)
+
+
+# ---------------------------------------------------------------- make_qkx2 / make_qkx3
+
+
+class QkxResult:
+    """make_qkx2_quants / make_qkx3_quants (weights given) for T-layout blocks.
+
+    scale (B, K), the_min (B, K) = -min; L derived lazily from the winning (iscale, min used)."""
+
+    def __init__(self, x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
+        self.x, self.nmax = x, nmax
+        fn = F32(nmax)
+        one, zero = F32(1), F32(0)
+        mn = x.min(axis=1)  # the sign of a zero min never reaches the stored bytes
+        mx = x.max(axis=1)
+        sum_w = rsum1(w)  # C starts from weights[0]
+        sum_x = rsum1(w * x)  # sum_w*x[0] == w0*x0
+        np.minimum(mn, zero, out=mn)  # if (min > 0) min = 0
+        self.degenerate = deg = mx <= mn  # qkx2: max == min, same for ordered values
+        la = np.empty_like(x)
+        t = np.empty_like(x)
+        u = np.empty_like(x)
+
+        def quant(iscale: np.ndarray, cur_min: np.ndarray, exact: bool) -> None:
+            np.subtract(x, cur_min[:, None, :], out=la)  # iscale*(x[i] - min)
+            la *= iscale[:, None, :]
+            if exact:
+                la[...] = ni(la)
+            else:
+                np.rint(la, out=la)
+            np.clip(la, zero, fn, out=la)
+
+        def err(scale: np.ndarray, mn_: np.ndarray) -> np.ndarray:
+            np.multiply(la, scale[:, None, :], out=t)  # scale*L + min - x
+            t += mn_[:, None, :]
+            t -= x
+            if use_mad:
+                np.abs(t, out=t)
+            else:
+                t *= t
+            t *= w
+            return rsum(t)
+
+        def needs_exact(iscale, cur_min) -> bool:
+            # rint == nearest_int while |iscale*(x - min)| <= 4194303: x - min <= max - min, and
+            # below by min - cur_min (cur_min is a fitted min, it may exceed the data min)
+            with np.errstate(invalid="ignore", over="ignore"):
+                hi = iscale * (mx - cur_min)
+                lo = iscale * (cur_min - mn)
+                return not (np.all(hi <= NI_SAFE) and np.all(lo <= NI_SAFE) and np.all(iscale >= 0))
+
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            rng = blend(deg, np.ones_like(mx), mx - mn)
+            iscale = fn / rng
+            scale = one / iscale
+            quant(iscale, mn, needs_exact(iscale, mn))
+            best = err(scale, mn)
+            cur_min = mn
+            best_is, best_qmin = iscale, mn
+            for i in range(nstep + 1):
+                c = F32(rmin) + F32(rdelta) * F32(i) + fn
+                rng = blend(deg, np.ones_like(mx), mx - cur_min)
+                iscale = c / rng
+                quant(iscale, cur_min, needs_exact(iscale, cur_min))
+                np.multiply(w, la, out=u)  # w*l
+                sum_l = rsum(u)
+                np.multiply(u, la, out=t)
+                sum_l2 = rsum(t)
+                np.multiply(u, x, out=t)
+                sum_xl = rsum(t)
+                D = sum_w * sum_l2 - sum_l * sum_l
+                this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+                this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+                pos = fmask(this_min > 0)
+                this_min = blend_i(pos, np.zeros_like(this_min), this_min)
+                this_scale = blend_i(pos, sum_xl / sum_l2, this_scale)
+                cur = err(this_scale, this_min)
+                mi = fmask((D > 0) & (cur < best))
+                best = blend_i(mi, cur, best)
+                scale = blend_i(mi, this_scale, scale)
+                best_is = blend_i(mi, iscale, best_is)
+                best_qmin = blend_i(mi, cur_min, best_qmin)
+                cur_min = blend_i(mi, this_min, cur_min)
+        self.scale = blend(deg, np.zeros_like(scale), scale)
+        self.the_min = -blend(deg, mn, cur_min)
+        self.iscale, self.qmin = best_is, best_qmin
+
+    def L(self, idx: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """uint8 L in [0, nmax] for the blocks idx = (b, k), as (m, n); 0 for degenerate blocks."""
+        b, k = idx
+        x = self.x[b, :, k]
+        with np.errstate(invalid="ignore", over="ignore"):
+            v = (x - self.qmin[b, k][:, None]) * self.iscale[b, k][:, None]
+        l = np.clip(ni(v), F32(0), F32(self.nmax))
+        l *= ~self.degenerate[b, k][:, None]
+        return l.astype(np.uint8)
+
+
+# ---------------------------------------------------------------- make_qp_quants
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_qp_quants(n, nmax, x, L, qw) over (B, n, K) blocks (n = 8 or 16 scales/mins).
+
+    Returns (scale (B, K), L (B, n, K) uint8 as C stores it: `uint8_t L = (int)l`, which wraps
+    for negative l)."""
+    fn = F32(nmax)
+    n = x.shape[1]
+    mx = np.maximum(x.max(axis=1), F32(0))  # MAX(max, x[i]) from 0
+    zero = mx < GROUP_MAX_EPS
+    mx = blend(zero, np.ones_like(mx), mx)
+    one = F32(1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = fn / mx
+        L0 = (ni_int(x * iscale[:, None, :]) & 255).astype(F32)  # uint8_t L[i] = nearest_int(...)
+        scale = one / iscale
+        d = x - scale[:, None, :] * L0
+        best = rsum((qw * d) * d)
+        for i in range(-4, 5):
+            if i == 0:
+                continue
+            isc = (F32(0.1) * F32(i) + fn) / mx
+            sc = one / isc
+            l = np.minimum(ni(x * isc[:, None, :]), fn)  # int l, no wrap
+            d = x - sc[:, None, :] * l
+            mse = rsum((qw * d) * d)
+            mi = fmask(mse < best)
+            best = blend_i(mi, mse, best)
+            iscale = blend_i(mi, isc, iscale)
+        l = np.minimum(ni(x * iscale[:, None, :]), fn)
+        wx = qw * x
+        sumlx = rsum(wx * l)
+        suml2 = rsum((qw * l) * l)
+        L = (l.astype(I32) & 255).astype(F32)
+        for _ in range(5):
+            changed = np.zeros(mx.shape, bool)
+            for i in range(n):
+                w_i, wx_i, x_i, L_i = qw[:, i], wx[:, i], x[:, i], L[:, i]
+                slx = sumlx - wx_i * L_i
+                sl2 = suml2 - (w_i * L_i) * L_i
+                new = np.minimum(ni((x_i * sl2) / slx), fn)
+                slx2 = slx + wx_i * new
+                sl22 = sl2 + (w_i * new) * new
+                acc = (slx > 0) & (sl2 > 0) & (new != L_i) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+                if acc.any():
+                    mi = fmask(acc)
+                    L[:, i] = blend_i(mi, (new.astype(I32) & 255).astype(F32), L_i)
+                    sumlx = blend_i(mi, slx2, sumlx)
+                    suml2 = blend_i(mi, sl22, suml2)
+                    changed |= acc
+            if not changed.any():
+                break
+        res = blend(suml2 > 0, sumlx / suml2, np.zeros_like(sumlx))
+    res = blend(zero, np.zeros_like(res), res)
+    Lq = L.astype(np.uint8)
+    Lq *= ~zero[:, None, :]
+    return res, Lq
+
+
+# ---------------------------------------------------------------- make_q3_quants
+
+
+def make_q3_quants(x: np.ndarray, nmax: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) over (B, n, K) blocks.
+
+    Returns (scale (B, K), L (B, n, K) uint8 in [0, 2*nmax-1]; 0 for all-zero blocks)."""
+    fn = F32(nmax)
+    lo, hi = -fn, fn - F32(1)
+    n = x.shape[1]
+    amax_el = signed_absmax(x)
+    zero = np.abs(amax_el) < GROUP_MAX_EPS
+    mx = blend(zero, np.ones_like(amax_el), amax_el)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        L = x * (-fn / mx)[:, None, :]
+        np.rint(L, out=L)  # bounded by nmax
+        np.clip(L, lo, hi, out=L)
+        w = x * x
+        wx = w * x
+        sumlx = rsum(wx * L)
+        suml2 = rsum((w * L) * L)
+        for _ in range(5):
+            changed = np.zeros(mx.shape, bool)
+            for i in range(n):
+                w_i, wx_i, x_i, L_i = w[:, i], wx[:, i], x[:, i], L[:, i]
+                slx = sumlx - wx_i * L_i
+                sl2 = suml2 - (w_i * L_i) * L_i
+                new = np.clip(ni((x_i * sl2) / slx), lo, hi)
+                slx2 = slx + wx_i * new
+                sl22 = sl2 + (w_i * new) * new
+                acc = (slx > 0) & (new != L_i) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+                mi = fmask(acc)
+                L[:, i] = blend_i(mi, new, L_i)
+                sumlx = blend_i(mi, slx2, sumlx)
+                suml2 = blend_i(mi, sl22, suml2)
+                changed |= acc
+            if not changed.any():
+                break
+        scale = blend(suml2 > 0, sumlx / suml2, np.zeros_like(sumlx))
+    scale = blend(zero, np.zeros_like(scale), scale)
+    L += fn
+    L *= ~zero[:, None, :]
+    return scale, L.astype(np.uint8)

@@ -1,0 +1,135 @@
+"""`loraq run` / `loraq status`: skip-when-up-to-date, reruns of exactly the stale stages, reasons."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import load_script
+from loraq.pipeline.config import load_config
+from loraq.pipeline.runner import run_pipeline, stage_status
+
+mk_adapter = load_script("make_demo_adapter")
+mk_model = load_script("make_synthetic_model")
+
+
+@pytest.fixture(scope="module")
+def project(smollm2_q4_1, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("proj")
+    mk_model.make_model(d / "base.gguf", smollm2_q4_1, n_embd=64, n_ff=128, n_layer=2, n_head=4, n_head_kv=2)
+    mk_adapter.make_adapter(d / "base.gguf", d / "adapter", rank=4, seed=0)
+    return d
+
+
+def _write_cfg(d: Path, **over) -> Path:
+    cfg = {
+        "name": "t", "workdir": "work", "base": "base.gguf",
+        "adapters": [{"path": "adapter", "scale": 1.0}],
+        "quantize": {"types": ["Q8_0", "Q4_0"]},
+    }
+    cfg.update(over)
+    p = d / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _snapshot(work: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(work.iterdir())}
+
+
+def _ran(reports) -> list[str]:
+    return [r.name for r in reports if r.status == "ran"]
+
+
+def test_run_skip_and_rerun_exactly_what_changed(project):
+    cfg = load_config(_write_cfg(project))
+    first = run_pipeline(cfg, force="all")
+    assert _ran(first) == ["convert", "merge", "quantize:Q8_0", "quantize:Q4_0"]
+    work = cfg.workdir_path
+    snap = _snapshot(work)
+    assert set(snap) == {"adapter-f16.gguf", "merged-f16.gguf", "merged-Q8_0.gguf", "merged-Q4_0.gguf", "manifest.json"}
+
+    again = run_pipeline(cfg)
+    assert _ran(again) == [] and {r.reason for r in again} == {"up-to-date"}
+    assert _snapshot(work) == snap  # a second run changes no file, the manifest included
+
+    # Touching without changing content: re-hashed, still up to date.
+    st = project / "adapter" / "adapter_model.safetensors"
+    st.touch()
+    assert _ran(run_pipeline(cfg)) == []
+
+    # Changing the adapter reruns every stage after it, and reports why.
+    mk_adapter.make_adapter(project / "base.gguf", project / "adapter", rank=4, seed=1)
+    status = {r.name: r.reason for r in stage_status(cfg)}
+    assert status == {"convert": "input-changed:adapter", "merge": "input-changed:adapter",
+                      "quantize:Q8_0": "waits-for:merge", "quantize:Q4_0": "waits-for:merge"}
+    assert _ran(run_pipeline(cfg)) == ["convert", "merge", "quantize:Q8_0", "quantize:Q4_0"]
+
+    # Damaged or missing outputs rerun only their own stage.
+    q4 = work / "merged-Q4_0.gguf"
+    data = bytearray(q4.read_bytes())
+    data[-100] ^= 0xFF
+    q4.write_bytes(bytes(data))
+    (work / "merged-Q8_0.gguf").unlink()
+    status = {r.name: r.reason for r in stage_status(cfg)}
+    assert status["quantize:Q4_0"] == "output-modified" and status["quantize:Q8_0"] == "output-missing"
+    assert status["merge"] == "up-to-date"
+    assert _ran(run_pipeline(cfg)) == ["quantize:Q8_0", "quantize:Q4_0"]
+
+    # Settings: only the stage whose settings changed (and what it feeds) reruns.
+    cfg2 = load_config(_write_cfg(project, convert={"outtype": "f32"}))
+    assert _ran(run_pipeline(cfg2)) == ["convert"]
+    cfg3 = load_config(_write_cfg(project, convert={"outtype": "f32"}, quantize={"types": ["Q8_0", "Q4_0", "Q5_1"]}))
+    assert _ran(run_pipeline(cfg3)) == ["quantize:Q5_1"]
+
+
+def test_rerun_is_byte_identical(project):
+    cfg = load_config(_write_cfg(project))
+    run_pipeline(cfg)
+    work = cfg.workdir_path
+    before = {p.name: p.read_bytes() for p in work.glob("*.gguf")}
+    run_pipeline(cfg, force="all")
+    after = {p.name: p.read_bytes() for p in work.glob("*.gguf")}
+    assert before == after
+
+
+def test_until_and_force_one_stage(project):
+    cfg = load_config(_write_cfg(project, workdir="work-until"))
+    assert _ran(run_pipeline(cfg, until="merge")) == ["convert", "merge"]
+    assert _ran(run_pipeline(cfg)) == ["quantize:Q8_0", "quantize:Q4_0"]
+    assert _ran(run_pipeline(cfg, force="quantize:Q4_0")) == ["quantize:Q4_0"]
+    assert _ran(run_pipeline(cfg, force="quantize")) == ["quantize:Q8_0", "quantize:Q4_0"]
+
+
+def test_cli_json_events(project):
+    cfgp = _write_cfg(project, workdir="work-json")
+    out = subprocess.run([sys.executable, "-m", "loraq.cli", "run", str(cfgp), "--json"],
+                         capture_output=True, text=True, check=True)
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("stage_started") == 4 and kinds.count("stage_done") == 4 and kinds[-1] == "summary"
+    out = subprocess.run([sys.executable, "-m", "loraq.cli", "status", str(cfgp)], capture_output=True, text=True, check=True)
+    assert out.stdout.count("up-to-date") == 4 and "will run" not in out.stdout
+
+
+def test_config_errors_all_at_once_with_near_miss(project):
+    from loraq.errors import BadArguments
+
+    p = project / "bad.yaml"
+    p.write_text(yaml.safe_dump({
+        "name": "t", "workdir": "w", "base": "missing.gguf", "adapterz": [],
+        "quantize": {"typez": ["Q4_0"], "types": ["Q9_9"]},
+    }))
+    with pytest.raises(BadArguments) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "adapterz: unknown key; did you mean 'adapters'?" in msg
+    assert "quantize.typez: unknown key; did you mean 'types'?" in msg
+    assert "quantize.types" in msg and "Q9_9" in msg
+    assert "adapters: Field required" in msg
+    assert "\n" not in msg
