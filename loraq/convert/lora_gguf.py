@@ -188,7 +188,7 @@ def _plan(peft: PeftAdapter, g: GGUFFile, otype: GGMLType) -> tuple[float, list[
         if m.embedding != is_embd:
             kind = "an Embedding LoRA (lora_embedding_A/B)" if m.embedding else "a Linear LoRA"
             raise BadInput(f"adapter tensor `{key}` is {kind} but maps to `{target}`; llama.cpp cannot apply it there")
-        r, (ra, wa), (wb, rb) = m.rank, m.shape_a, m.shape_b
+        r, (ra, wa), (wb, _rb) = m.rank, m.shape_a, m.shape_b
         # expected (in, out) of A/B against the base ne: linear W has ne [in, out];
         # token_embd has ne [n_embd, n_vocab], with A (r, n_vocab) and B (n_embd, r)
         want_a, want_b = (t.ne[1], t.ne[0]) if is_embd else (t.ne[0], t.ne[1])

@@ -61,41 +61,8 @@ class GGUFFile:
 
     def __init__(self, path: Path | str):
         self.path = check_readable(path, "GGUF file")
-        try:
-            from gguf import GGUFReader
-
-            reader = GGUFReader(self.path)
-        except OSError as exc:
-            raise io_error(exc, self.path, "read") from exc
-        except Exception as exc:  # gguf-py raises ValueError/IndexError/etc. on bad headers
-            raise BadInput(f"{self.path} is not a readable GGUF file ({_short(exc)})") from exc
-        self.kvs: dict[str, KV] = {}
-        try:
-            for name, field in reader.fields.items():
-                if name.startswith("GGUF."):
-                    continue
-                n = sum(int(p.nbytes) for p in field.parts)
-                raw = reader.data[field.offset : field.offset + n].tobytes()
-                self.kvs[name] = KV(name, int(field.types[0]), raw, field.contents())
-            self.tensors: list[TensorInfo] = []
-            for t in reader.tensors:
-                ttype = BY_ID.get(int(t.tensor_type))
-                if ttype is None:
-                    raise BadInput(f"{self.path}: tensor {t.name} has unknown type {int(t.tensor_type)}")
-                ne = tuple(int(x) for x in t.shape)
-                self.tensors.append(TensorInfo(t.name, ne, ttype, int(t.data_offset), int(t.n_bytes)))
-        except BadInput:
-            raise
-        except Exception as exc:
-            raise BadInput(f"{self.path} is not a readable GGUF file ({_short(exc)})") from exc
-        del reader  # drop the memory map; data is read with pread from here on
+        self.kvs, self.tensors = _parse_header(self.path)
         self._by_name = {t.name: t for t in self.tensors}
-        size = self.path.stat().st_size
-        for t in self.tensors:
-            if t.ne[0] % t.type.block:
-                raise BadInput(f"{self.path}: tensor {t.name} row length {t.ne[0]} is not a multiple of {t.type.block}")
-            if t.offset + t.nbytes > size:
-                raise BadInput(f"{self.path} is truncated: tensor {t.name} ends past the end of the file; re-download or regenerate it")
         self._fd: int | None = None
 
     # -- metadata ---------------------------------------------------------------------------
@@ -155,6 +122,58 @@ class GGUFFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# gguf-py parses every vocabulary string into its own numpy array (about 2 s for a 49k vocab), and
+# a pipeline opens the same base several times: keep the last few parsed headers, keyed by the
+# file's identity so a rewritten file is parsed again.
+_HEADERS: dict[tuple[str, int, int], tuple[dict[str, KV], list[TensorInfo]]] = {}
+_HEADERS_MAX = 8
+
+
+def _parse_header(path: Path) -> tuple[dict[str, KV], list[TensorInfo]]:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    hit = _HEADERS.get(key)
+    if hit is not None:
+        return dict(hit[0]), list(hit[1])
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+    except OSError as exc:
+        raise io_error(exc, path, "read") from exc
+    except Exception as exc:  # gguf-py raises ValueError/IndexError/etc. on bad headers
+        raise BadInput(f"{path} is not a readable GGUF file ({_short(exc)})") from exc
+    kvs: dict[str, KV] = {}
+    tensors: list[TensorInfo] = []
+    try:
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF."):
+                continue
+            n = sum(int(p.nbytes) for p in field.parts)
+            raw = reader.data[field.offset : field.offset + n].tobytes()
+            kvs[name] = KV(name, int(field.types[0]), raw, field.contents())
+        for t in reader.tensors:
+            ttype = BY_ID.get(int(t.tensor_type))
+            if ttype is None:
+                raise BadInput(f"{path}: tensor {t.name} has unknown type {int(t.tensor_type)}")
+            ne = tuple(int(x) for x in t.shape)
+            tensors.append(TensorInfo(t.name, ne, ttype, int(t.data_offset), int(t.n_bytes)))
+    except BadInput:
+        raise
+    except Exception as exc:
+        raise BadInput(f"{path} is not a readable GGUF file ({_short(exc)})") from exc
+    del reader  # drop the memory map; data is read with pread
+    for t in tensors:
+        if t.ne[0] % t.type.block:
+            raise BadInput(f"{path}: tensor {t.name} row length {t.ne[0]} is not a multiple of {t.type.block}")
+        if t.offset + t.nbytes > st.st_size:
+            raise BadInput(f"{path} is truncated: tensor {t.name} ends past the end of the file; re-download or regenerate it")
+    if len(_HEADERS) >= _HEADERS_MAX:
+        _HEADERS.pop(next(iter(_HEADERS)))
+    _HEADERS[key] = (kvs, tensors)
+    return dict(kvs), list(tensors)
 
 
 def open_gguf(path: Path | str) -> GGUFFile:

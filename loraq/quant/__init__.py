@@ -64,3 +64,4 @@ from . import fp as _fp  # noqa: E402,F401
 from . import legacy as _legacy  # noqa: E402,F401
 from . import iquants as _iquants  # noqa: E402,F401
 from . import ternary as _ternary  # noqa: E402,F401
+from . import kquants as _kquants  # noqa: E402,F401

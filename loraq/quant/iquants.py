@@ -20,7 +20,7 @@ indices are recomputed at the end from the unrounded d (iq4_nl) or the unrounded
 Vectorization notes (see numeric.py for the T layout):
 * best_index_int8 is "count of midpoints (v[i]+v[i+1])/2 that are <= x" (ties go up). The
   midpoints are multiples of 0.5 and C's `x - v[i] < v[i+1] - x` is exact near them, so the index
-  is a table lookup on floor(2x). NaN (0*inf from a subnormal scale) gives 15, as in C.
+  is a table lookup on floor(2x). NaN (a NaN scale, after x² overflowed) gives 15, as in C.
 * Block sums are np.add.reduce over axis 1 of the (G, n, K) array with K >= 2 lanes: numpy then
   iterates the reduced axis outermost, i.e. a plain left-to-right float32 sum per lane (with a
   single lane it would switch to pairwise summation, so blocks are padded to at least MIN_LANES)."""
@@ -31,7 +31,14 @@ import numpy as np
 
 from . import register
 from .fp import to_f16
-from .numeric import F32, GROUP_MAX_EPS, nearest_int, safe_inv, signed_absmax, to_tlayout
+from .numeric import (
+    F32,
+    GROUP_MAX_EPS,
+    nearest_int,
+    safe_inv,
+    signed_absmax,
+    to_tlayout,
+)
 from .numeric import pack_blocks as _pack
 
 QK = 32
@@ -54,38 +61,47 @@ def _rsum(t: np.ndarray) -> np.ndarray:
     return s
 
 
-def _lookup(a: np.ndarray, table: np.ndarray, clip: bool) -> np.ndarray:
-    """table[best_index_int8(a)]; `a` holds 2*x and is overwritten.
+class _Work:
+    """Scratch arrays for one T-layout shape, reused by all 17 index passes of a chunk and by the
+    following chunks of the same call (fresh 1-2 MiB temporaries cost a page fault per 4 KiB).
+    One per quantize call, so concurrent calls (the driver's thread pool) never share one."""
 
-    clip=False when |x| <= OFF/2 is known (the search loop); NaN is then impossible too."""
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.a = np.empty(shape, dtype=F32)
+        self.q = np.empty(shape, dtype=F32)
+        self.wq = np.empty(shape, dtype=F32)
+        self.ib = np.empty(shape, dtype=np.intp)
+
+
+def _workspace(cache: dict, shape: tuple[int, ...]) -> _Work:
+    w = cache.get(shape)
+    if w is None:
+        w = cache[shape] = _Work(shape)
+    return w
+
+
+def _best_index(x: np.ndarray, idv: np.ndarray, work: _Work) -> np.ndarray:
+    """best_index_int8(16, kvalues, id*x) for T-layout x with per-block id (G, K), any id."""
+    a, ib = work.a, work.ib
+    np.multiply(x, idv[:, None, :], out=a)  # id*x rounded first, then the exact *2
+    np.multiply(a, F32(2), out=a)
     np.floor(a, out=a)
-    if clip:
-        np.clip(a, F32(-_OFF), F32(_OFF), out=a)
-        nan = np.isnan(a)
-        if nan.any():  # best_index_int8(NaN) falls through every test: 15
-            a[nan] = F32(_OFF)
-    a += F32(_OFF)
-    return table.take(a.astype(np.intp))
+    np.clip(a, F32(-_OFF), F32(_OFF), out=a)
+    nan = np.isnan(a)
+    if nan.any():  # best_index_int8(NaN) falls through every test: 15 (id = NaN from d = NaN)
+        a[nan] = F32(_OFF)
+    np.add(a, F32(_OFF), out=a)
+    np.copyto(ib, a, casting="unsafe")
+    return _IDX.take(ib, mode="clip")
 
 
-def _best_index(x: np.ndarray, idv: np.ndarray) -> np.ndarray:
-    """best_index_int8(16, kvalues, id*x) per element of T-layout x with per-block id (G, K)."""
-    a = x * idv[:, None, :]  # id*x rounded first, then the exact *2
-    a *= F32(2)
-    return _lookup(a, _IDX, clip=True)
-
-
-def _search(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _search(x: np.ndarray, w: np.ndarray, work: _Work) -> np.ndarray:
     """The per-block scale of quantize_row_iq4_nl_impl (ntry = 7) for T-layout blocks (G, 32, K)."""
     mx = signed_absmax(x)  # first element of largest |x|, +0.0 for an all-zero block
     zero = np.abs(mx) < GROUP_MAX_EPS
     mx = np.where(zero, F32(1), mx)  # placeholder; those blocks get scale 0
     v0 = KVALUES[0]
-    # work buffers reused by all 16 tries: fresh 1-2 MiB temporaries per operation cost page faults
-    a = np.empty_like(x)
-    q = np.empty_like(x)
-    wq = np.empty_like(x)
-    ib = np.empty(x.shape, dtype=np.intp)
+    a, q, wq, ib = work.a, work.q, work.wq, work.ib
     off = F32(_OFF)
 
     def sums(idv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,44 +176,52 @@ def _weights(t: np.ndarray, s2: np.ndarray | None, qwt: np.ndarray | None) -> np
 # ---------------------------------------------------------------- kernels
 
 
-def _iq4_nl_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
+def _iq4_nl_chunk(xb: np.ndarray, qwb: np.ndarray | None, cache: dict) -> np.ndarray:
     """(nb, 32) blocks (+ their imatrix slices) -> (nb, 18) bytes."""
     nb = xb.shape[0]
     t = _tl(xb)
+    work = _workspace(cache, t.shape)
     s2 = qwt = None
     if qwb is not None:
         s2 = _rsum(t * t) * F32(2.0 / QK)  # sigma2 *= 2.f/32 (exact)
         qwt = _tl(qwb)
     w = _weights(t, s2, qwt)
-    d = _search(t, w)
-    L = _best_index(t, safe_inv(d))  # unrounded d
+    d = _search(t, w, work)
+    L = _best_index(t, safe_inv(d), work)  # unrounded d
     return _pack(nb, [to_f16(d), _nibbles(L)])[:nb]
 
 
-def _iq4_xs_chunk(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
+def _iq4_xs_chunk(xs: np.ndarray, qws: np.ndarray | None, cache: dict) -> np.ndarray:
     """(ns, 256) super-blocks (+ their imatrix slices) -> (ns, 136) bytes."""
     ns = xs.shape[0]
     nsub = ns * 8
     t = _tl(xs.reshape(nsub, QK))
     gk = t.shape[0], t.shape[2]
+    work = _workspace(cache, t.shape)
     s2 = qwt = None
     if qws is not None:
-        sq = xs * xs
-        s2s = np.add.accumulate(sq, axis=1)[:, -1]  # sequential over the 256 elements
-        s2s += F32(0)
-        s2s *= F32(2.0 / QK_K)
+        ts = _tl(xs)  # super-blocks in T layout: sigma2 is a left-to-right sum over 256
+        s2s = _flat(_rsum(ts * ts), ns) * F32(2.0 / QK_K)  # sigma2 *= 2.f/256 (exact)
         s2 = _gk(np.repeat(s2s, 8), gk)
         qwt = _tl(qws.reshape(nsub, QK))
     w = _weights(t, s2, qwt)
-    scales = _flat(_search(t, w), nsub).reshape(ns, 8)
+    scales = _flat(_search(t, w, work), nsub).reshape(ns, 8)
 
-    max_scale = signed_absmax(scales.T[None])[0]  # first scale of largest |.|, +0.0 if none
+    # max_scale: the C loop `if (fabsf(d) > amax_scale)` from 0: first of largest |.|, +0.0 if
+    # none, and a NaN scale (x² overflowed) is never taken
+    amax_scale = np.zeros(ns, dtype=F32)
+    max_scale = np.zeros(ns, dtype=F32)
+    for ib in range(8):
+        a = np.abs(scales[:, ib])
+        take = a > amax_scale
+        amax_scale = np.where(take, a, amax_scale)
+        max_scale = np.where(take, scales[:, ib], max_scale)
     d = -max_scale / F32(32)  # all-zero super-block: -0.0 (stored 00 80)
     idv = safe_inv(d)
     l = np.clip(nearest_int(idv[:, None] * scales), F32(-32), F32(31))
     dl = d[:, None] * l
     idl = safe_inv(dl)
-    L = _best_index(t, _gk(idl.reshape(-1), gk))
+    L = _best_index(t, _gk(idl.reshape(-1), gk), work)
     qs = _pack(nsub, [_nibbles(L)]).reshape(ns, 128)
 
     code = (l + F32(32)).astype(np.uint8)  # (ns, 8) in 0..63
@@ -225,13 +249,14 @@ def _driver(rows: np.ndarray, imatrix: np.ndarray | None, qk: int, nbytes: int, 
             raise ValueError(f"imatrix has {qw.shape[0]} values, rows have {k}")
         qwr = qw.reshape(per_row, qk)
     out = np.empty((nb, nbytes), dtype=np.uint8)
+    cache: dict = {}
     step = max(1, CHUNK // qk)
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
         qwb = None
         if qwr is not None:
             qwb = qwr[np.arange(b0, b1) % per_row]  # the imatrix restarts with every row
-        out[b0:b1] = kernel(xb[b0:b1], qwb)
+        out[b0:b1] = kernel(xb[b0:b1], qwb, cache)
     return out.reshape(n, per_row * nbytes)
 
 

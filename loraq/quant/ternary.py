@@ -29,7 +29,7 @@ from .fp import to_f16
 from .numeric import F32
 
 QK_K = 256
-CHUNK = 1 << 16  # elements per chunk: temporaries stay in L2
+CHUNK = 1 << 18  # elements per chunk (1 MiB float32 temporaries; fastest measured)
 
 
 def _trits(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -48,29 +48,36 @@ def _trits(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return amax, t
 
 
-def _ceil243(v: np.ndarray) -> np.ndarray:
-    """uint8 v (0..242) -> ((uint16)v*256 + 242) / 243, as uint8."""
-    return ((v.astype(np.uint16) << 8) + np.uint16(242)) // np.uint16(243)
+_CEIL243 = ((np.arange(256, dtype=np.uint32) * 256 + 242) // 243).astype(np.uint8)  # valid to 242
 
 
-def _base3(t: np.ndarray) -> np.ndarray:
-    """(nb, n, m) trits -> (nb, m) sum_n t[:, n] * 3^(n_last - n), in uint8 (at most 242)."""
-    q = t[:, 0].copy()
-    for i in range(1, t.shape[1]):
-        q *= np.uint8(3)
-        q += t[:, i]
+def _horner3(u: np.ndarray) -> np.ndarray:
+    """(nb, n, m) integer lanes of trit bytes -> (nb, m): sum_i u[:, i] * 3^(n-1-i), byte-parallel.
+
+    Every byte stays <= 242, so the lane-wide *3 and + never carry into the next byte."""
+    q = u[:, 0].copy()
+    three = q.dtype.type(3)
+    for i in range(1, u.shape[1]):
+        q *= three
+        q += u[:, i]
     return q
 
 
 def _tq1_0_chunk(xb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
     d, t = _trits(xb)
+    t64 = t.view(np.uint64)  # (nb, 32): 8 consecutive trits per lane
+    v = np.empty((nb, 52), dtype=np.uint8)
+    # qs[m], m < 32: elements m + 32n; lanes [n, m//8] of elements 0..159
+    v[:, 0:32] = _horner3(t64[:, 0:20].reshape(nb, 5, 4)).view(np.uint8).reshape(nb, 32)
+    # qs[32 + m], m < 16: elements 160 + m + 16n
+    v[:, 32:48] = _horner3(t64[:, 20:30].reshape(nb, 5, 2)).view(np.uint8).reshape(nb, 16)
+    # qh[j]: elements 240 + j + 4n, n = 0..3, then *3 (a 5th trit of 0)
+    qh = _horner3(t.view(np.uint32)[:, 60:64].reshape(nb, 4, 1))
+    qh *= np.uint32(3)
+    v[:, 48:52] = qh.view(np.uint8).reshape(nb, 4)
     out = np.empty((nb, 54), dtype=np.uint8)
-    out[:, 0:32] = _ceil243(_base3(t[:, :160].reshape(nb, 5, 32)))
-    out[:, 32:48] = _ceil243(_base3(t[:, 160:240].reshape(nb, 5, 16)))
-    qh = _base3(t[:, 240:].reshape(nb, 4, 4))
-    qh *= np.uint8(3)  # the missing 5th trit is 0: the first one lands on the top trit
-    out[:, 48:52] = _ceil243(qh)
+    _CEIL243.take(v, out=out[:, 0:52], mode="clip")  # ceil(v*256/243)
     out[:, 52:54] = to_f16(d).astype("<u2").view(np.uint8).reshape(nb, 2)
     return out
 
@@ -78,12 +85,14 @@ def _tq1_0_chunk(xb: np.ndarray) -> np.ndarray:
 def _tq2_0_chunk(xb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
     d, t = _trits(xb)
-    t = t.reshape(nb, 2, 4, 32)  # (chunk c, pair n, byte m)
-    q = t[:, :, 0].copy()
+    # lanes of 8 trits: [chunk c, pair n, m//8]; byte m of chunk c gets element 128c + 32n + m at
+    # bits 2n. Trits are <= 2, so lane-wide shifts by up to 6 stay inside each byte.
+    u = t.view(np.uint64).reshape(nb, 2, 4, 4)
+    q = u[:, :, 0].copy()
     for n in range(1, 4):
-        q |= t[:, :, n] << np.uint8(2 * n)
+        q |= u[:, :, n] << np.uint64(2 * n)
     out = np.empty((nb, 66), dtype=np.uint8)
-    out[:, 0:64] = q.reshape(nb, 64)
+    out[:, 0:64] = q.view(np.uint8).reshape(nb, 64)
     out[:, 64:66] = to_f16(d).astype("<u2").view(np.uint8).reshape(nb, 2)
     return out
 

@@ -1,0 +1,276 @@
+"""loraq's speed and memory against its peers, measured in one run on the same data (`make bench`).
+
+    python scripts/bench.py [--weights N] [--repeat R] [--skip-large]
+
+1. Legacy quantizer throughput (Mweights/s): loraq vs libgguf (ggml's native reference
+   quantizers) vs gguf-py (numpy), on the same real SmolLM2 rows (scripts/bench_quant.py), then
+   scripts/bench_kquants.py and scripts/bench_iquants.py when they exist.
+2. Merge of the demo (SmolLM2 F16 base + rank-16 demo adapter): seconds and peak RSS, in a child.
+3. Quantizing a ≈505 MB synthetic F16 model to Q8_0 and Q4_0: loraq (2 threads) vs llama.cpp's
+   quantizer (llama-cpp-python's llama_model_quantize, nthread 2), each measurement in a fresh
+   child process that reports its own peak RSS (getrusage RUSAGE_SELF ru_maxrss).
+
+Inputs are cached under $LORAQ_CACHE (default ~/.cache/loraq)/bench so reruns do not rebuild them;
+temporary outputs go to a temporary folder that is removed at the end. No timing is asserted
+(design.md rule 5): the report is numbers and ratios."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SYNTH = dict(n_embd=1024, n_ff=2816, n_layer=18, n_head=16, n_head_kv=4)
+
+
+def load_script(name: str) -> ModuleType | None:
+    """Import scripts/<name>.py as a module, or None when the file does not exist."""
+    path = ROOT / "scripts" / f"{name}.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 92 - len(title)), flush=True)
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:7.1f} MiB"
+
+
+def version(pkg: str) -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as v
+
+    try:
+        return v(pkg)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Child processes: each measurement in a fresh interpreter that reports its own peak RSS
+# ------------------------------------------------------------------------------------------------
+_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+{setup}
+t0 = time.perf_counter()
+{body}
+dt = time.perf_counter() - t0
+hwm = next((int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")), 0)
+print("@@RESULT " + json.dumps({{"seconds": dt, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "vmhwm_kib": hwm}}))
+"""
+
+# Linux carries the forking process's RSS into a child's ru_maxrss (it is recorded at exec from
+# the copied address space), so a child forked from this process, which holds the throughput
+# rows, would report at least our RSS. A small intermediate Python does the fork instead.
+_LAUNCH = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)"
+
+
+def child(setup: str, body: str) -> dict:
+    """Run `setup` (imports, not timed) then `body` (timed) in a fresh Python; its seconds and peak RSS."""
+    code = _CHILD.format(root=str(ROOT), setup=setup, body=body)
+    proc = subprocess.run([sys.executable, "-c", _LAUNCH, code], capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"child failed (rc {proc.returncode}): {tail}")
+    return json.loads(line.removeprefix("@@RESULT "))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs, cached
+# ------------------------------------------------------------------------------------------------
+def bench_cache() -> Path:
+    fetch = load_script("fetch_smollm2")
+    d = fetch.cache_dir() / "bench"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def smollm2_q4_1() -> Path:
+    return load_script("fetch_smollm2").fetch()
+
+
+def demo_inputs(cache: Path) -> tuple[Path, Path]:
+    """SmolLM2 F16 (made from the Q4_1 with loraq, as `make demo` does) and the rank-16 demo adapter."""
+    from loraq.quantize.driver import QuantizeOptions, quantize_model
+
+    base = cache / "smollm2-f16.gguf"
+    if not base.exists():
+        quantize_model(smollm2_q4_1(), base, "F16", QuantizeOptions(allow_requantize=True, threads=2))
+    adapter = cache / "demo-adapter-r16"
+    if not (adapter / "adapter_model.safetensors").exists():
+        tmp = cache / "demo-adapter-r16.part"
+        shutil.rmtree(tmp, ignore_errors=True)
+        load_script("make_demo_adapter").make_adapter(base, tmp, rank=16, seed=0)
+        shutil.rmtree(adapter, ignore_errors=True)
+        tmp.rename(adapter)
+    return base, adapter
+
+
+def synthetic_model(cache: Path) -> Path:
+    p = cache / "synth-{n_embd}x{n_layer}-ff{n_ff}-f16.gguf".format(**SYNTH)
+    if not p.exists():  # make_model writes through a temporary name: a cached file is complete
+        t = time.perf_counter()
+        load_script("make_synthetic_model").make_model(p, smollm2_q4_1(), **SYNTH)
+        print(f"(built {p.name} in {time.perf_counter() - t:.0f} s; cached for reruns)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Quantizer throughput
+# ------------------------------------------------------------------------------------------------
+def run_script_main(name: str, argv: list[str]) -> None:
+    mod = load_script(name)
+    if mod is None:
+        print(f"scripts/{name}.py: not present, skipped")
+        return
+    if not hasattr(mod, "main"):
+        print(f"scripts/{name}.py has no main(), skipped")
+        return
+    old = sys.argv
+    sys.argv = [f"{name}.py", *argv]
+    try:
+        mod.main()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            print(f"scripts/{name}.py exited with {exc.code}")
+    except Exception as exc:  # noqa: BLE001 - one peer script failing must not stop the report
+        print(f"scripts/{name}.py failed: {type(exc).__name__}: {exc}")
+    finally:
+        sys.argv = old
+        sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Merge
+# ------------------------------------------------------------------------------------------------
+def bench_merge(base: Path, adapter: Path, tmp: Path) -> None:
+    out = tmp / "merged-f16.gguf"
+    setup = "from pathlib import Path\nfrom loraq.merge import AdapterSpec, merge_model"
+    base_rss = child(setup, "pass")
+    r = child(setup, f"res = merge_model(Path({str(base)!r}), [AdapterSpec(Path({str(adapter)!r}), 1.0)], Path({str(out)!r}), 'f16')")
+    size = out.stat().st_size
+    out.unlink()
+    print(f"base {base.name} ({base.stat().st_size / 2**20:.0f} MiB) + {adapter.name} (PEFT, rank 16, all 7 projections x 30 layers)")
+    print(f"merge_model (convert + merge, f16 out, {size / 2**20:.0f} MiB): {r['seconds']:6.2f} s   peak RSS {mib(r['maxrss_kib'])}"
+          f"   (child after imports only: {mib(base_rss['maxrss_kib'])})")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Quantizing a large file: loraq vs llama.cpp
+# ------------------------------------------------------------------------------------------------
+def bench_large(model: Path, tmp: Path) -> None:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        llama_ok = f"llama-cpp-python unavailable ({type(exc).__name__}: {exc}); install with `make test-interop`"
+    else:
+        llama_ok = ""
+    from loraq.ggml_types import file_type
+
+    print(f"input {model.name}: {model.stat().st_size / 1e6:.0f} MB, "
+          + ", ".join(f"{k} {v}" for k, v in SYNTH.items()) + "; 2 threads each; one fresh child per measurement")
+    l_setup = "from pathlib import Path\nfrom loraq.quantize.driver import QuantizeOptions, quantize_model"
+    c_setup = "import ctypes\nimport llama_cpp\nllama_cpp.llama_backend_init()"
+    l_idle = child(l_setup, "pass")
+    c_idle = child(c_setup, "pass") if not llama_ok else None
+    print(f"child RSS after imports only: loraq {mib(l_idle['maxrss_kib'])}"
+          + (f", llama.cpp {mib(c_idle['maxrss_kib'])}" if c_idle else ""))
+    print(f"{'type':6} {'loraq s':>8} {'llama s':>8} {'time l/c':>9}   {'loraq RSS':>11} {'llama RSS':>11} {'RSS l/c':>8}   output")
+    for t in ("Q8_0", "Q4_0"):
+        ours, theirs = tmp / f"loraq-{t}.gguf", tmp / f"llama-{t}.gguf"
+        lr = child(l_setup, f"quantize_model(Path({str(model)!r}), Path({str(ours)!r}), {t!r}, QuantizeOptions(threads=2))")
+        if llama_ok:
+            print(f"{t:6} {lr['seconds']:8.2f} {'-':>8} {'-':>9}   {mib(lr['maxrss_kib']):>11} {'-':>11} {'-':>8}   {ours.stat().st_size / 1e6:.0f} MB")
+            ours.unlink()
+            continue
+        body = (
+            "p = llama_cpp.llama_model_quantize_default_params()\n"
+            f"p.ftype = {file_type(t).id}\np.nthread = 2\n"
+            f"rc = llama_cpp.llama_model_quantize({str(model).encode()!r}, {str(theirs).encode()!r}, ctypes.byref(p))\n"
+            "assert rc == 0, rc"
+        )
+        cr = child(c_setup, body)
+        same = "byte-identical" if sha256(ours) == sha256(theirs) else "DIFFER"
+        size = ours.stat().st_size
+        ours.unlink()
+        theirs.unlink()
+        print(f"{t:6} {lr['seconds']:8.2f} {cr['seconds']:8.2f} {lr['seconds'] / cr['seconds']:9.2f}   "
+              f"{mib(lr['maxrss_kib']):>11} {mib(cr['maxrss_kib']):>11} {lr['maxrss_kib'] / cr['maxrss_kib']:8.2f}   "
+              f"{size / 1e6:.0f} MB, {same}")
+    if llama_ok:
+        print(llama_ok)
+    print("(seconds: the quantize call alone, imports excluded; RSS: the child's peak, imports included;"
+          " l/c = loraq / llama.cpp, lower is better for loraq)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", type=int, default=5_000_000, help="weights per quantizer throughput run")
+    ap.add_argument("--repeat", type=int, default=3, help="best of R for throughput")
+    ap.add_argument("--skip-large", action="store_true", help="skip section 3 (the 505 MB model)")
+    args = ap.parse_args()
+
+    import numpy as np
+
+    t_all = time.perf_counter()
+    print(f"loraq bench  {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"machine: {platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} CPUs "
+          f"(affinity {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}), "
+          f"Python {platform.python_version()}")
+    print(f"numpy {np.__version__}, gguf {version('gguf')}, libgguf {version('libgguf')}, "
+          f"llama-cpp-python {version('llama_cpp_python')}, loraq {version('loraq')}")
+
+    cache = bench_cache()
+    with tempfile.TemporaryDirectory(prefix="loraq-bench-", dir=cache) as tmpdir:
+        tmp = Path(tmpdir)
+
+        section("1. legacy quantizers: loraq vs libgguf (native) vs gguf-py (numpy), same real rows")
+        run_script_main("bench_quant", ["--weights", str(args.weights), "--repeat", str(args.repeat)])
+        for name in ("bench_kquants", "bench_iquants"):
+            section(f"1b. scripts/{name}.py")
+            run_script_main(name, [])
+
+        section("2. merge: SmolLM2 F16 + rank-16 demo adapter (loraq.merge.merge_model, fresh child)")
+        base, adapter = demo_inputs(cache)
+        bench_merge(base, adapter, tmp)
+
+        if not args.skip_large:
+            section("3. quantize a 505 MB synthetic F16 model: loraq vs llama.cpp (llama_model_quantize)")
+            bench_large(synthetic_model(cache), tmp)
+
+    print(f"\n(total {time.perf_counter() - t_all:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
