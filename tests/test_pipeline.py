@@ -133,3 +133,16 @@ def test_config_errors_all_at_once_with_near_miss(project):
     assert "quantize.types" in msg and "Q9_9" in msg
     assert "adapters: Field required" in msg
     assert "\n" not in msg
+
+
+def test_batched_quantize_equals_single_quantize(project, tmp_path):
+    """The run reads the F16 once for all types; each file must equal a one-type quantize."""
+    from loraq.quantize.driver import QuantizeOptions, quantize_model
+
+    cfg = load_config(_write_cfg(project, workdir="work-batch"))
+    run_pipeline(cfg)
+    work = cfg.workdir_path
+    for t in ("Q8_0", "Q4_0"):
+        single = tmp_path / f"{t}.gguf"
+        quantize_model(work / "merged-f16.gguf", single, t, QuantizeOptions(threads=1))
+        assert single.read_bytes() == (work / f"merged-{t}.gguf").read_bytes(), t

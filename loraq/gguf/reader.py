@@ -144,7 +144,7 @@ def _parse_header(path: Path) -> tuple[dict[str, KV], list[TensorInfo]]:
     except OSError as exc:
         raise io_error(exc, path, "read") from exc
     except Exception as exc:  # gguf-py raises ValueError/IndexError/etc. on bad headers
-        raise BadInput(f"{path} is not a readable GGUF file ({_short(exc)})") from exc
+        raise BadInput(f"{path} is not a readable GGUF file ({_short(exc)}); it is truncated, corrupt or not a GGUF: re-download or regenerate it") from exc
     kvs: dict[str, KV] = {}
     tensors: list[TensorInfo] = []
     try:

@@ -124,6 +124,7 @@ class GGUFStreamWriter:
         self.tensors = list(tensors)
         self._kvs = kvs
         self._next = 0
+        self._pending = 0
         self._ctx = None
         self._f = None
 
@@ -151,20 +152,34 @@ class GGUFStreamWriter:
 
     def write(self, name: str, data: np.ndarray | bytes | Iterable[np.ndarray | bytes]) -> None:
         """Write the next tensor's bytes: one buffer, or an iterable of consecutive chunks."""
+        self.begin(name)
+        for chunk in [data] if isinstance(data, (np.ndarray, bytes, bytearray, memoryview)) else data:
+            self.append(chunk)
+        self.end()
+
+    def begin(self, name: str) -> None:
+        """Start the next tensor; its bytes follow through `append`, then `end`."""
         t = self.tensors[self._next]
         if t.name != name:
             raise LoraqError(f"internal: tensor {name} written out of order (expected {t.name})")
-        chunks = [data] if isinstance(data, (np.ndarray, bytes, bytearray, memoryview)) else data
-        total = 0
+        self._pending = 0
+
+    def append(self, chunk: np.ndarray | bytes) -> None:
+        t = self.tensors[self._next]
+        buf = memoryview(np.ascontiguousarray(chunk)).cast("B") if isinstance(chunk, np.ndarray) else memoryview(chunk)
+        self._pending += buf.nbytes
+        if self._pending > t.nbytes:
+            raise LoraqError(f"internal: tensor {t.name} has more than {t.nbytes} bytes")
         try:
-            for chunk in chunks:
-                buf = memoryview(np.ascontiguousarray(chunk)).cast("B") if isinstance(chunk, np.ndarray) else memoryview(chunk)
-                total += buf.nbytes
-                if total > t.nbytes:
-                    break
-                self._f.write(buf)
-            if total != t.nbytes:
-                raise LoraqError(f"internal: tensor {name} has {total}+ bytes, expected {t.nbytes}")
+            self._f.write(buf)
+        except OSError as exc:
+            raise io_error(exc, self.path, "write") from exc
+
+    def end(self) -> None:
+        t = self.tensors[self._next]
+        if self._pending != t.nbytes:
+            raise LoraqError(f"internal: tensor {t.name} has {self._pending} bytes, expected {t.nbytes}")
+        try:
             self._f.write(b"\0" * (_pad(t.nbytes) - t.nbytes))
         except OSError as exc:
             raise io_error(exc, self.path, "write") from exc

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..convert import convert_adapter
 from ..errors import BadArguments
 from ..merge import AdapterSpec, merge_model
-from ..quantize.driver import QuantizeOptions, quantize_model
+from ..quantize.driver import QuantizeOptions, quantize_many, quantize_model
 from .checkpoint import Manifest, Verdict, check_stage, cpu_threads, record_stage
 from .config import Config
 
@@ -31,6 +31,10 @@ class Stage:
     outputs: list[Path]
     action: Callable[[], None]
     after: list[str] = field(default_factory=list)  # upstream stages whose outputs are inputs here
+    # Stages with the same batch key that are due together run as one call (quantize: the F16 is
+    # read once for every type); batch_run receives them all.
+    batch_key: str | None = None
+    batch_run: Callable[[list["Stage"]], None] | None = None
 
 
 @dataclass
@@ -87,11 +91,16 @@ def build_stages(cfg: Config) -> list[Stage]:
         threads=cpu_threads(q.threads),
     )
     qsettings = {k: v for k, v in q.model_dump().items() if k not in ("types", "threads")}
+
+    def run_quantize(batch: list[Stage]) -> None:
+        quantize_many(merged, [(s.settings["type"], s.outputs[0]) for s in batch], opts)
+
     for t in q.types:
         out = wd / f"merged-{t}.gguf"
         stages.append(
             Stage(f"quantize:{t}", "quantize", {"type": t, **qsettings}, {merged.name.removesuffix(".gguf"): merged}, [out],
-                  (lambda t=t, out=out: quantize_model(merged, out, t, opts) and None), after=["merge"])
+                  (lambda t=t, out=out: quantize_model(merged, out, t, opts) and None), after=["merge"],
+                  batch_key="quantize:merged", batch_run=run_quantize)
         )
     return stages
 
@@ -154,25 +163,40 @@ def run_pipeline(cfg: Config, force: str | None = None, until: str | None = None
 
         raise io_error(exc, wd, "create workdir") from exc
     m = Manifest(wd)
-    reports = []
-    stale: set[str] = set()
-    for s in stages:
+    reports: list[StageReport] = []
+    done: set[str] = set()
+    for k, s in enumerate(stages):
+        if s.name in done:
+            continue
         v, _ = _verdict(m, s, set())
         if v.up_to_date and s.name not in forced:
             emit({"event": "stage_skipped", "stage": s.name, "reason": v.reason})
             reports.append(StageReport(s.name, "skipped", v.reason, s.outputs))
             continue
-        reason = "forced" if v.up_to_date else v.reason
-        emit({"event": "stage_started", "stage": s.name, "reason": reason})
+        batch = [(s, "forced" if v.up_to_date else v.reason)]
+        if s.batch_key is not None:
+            for nxt in stages[k + 1 :]:
+                if nxt.batch_key != s.batch_key:
+                    continue
+                nv, _ = _verdict(m, nxt, set())
+                if not nv.up_to_date or nxt.name in forced:
+                    batch.append((nxt, "forced" if nv.up_to_date else nv.reason))
+        for b, reason in batch:
+            emit({"event": "stage_started", "stage": b.name, "reason": reason})
         t0 = time.perf_counter()
-        s.action()
-        dt = time.perf_counter() - t0
-        inputs = {k: m.file_hash(p) for k, p in s.inputs.items()}
-        record_stage(m, s.name, s.kind, s.settings, inputs, s.outputs, dt)
-        m.save()
-        stale.add(s.name)
-        emit({"event": "stage_done", "stage": s.name, "seconds": round(dt, 3),
-              "outputs": [{"path": str(o), "size_bytes": o.stat().st_size} for o in s.outputs]})
-        reports.append(StageReport(s.name, "ran", reason, s.outputs, dt))
+        if len(batch) > 1 and s.batch_run is not None:
+            s.batch_run([b for b, _ in batch])
+        else:
+            s.action()
+        dt = (time.perf_counter() - t0) / len(batch)  # a batch's time is shared evenly
+        for b, reason in batch:
+            inputs = {n: m.file_hash(p) for n, p in b.inputs.items()}
+            record_stage(m, b.name, b.kind, b.settings, inputs, b.outputs, dt)
+            m.save()
+            done.add(b.name)
+            emit({"event": "stage_done", "stage": b.name, "seconds": round(dt, 3),
+                  "outputs": [{"path": str(o), "size_bytes": o.stat().st_size} for o in b.outputs]})
+            reports.append(StageReport(b.name, "ran", reason, b.outputs, dt))
     m.save()
+    reports.sort(key=lambda r: [x.name for x in stages].index(r.name))
     return reports

@@ -22,11 +22,11 @@ from . import register
 from .knumeric import (
     F32,
     I32,
+    Q3Quants,
     QkxResult,
     QxResult,
     blend,
     fp16_round,
-    make_q3_quants,
     make_qp_quants,
     ni_int,
     rsum,
@@ -37,6 +37,8 @@ from .numeric import pack_blocks as _pack
 QK_K = 256
 CHUNK = 1 << 18  # elements per chunk (1 MiB float32 temporaries)
 LANES = 256
+SUPER = 16  # chunks per super-chunk: the sequential refinements of make_q3_quants and
+# make_qp_quants run once per super-chunk (4M weights), amortizing numpy's per-call overhead
 MIN_LANES = 8  # np.add.reduce over axis 1 is only sequential with several contiguous lanes
 U8 = np.uint8
 
@@ -173,20 +175,45 @@ def _sigma2_weights(t: np.ndarray, qw: np.ndarray, factor2: bool) -> np.ndarray:
     return w
 
 
-def _q45_imat(t: np.ndarray, qw: np.ndarray, nmax: int, five: bool):
+def _imat_p1(t: np.ndarray, qw: np.ndarray, sub: int, nmax: int, factor2: bool) -> dict:
+    """Phase 1 of the q2_K/q4_K/q5_K imatrix kernels: weights and the make_qkx3_quants search."""
     g, _, k = t.shape
-    xs = t.reshape(g * 8, 32, k)
-    w = _sigma2_weights(t, qw, True).reshape(g * 8, 32, k)
-    sw = rsum(w).reshape(g, 8, k)
+    ns = QK_K // sub
+    xs = t.reshape(g * ns, sub, k)
+    w = _sigma2_weights(t, qw, factor2).reshape(g * ns, sub, k)
+    sw = rsum(w).reshape(g, ns, k)
     r = QkxResult(xs, w, nmax, -0.9, 0.05, 36, False)
-    d_block, Ls = make_qp_quants(r.scale.reshape(g, 8, k), 63, sw)
-    m_block, Lm = make_qp_quants(r.the_min.reshape(g, 8, k), 63, sw)
+    return {"t": t, "r": r, "sw": sw, "scales": r.scale.reshape(g, ns, k), "mins": r.the_min.reshape(g, ns, k)}
+
+
+def _compact(a: np.ndarray) -> np.ndarray:
+    """(G, n, K) per-super-block values -> (n, G*K)."""
+    return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+
+
+def _imat_p2(states: list[dict], nq: int) -> None:
+    """Phase 2: make_qp_quants for the scales and the mins of all super-blocks at once."""
+    sw = np.concatenate([_compact(s["sw"]) for s in states], axis=1)
+    for key, dkey, lkey in (("scales", "d_block", "Ls"), ("mins", "m_block", "Lm")):
+        x = np.concatenate([_compact(s[key]) for s in states], axis=1)
+        d, L = make_qp_quants(x, nq, sw)
+        off = 0
+        for s in states:
+            g, n, k = s[key].shape
+            m = g * k
+            s[dkey] = d[off : off + m].reshape(g, k)
+            s[lkey] = L[:, off : off + m].reshape(n, g, k).transpose(1, 0, 2)
+            off += m
+
+
+def _q45_imat_p3(s: dict, nmax: int, five: bool) -> list[np.ndarray]:
+    Ls, Lm = s["Ls"], s["Lm"]
     if five:  # q5_K_impl clamps the codes, q4_K_impl does not
-        np.minimum(Ls, U8(63), out=Ls)
-        np.minimum(Lm, U8(63), out=Lm)
-    dh, _ = fp16_round(d_block)
-    dmh, _ = fp16_round(m_block)
-    return _q45_finish(t, r, _pack_k4_scales(Ls, Lm), dh, dmh, nmax, five)
+        Ls = np.minimum(Ls, U8(63))
+        Lm = np.minimum(Lm, U8(63))
+    dh, _ = fp16_round(s["d_block"])
+    dmh, _ = fp16_round(s["m_block"])
+    return _q45_finish(s["t"], s["r"], _pack_k4_scales(Ls, Lm), dh, dmh, nmax, five)
 
 
 # ---------------------------------------------------------------- q2_K
@@ -228,17 +255,10 @@ def _q2_ref(t: np.ndarray, qw) -> list[np.ndarray]:
     return _q2_finish(t, r, scale_bytes, dh, dmh)
 
 
-def _q2_imat(t: np.ndarray, qw: np.ndarray) -> list[np.ndarray]:
-    g, _, k = t.shape
-    xs = t.reshape(g * 16, 16, k)
-    w = _sigma2_weights(t, qw, False).reshape(g * 16, 16, k)
-    sw = rsum(w).reshape(g, 16, k)
-    r = QkxResult(xs, w, 3, -0.9, 0.05, 36, False)
-    dm, Ls = make_qp_quants(r.scale.reshape(g, 16, k), 15, sw)
-    mm, Lm = make_qp_quants(r.the_min.reshape(g, 16, k), 15, sw)
-    dh, _ = fp16_round(dm)
-    dmh, _ = fp16_round(mm)
-    return _q2_finish(t, r, Ls | (Lm << 4), dh, dmh)
+def _q2_imat_p3(s: dict) -> list[np.ndarray]:
+    dh, _ = fp16_round(s["d_block"])
+    dmh, _ = fp16_round(s["m_block"])
+    return _q2_finish(s["t"], s["r"], s["Ls"] | (s["Lm"] << 4), dh, dmh)
 
 
 # ---------------------------------------------------------------- q3_K
@@ -285,10 +305,19 @@ def _q3_finish(t, search_L, scale_bytes, dh) -> list[np.ndarray]:
     return [hmask, qs.reshape(g, 64, k), scale_bytes, dh]
 
 
-def _q3_ref(t: np.ndarray, qw) -> list[np.ndarray]:
+def _q3_ref_p1(t: np.ndarray, qw) -> tuple[np.ndarray, Q3Quants]:
     g, _, k = t.shape
-    xs = t.reshape(g * 16, 16, k)
-    scale, L3 = make_q3_quants(xs, 4)
+    return t, Q3Quants(t.reshape(g * 16, 16, k), 4)
+
+
+def _q3_ref_p2(states: list) -> None:
+    Q3Quants.refine([q for _, q in states])
+
+
+def _q3_ref_p3(state) -> list[np.ndarray]:
+    t, q = state
+    g, _, k = t.shape
+    scale, L3 = q.result()
     scales = scale.reshape(g, 16, k)
     max_scale = signed_absmax(scales)
     nz = max_scale != 0
@@ -350,7 +379,15 @@ def _q6(t: np.ndarray, qw) -> list[np.ndarray]:
 # ---------------------------------------------------------------- driver
 
 
-def _run(rows: np.ndarray, imatrix: np.ndarray | None, kernel, nbytes: int) -> np.ndarray:
+class Kernel:
+    """p1(t, qw) -> state per chunk; p2(states) over a super-chunk (None: nothing global);
+    p3(state) -> fields for pack_blocks. One-phase kernels just return their fields from p1."""
+
+    def __init__(self, p1, p2=None, p3=None):
+        self.p1, self.p2, self.p3 = p1, p2, p3 or (lambda s: s)
+
+
+def _run(rows: np.ndarray, imatrix: np.ndarray | None, kern: Kernel, nbytes: int) -> np.ndarray:
     n, k = rows.shape
     if k % QK_K:
         raise ValueError(f"K quants need rows whose length is a multiple of {QK_K}, got {k}")
@@ -365,15 +402,21 @@ def _run(rows: np.ndarray, imatrix: np.ndarray | None, kernel, nbytes: int) -> n
         qwb = qwb.reshape(nbpr, QK_K)
     out = np.empty((nb, nbytes), dtype=U8)
     step = max(1, CHUNK // QK_K)
-    for b0 in range(0, nb, step):
-        chunk = xb[b0 : b0 + step]
-        t = _tlayout(chunk)
-        qw = None if qwb is None else _tlayout(qwb[np.arange(b0, b0 + len(chunk)) % nbpr])
-        out[b0 : b0 + len(chunk)] = _pack(len(chunk), kernel(t, qw))
+    for s0 in range(0, nb, step * SUPER):
+        states = []
+        for b0 in range(s0, min(nb, s0 + step * SUPER), step):
+            chunk = xb[b0 : b0 + step]
+            t = _tlayout(chunk)
+            qw = None if qwb is None else _tlayout(qwb[np.arange(b0, b0 + len(chunk)) % nbpr])
+            states.append((b0, len(chunk), kern.p1(t, qw)))
+        if kern.p2 is not None:
+            kern.p2([st for _, _, st in states])
+        for b0, m, st in states:
+            out[b0 : b0 + m] = _pack(m, kern.p3(st))
     return out.reshape(n, nbpr * nbytes)
 
 
-def _quantizer(ref, imat, nbytes: int):
+def _quantizer(ref: Kernel, imat: Kernel, nbytes: int):
     def quantize(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
@@ -384,8 +427,24 @@ def _quantizer(ref, imat, nbytes: int):
     return quantize
 
 
-register("q2_K")(_quantizer(_q2_ref, _q2_imat, 84))
-register("q3_K")(_quantizer(_q3_ref, _q3_imat, 110))
-register("q4_K")(_quantizer(lambda t, qw: _q45_ref(t, 15, -1.0, 0.1, 20, False), lambda t, qw: _q45_imat(t, qw, 15, False), 144))
-register("q5_K")(_quantizer(lambda t, qw: _q45_ref(t, 31, -0.5, 0.1, 15, True), lambda t, qw: _q45_imat(t, qw, 31, True), 176))
-register("q6_K")(_quantizer(_q6, _q6, 210))
+def _imat_kernel(sub: int, nmax: int, factor2: bool, nq: int, p3) -> Kernel:
+    return Kernel(lambda t, qw: _imat_p1(t, qw, sub, nmax, factor2), lambda st: _imat_p2(st, nq), p3)
+
+
+register("q2_K")(_quantizer(Kernel(_q2_ref), _imat_kernel(16, 3, False, 15, _q2_imat_p3), 84))
+register("q3_K")(_quantizer(Kernel(_q3_ref_p1, _q3_ref_p2, _q3_ref_p3), Kernel(_q3_imat), 110))
+register("q4_K")(
+    _quantizer(
+        Kernel(lambda t, qw: _q45_ref(t, 15, -1.0, 0.1, 20, False)),
+        _imat_kernel(32, 15, True, 63, lambda s: _q45_imat_p3(s, 15, False)),
+        144,
+    )
+)
+register("q5_K")(
+    _quantizer(
+        Kernel(lambda t, qw: _q45_ref(t, 31, -0.5, 0.1, 15, True)),
+        _imat_kernel(32, 31, True, 63, lambda s: _q45_imat_p3(s, 31, True)),
+        176,
+    )
+)
+register("q6_K")(_quantizer(Kernel(_q6), Kernel(_q6), 210))

@@ -6,6 +6,7 @@ row chunks, so memory follows the largest chunk rather than the model."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -144,55 +145,86 @@ def quantize_model(
 ) -> QuantizeResult:
     """Quantize `inp` to `out` as `llama-quantize inp out FTYPE` would; with dry_run, plan only."""
     opts = opts or QuantizeOptions()
-    ftype = file_type(ftype_name)
+    if dry_run or out is None:
+        ftype = file_type(ftype_name)
+        with open_gguf(inp) as src:
+            plan, n_fallback = plan_quantize(src, ftype, opts, dry_run=True)
+        return QuantizeResult(None, ftype, plan, n_fallback)
+    return quantize_many(inp, [(ftype_name, Path(out))], opts, on_tensor)[0]
+
+
+def quantize_many(
+    inp: Path | str,
+    jobs: list[tuple[str, Path]],
+    opts: QuantizeOptions | None = None,
+    on_tensor: Callable[[PlanEntry], None] | None = None,
+) -> list[QuantizeResult]:
+    """Write one output per (ftype, path), reading and dequantizing each input tensor once.
+
+    Every ftype visits tensors in the same (llama.cpp) order, so the outputs are written side by
+    side, chunk by chunk; a chunk of rows is converted to float32 once and quantized per output."""
+    opts = opts or QuantizeOptions()
     inp = Path(inp)
-    if out is not None and not dry_run and Path(out).resolve() == inp.resolve():
-        raise BadArguments("input and output must be different files")
+    ftypes = [file_type(f) for f, _ in jobs]
+    for _, out in jobs:
+        if Path(out).resolve() == inp.resolve():
+            raise BadArguments("input and output must be different files")
     with open_gguf(inp) as src:
-        plan, n_fallback = plan_quantize(src, ftype, opts, dry_run)
-        if dry_run or out is None:
-            return QuantizeResult(None, ftype, plan, n_fallback)
-        tensors = [OutTensor(e.name, e.ne, e.dst) for e in plan]
-        with GGUFStreamWriter(out, output_kvs(src, ftype), tensors) as w, ThreadPoolExecutor(max(1, opts.threads)) as pool:
-            for e in plan:
-                w.write(e.name, _tensor_bytes(src, e, opts, pool))
+        plans = [plan_quantize(src, ft, opts) for ft in ftypes]
+        with ExitStack() as stack:
+            pool = stack.enter_context(ThreadPoolExecutor(max(1, opts.threads)))
+            writers = [
+                stack.enter_context(GGUFStreamWriter(out, output_kvs(src, ft), [OutTensor(e.name, e.ne, e.dst) for e in plan]))
+                for ft, (_, out), (plan, _) in zip(ftypes, jobs, plans)
+            ]
+            for k in range(len(plans[0][0])):
+                entries = [plan[k] for plan, _ in plans]
+                for w in writers:
+                    w.begin(entries[0].name)
+                for parts in _tensor_chunks(src, entries, opts, pool):
+                    for w, part in zip(writers, parts):
+                        w.append(part)
+                for w in writers:
+                    w.end()
                 if on_tensor:
-                    on_tensor(e)
-    return QuantizeResult(Path(out), ftype, plan, n_fallback)
+                    on_tensor(entries[0])
+    return [QuantizeResult(Path(out), ft, plan, nf) for ft, (_, out), (plan, nf) in zip(ftypes, jobs, plans)]
 
 
-def _tensor_bytes(src: GGUFFile, e: PlanEntry, opts: QuantizeOptions, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
-    info = src.tensor(e.name)
+def _tensor_chunks(src: GGUFFile, entries: list[PlanEntry], opts: QuantizeOptions, pool: ThreadPoolExecutor) -> Iterator[list[np.ndarray]]:
+    """Consecutive row chunks of one tensor, each as a list with one byte buffer per output."""
+    info = src.tensor(entries[0].name)
     raw = src.read_raw(info)
-    if e.dst == e.src:
-        _check_finite(e.name, raw, info.type, info.shape)
-        yield raw
+    if all(e.dst == e.src for e in entries):
+        _check_finite(info.name, raw, info.type)
+        yield [raw] * len(entries)
         return
     ne0 = info.ne[0]
     rows = raw.reshape(info.n_rows, -1)
-    imat = _imatrix_for(e, opts)
+    per_expert = info.n_rows if len(info.ne) < 3 else info.ne[1]  # imatrix slices are per expert
     step = max(1, CHUNK_ELEMENTS // ne0)
-    n_rows_per_expert = info.n_rows if len(info.ne) < 3 else info.ne[1]
+    imats = [_imatrix_for(e, opts) for e in entries]
 
-    def work(start: int) -> np.ndarray:
-        stop = min(start + step, info.n_rows, (start // n_rows_per_expert + 1) * n_rows_per_expert)
-        x = dequantize(rows[start:stop], info.type, (stop - start, ne0))
-        if not np.isfinite(x).all():
-            raise BadInput(f"tensor {e.name} has invalid data (NaN or Inf); fix the model that produced it")
-        w = None
-        if imat is not None:
-            ex = start // n_rows_per_expert
-            w = imat[ex * ne0 : (ex + 1) * ne0]
-        return quantize(x, e.dst, w)
+    def work(span: tuple[int, int]) -> list[np.ndarray]:
+        start, stop = span
+        chunk = rows[start:stop]
+        _check_finite(info.name, chunk, info.type)
+        x = dequantize(chunk, info.type, (stop - start, ne0))
+        expert = start // per_expert
+        return [
+            chunk if e.dst == e.src else quantize(x, e.dst, None if w is None else w[expert * ne0 : (expert + 1) * ne0])
+            for e, w in zip(entries, imats)
+        ]
 
-    starts = []
-    s = 0
-    while s < info.n_rows:
-        starts.append(s)
-        s = min(s + step, info.n_rows, (s // n_rows_per_expert + 1) * n_rows_per_expert)
-    width = max(1, pool._max_workers)  # keep at most one window of chunks in flight
-    for i in range(0, len(starts), width):
-        yield from pool.map(work, starts[i : i + width])
+    spans = []
+    start = 0
+    while start < info.n_rows:
+        stop = min(start + step, (start // per_expert + 1) * per_expert)
+        spans.append((start, stop))
+        start = stop
+    width = max(1, pool._max_workers)  # at most one window of chunks in flight bounds memory
+    for i in range(0, len(spans), width):
+        yield from pool.map(work, spans[i : i + width])
 
 
 def _imatrix_for(e: PlanEntry, opts: QuantizeOptions) -> np.ndarray | None:
@@ -209,7 +241,7 @@ def _imatrix_for(e: PlanEntry, opts: QuantizeOptions) -> np.ndarray | None:
     return np.ascontiguousarray(w, dtype=np.float32)
 
 
-def _check_finite(name: str, raw: np.ndarray, t: GGMLType, shape: tuple[int, ...]) -> None:
+def _check_finite(name: str, raw: np.ndarray, t: GGMLType) -> None:
     """llama-quantize validates every input row it reads (§4.7): NaN/Inf in a float tensor aborts."""
     if t.name == "f32":
         ok = np.isfinite(raw.view(np.float32)).all()
