@@ -18,6 +18,8 @@ def io_error(exc: OSError, path: Path | str, doing: str) -> IOFailure:
         errno.EACCES: "permission denied; choose a folder you can write to",
         errno.EPERM: "permission denied; choose a folder you can write to",
         errno.EROFS: "the file system is read-only; choose another folder",
+        errno.EEXIST: "a file is in the way where a folder is needed; choose another path",
+        errno.ENOTDIR: "part of the path is a file, not a folder; choose another path",
     }.get(exc.errno or 0, exc.strerror or str(exc))
     return IOFailure(f"cannot {doing} {path}: {reason}")
 

@@ -234,6 +234,8 @@ def run(
         if json_events:
             sys.stdout.write(json.dumps(e) + "\n")
             sys.stdout.flush()
+        elif not err.is_terminal:
+            return  # the summary table on stdout says what ran and why; stderr stays for errors
         elif e["event"] == "stage_skipped":
             err.print(f"[dim]skip[/dim] {e['stage']}: {e['reason']}")
         elif e["event"] == "stage_started":
