@@ -1,0 +1,1 @@
+"""Scoring candidates against the reference: llama-perplexity KL-divergence metrics, reports, gates."""
