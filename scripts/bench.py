@@ -16,12 +16,16 @@ temporary outputs go to a temporary folder that is removed at the end. No timing
 
 from __future__ import annotations
 
+import os
+
+# Per-thread comparisons: libgguf uses every core unless told otherwise.
+os.environ.setdefault("LIBGGUF_NUM_THREADS", "1")
+
 import argparse
 import datetime
 import hashlib
 import importlib.util
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -207,7 +211,7 @@ def bench_large(model: Path, tmp: Path) -> None:
     print(f"child RSS after imports only: loraq {mib(l_idle['maxrss_kib'])}"
           + (f", llama.cpp {mib(c_idle['maxrss_kib'])}" if c_idle else ""))
     print(f"{'type':6} {'loraq s':>8} {'llama s':>8} {'time l/c':>9}   {'loraq RSS':>11} {'llama RSS':>11} {'RSS l/c':>8}   output")
-    for t in ("Q8_0", "Q4_0"):
+    for t in ("Q8_0", "Q4_0", "Q4_K_M"):
         ours, theirs = tmp / f"loraq-{t}.gguf", tmp / f"llama-{t}.gguf"
         lr = child(l_setup, f"quantize_model(Path({str(model)!r}), Path({str(ours)!r}), {t!r}, QuantizeOptions(threads=2))")
         if llama_ok:
@@ -228,6 +232,13 @@ def bench_large(model: Path, tmp: Path) -> None:
         print(f"{t:6} {lr['seconds']:8.2f} {cr['seconds']:8.2f} {lr['seconds'] / cr['seconds']:9.2f}   "
               f"{mib(lr['maxrss_kib']):>11} {mib(cr['maxrss_kib']):>11} {lr['maxrss_kib'] / cr['maxrss_kib']:8.2f}   "
               f"{size / 1e6:.0f} MB, {same}")
+    # Thread scaling: the same K-type model quantized with 1 and with 2 threads.
+    one = tmp / "loraq-1t.gguf"
+    r1 = child(l_setup, f"quantize_model(Path({str(model)!r}), Path({str(one)!r}), 'Q4_K_M', QuantizeOptions(threads=1))")
+    one.unlink()
+    r2 = child(l_setup, f"quantize_model(Path({str(model)!r}), Path({str(one)!r}), 'Q4_K_M', QuantizeOptions(threads=2))")
+    one.unlink()
+    print(f"Q4_K_M loraq 1 thread {r1['seconds']:.2f} s, 2 threads {r2['seconds']:.2f} s: speed-up {r1['seconds'] / r2['seconds']:.2f}x")
     if llama_ok:
         print(llama_ok)
     print("(seconds: the quantize call alone, imports excluded; RSS: the child's peak, imports included;"
@@ -266,7 +277,7 @@ def main() -> None:
         bench_merge(base, adapter, tmp)
 
         if not args.skip_large:
-            section("3. quantize a 505 MB synthetic F16 model: loraq vs llama.cpp (llama_model_quantize)")
+            section("3. quantize a 505 MB synthetic F16 model (Q8_0, Q4_0, Q4_K_M): loraq vs llama.cpp, 2 threads each")
             bench_large(synthetic_model(cache), tmp)
 
     print(f"\n(total {time.perf_counter() - t_all:.0f} s)")

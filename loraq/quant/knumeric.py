@@ -15,14 +15,34 @@ Same conventions as numeric.py: blocks in the T layout (B, n, K) (element j of b
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-from .numeric import GROUP_MAX_EPS, signed_absmax
+from .numeric import GROUP_MAX_EPS
 
 F32 = np.float32
 I32 = np.int32
 MAGIC = F32(12582912.0)  # 1.5 * 2^23
 NI_SAFE = F32(4194303.0)
+
+
+_WS = threading.local()
+
+
+def work(name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A per-thread scratch array kept between calls. Fresh ~1 MiB numpy temporaries come from
+    mmap (glibc raises its mmap threshold to exactly the freed size, so same-size requests keep
+    missing the heap) and page-fault on every use; a dense pass with many live temporaries ran
+    6x slower than its arithmetic."""
+    d = getattr(_WS, "bufs", None)
+    if d is None or len(d) > 32:
+        d = _WS.bufs = {}
+    key = (name, shape, np.dtype(dtype).str)
+    b = d.get(key)
+    if b is None:
+        b = d[key] = np.empty(shape, dtype)
+    return b
 
 
 def rsum(a: np.ndarray) -> np.ndarray:
@@ -49,16 +69,6 @@ def ni_int(v: np.ndarray) -> np.ndarray:
 def ni(v: np.ndarray) -> np.ndarray:
     """ggml nearest_int as float32 values (exact for any v)."""
     return ni_int(v).astype(F32)
-
-
-def wrap_u8(v: np.ndarray) -> np.ndarray:
-    """int32 values -> the uint8 a C `uint8_t x = (int)v` stores."""
-    return (v & 255).astype(np.uint8)
-
-
-def wrap_i8(v: np.ndarray) -> np.ndarray:
-    """int32 values -> the int8 a C `int8_t x = (int)v` stores."""
-    return v.astype(np.int8)  # numpy int32 -> int8 wraps modulo 256
 
 
 def blend(m: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -91,14 +101,36 @@ def fp16_round(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h.view(np.uint16), h.astype(F32)
 
 
+def signed_absmax(t: np.ndarray) -> np.ndarray:
+    """Per block (axis 1) the signed value of largest |v|, as the C loop
+    `amax = 0; max = 0; if (fabsf(v) > amax) { amax = fabsf(v); max = v; }`: first occurrence on
+    ties (+a vs -a), +0.0 when nothing is above 0, and NaN never wins (its comparison is false).
+    Scales can be NaN when the data overflow float32 (w = x*x = inf)."""
+    mx = np.fmax.reduce(t, axis=1)
+    mn = np.fmin.reduce(t, axis=1)
+    pick = mx >= -mn
+    res = blend(pick, mx, mn)
+    ok = np.abs(res) > 0  # also false for NaN (all-NaN blocks) and zeros
+    res = blend(ok, res, np.zeros_like(res))
+    tie = (mx == -mn) & (mx > 0)
+    if tie.any():
+        g, k = np.nonzero(tie)
+        cols = t[g, :, k]  # (m, n)
+        first = np.argmax(np.abs(cols) == mx[g, k][:, None], axis=1)
+        res[g, k] = cols[np.arange(len(g)), first]
+    return res
+
+
 # ---------------------------------------------------------------- make_qx_quants
 
 
 class QxResult:
     """make_qx_quants(n, nmax, x, L, 1, qw) for T-layout blocks; L is derived lazily."""
 
-    def __init__(self, x: np.ndarray, nmax: int, w: np.ndarray | None):
-        self.x, self.nmax = x, nmax
+    def __init__(self, x: np.ndarray, nmax: int, w: np.ndarray | None, exact: bool = False):
+        """exact: x may hold NaN (scales computed from overflowing data), so nearest_int must
+        be the C bit trick (NaN -> 0) rather than np.rint."""
+        self.x, self.nmax, self.exact = x, nmax, exact
         fn = F32(nmax)
         amax_el = signed_absmax(x)
         self.zero = np.abs(amax_el) < GROUP_MAX_EPS
@@ -113,7 +145,10 @@ class QxResult:
         def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             # |iscale*x| <= (nmax + 0.9)*(1+eps): np.rint is nearest_int here
             np.multiply(x, iscale[:, None, :], out=l)
-            np.rint(l, out=l)
+            if exact:
+                l[...] = ni(l)
+            else:
+                np.rint(l, out=l)
             np.clip(l, lo, hi, out=l)
             np.multiply(wx, l, out=t)
             sumlx = rsum(t)
@@ -150,7 +185,8 @@ class QxResult:
         else:
             b, k = idx
             x, isc, zero = self.x[b, :, k], self.iscale[b, k][:, None], self.zero[b, k][:, None]
-        l = np.rint(x * isc)
+        with np.errstate(invalid="ignore", over="ignore"):
+            l = ni(x * isc) if self.exact else np.rint(x * isc)
         np.clip(l, -fn, fn - F32(1), out=l)
         l += fn
         l *= ~zero
@@ -302,10 +338,32 @@ class CoordDescent:
                 new = (newi & 255).astype(F32)  # uint8_t L[i] = new_l
         return acc, new, slx2, sl22
 
-    def speculate(self, x, w, wx, L, sumlx, suml2, axis: int) -> np.ndarray:
-        """Lanes whose next pass would accept a change (sums broadcast along `axis`)."""
-        s1, s2 = np.expand_dims(sumlx, axis), np.expand_dims(suml2, axis)
-        return self.step(x, w, wx, L, s1, s2)[0].any(axis=axis)
+    def speculate(self, x, w, wx, L, sumlx, suml2) -> np.ndarray:
+        """Lanes (columns of the compact (n, M) arrays) whose next pass would accept a change.
+        Dense work only up to the candidates (a new l that differs); the acceptance test then
+        runs on those few elements."""
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            slx = sumlx - wx * L
+            sl2 = suml2 - (w * L) * L
+            newi = ni_int((x * sl2) / slx)
+            if self.qp:
+                np.minimum(newi, I32(self.hi), out=newi)
+                cand = (slx > 0) & (sl2 > 0)
+            else:
+                np.clip(newi, I32(self.lo), I32(self.hi), out=newi)
+                cand = slx > 0
+            new = newi.astype(F32)
+            cand &= new != L
+            i, j = np.nonzero(cand)
+            slx, sl2, new, s1, s2 = slx[i, j], sl2[i, j], new[i, j], sumlx[j], suml2[j]
+            slx2 = slx + wx[i, j] * new
+            sl22 = sl2 + (w[i, j] * new) * new
+            acc = (slx2 * slx2) * s2 > (s1 * s1) * sl22
+            if not self.qp:
+                acc &= sl22 > 0
+        act = np.zeros(x.shape[1], bool)
+        act[j[acc]] = True
+        return act
 
     def run(self, x, w, wx, L, sumlx, suml2, first_active=None, npass: int = 5):
         """Refine compact (n, M) float32 L in place; returns the final (sumlx, suml2).
@@ -313,14 +371,20 @@ class CoordDescent:
         n = x.shape[0]
         sumlx, suml2 = sumlx.copy(), suml2.copy()
         ix = np.arange(x.shape[1])
-        cx, cw, cwx, cL, c1, c2 = x, w, wx, L.copy(), sumlx, suml2
+        cx, cw, cwx, cL, c1, c2 = x, w, wx, L, sumlx, suml2  # cL is L (in place) until compacted
+
+        def write_back() -> None:
+            if cL is not L:
+                L[:, ix] = cL
+            sumlx[ix], suml2[ix] = c1, c2
+
         for p in range(npass):
             if p == 0 and first_active is not None:
                 act = first_active
             else:
-                act = self.speculate(cx, cw, cwx, cL, c1, c2, 0)
+                act = self.speculate(cx, cw, cwx, cL, c1, c2)
             if not act.all():
-                L[:, ix], sumlx[ix], suml2[ix] = cL, c1, c2
+                write_back()
                 sel = np.flatnonzero(act)
                 ix = ix[sel]
                 if not ix.size:
@@ -332,7 +396,7 @@ class CoordDescent:
                 cL[i] = blend_i(mi, new, cL[i])
                 c1 = blend_i(mi, slx2, c1)
                 c2 = blend_i(mi, sl22, c2)
-        L[:, ix], sumlx[ix], suml2[ix] = cL, c1, c2
+        write_back()
         return sumlx, suml2
 
 
@@ -346,7 +410,9 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
     Returns (scale (M,), L (n, M) uint8 as C stores it: `uint8_t L = (int)l`, which wraps for
     negative l; 0 for blocks whose max < 1e-15)."""
     fn = F32(nmax)
-    mx = np.maximum(x.max(axis=0), F32(0))  # MAX(max, x[i]) from 0
+    mx = np.zeros(x.shape[1], F32)
+    for i in range(x.shape[0]):  # max = MAX(max, x[i]): NaN is taken, then dropped by the next
+        mx = blend(mx > x[i], mx, x[i])
     zero = mx < GROUP_MAX_EPS
     mx = blend(zero, np.ones_like(mx), mx)
     one = F32(1)
@@ -387,64 +453,100 @@ class Q3Quants:
     """make_q3_quants(n, nmax, x, L, do_rmse=true) in three steps, so that the sequential
     refinement of many chunks runs in one go: `Q3Quants(x)` per T-layout chunk (B, n, K) does
     the dense start and the first speculation; `Q3Quants.refine(list)` runs the passes for the
-    lanes that change; then `.scale` (B, K) and `.L` (B, n, K) uint8 in [0, 2*nmax-1] (0 for
-    all-zero blocks)."""
+    lanes that change; then `.scale()` (B, K) and `.L_of((b, k))` (m, n) uint8 L in
+    [0, 2*nmax-1] (0 for all-zero blocks)."""
 
     def __init__(self, x: np.ndarray, nmax: int = 4):
         self.nmax = nmax
+        self.x = x
         self.cd = CoordDescent("q3", nmax)
         fn = F32(nmax)
         amax_el = signed_absmax(x)
         self.zero = np.abs(amax_el) < GROUP_MAX_EPS
         mx = blend(self.zero, np.ones_like(amax_el), amax_el)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            L = x * (-fn / mx)[:, None, :]
+            L = np.multiply(x, (-fn / mx)[:, None, :], out=work("L", x.shape))
             np.rint(L, out=L)  # |iscale*x| <= nmax: rint is nearest_int
             np.clip(L, -fn, fn - F32(1), out=L)
-            w = x * x
-            wx = w * x
-            self.sumlx = rsum(wx * L)
-            self.suml2 = rsum((w * L) * L)
-        self.L = L
-        act = self.cd.speculate(x, w, wx, L, self.sumlx, self.suml2, 1)
-        self.idx = np.nonzero(act)
-        b, k = self.idx
-        self.cx = np.ascontiguousarray(x[b, :, k].T)  # (n, m)
+            w = np.multiply(x, x, out=work("w", x.shape))
+            wx = np.multiply(w, x, out=work("wx", x.shape))
+            a = np.multiply(wx, L, out=work("a", x.shape))  # w*x[i]*l
+            self.sumlx = rsum(a)
+            b = np.multiply(w, L, out=work("b", x.shape))
+            np.multiply(b, L, out=b)  # w*l*l
+            self.suml2 = rsum(b)
+        self.L = L.astype(np.int8)  # kept per chunk: a quarter of the float size
+        act = self._speculate_dense(x, w, wx, L, a, b, fn)
+        bi, ki = np.nonzero(act)
+        _, n, K = x.shape
+        self.gidx = (bi * (n * K) + ki)[None, :] + (np.arange(n) * K)[:, None]  # flat (n, m)
+        self.lane = bi * K + ki  # flat (B, K) index of each changing block
+        self.cx = np.take(x.reshape(-1), self.gidx)  # the changing blocks, compact (n, m)
+
+    def _speculate_dense(self, x, w, wx, L, a, b, fn) -> np.ndarray:
+        """CoordDescent.speculate over the T layout: which blocks change in the first pass.
+        a, b hold w*x*L and w*L*L. The dense part only finds the candidates (slx > 0 and a
+        different new_l, ~2% of the elements); the acceptance test runs on those alone."""
+        sh = x.shape
+        c, d = work("c", sh), work("d", sh)
+        m1, m2 = work("m1", sh, bool), work("m2", sh, bool)
+        s1, s2 = self.sumlx[:, None, :], self.suml2[:, None, :]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            np.subtract(s1, a, out=a)  # slx = sumlx - w*x*L
+            np.subtract(s2, b, out=b)  # sl2 = suml2 - w*L*L
+            np.multiply(x, b, out=c)
+            np.divide(c, a, out=c)  # x*sl2/slx
+            np.add(c, MAGIC, out=c)  # nearest_int, bit trick
+            ci = c.view(I32)
+            np.bitwise_and(ci, 0x7FFFFF, out=ci)
+            np.subtract(ci, 0x400000, out=ci)
+            np.clip(ci, I32(-fn), I32(fn - 1), out=ci)
+            np.copyto(d, ci, casting="unsafe")  # new_l
+            np.greater(a, F32(0), out=m1)
+            np.not_equal(d, L, out=m2)
+            m1 &= m2
+            cand = np.flatnonzero(m1)
+            slx, sl2, new = a.reshape(-1)[cand], b.reshape(-1)[cand], d.reshape(-1)[cand]
+            wi, wxi = w.reshape(-1)[cand], wx.reshape(-1)[cand]
+            bb, _, kk = np.unravel_index(cand, sh)
+            sumlx, suml2 = self.sumlx[bb, kk], self.suml2[bb, kk]
+            slx2 = slx + wxi * new
+            sl22 = sl2 + (wi * new) * new
+            acc = (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
+        act = np.zeros(sh[0::2], bool)
+        act[bb[acc], kk[acc]] = True
+        return act
 
     @staticmethod
-    def refine(items: list["Q3Quants"]) -> None:
+    def refine(items: list[Q3Quants]) -> None:
         items = [q for q in items if q.cx.shape[1]]
         if not items:
             return
         x = np.concatenate([q.cx for q in items], axis=1)
-        L = np.concatenate([q.L[q.idx[0], :, q.idx[1]].T for q in items], axis=1)
-        s1 = np.concatenate([q.sumlx[q.idx] for q in items])
-        s2 = np.concatenate([q.suml2[q.idx] for q in items])
+        L = np.concatenate([np.take(q.L.reshape(-1), q.gidx) for q in items], axis=1).astype(F32)
+        lane = [q.lane for q in items]
+        s1 = np.concatenate([np.take(q.sumlx.reshape(-1), ln) for q, ln in zip(items, lane)])
+        s2 = np.concatenate([np.take(q.suml2.reshape(-1), ln) for q, ln in zip(items, lane)])
         w = x * x
         wx = w * x
         cd = items[0].cd
         s1, s2 = cd.run(x, w, wx, L, s1, s2, first_active=np.ones(x.shape[1], bool))
         off = 0
-        for q in items:
+        for q, ln in zip(items, lane):
             m = q.cx.shape[1]
-            b, k = q.idx
-            q.L[b, :, k] = L[:, off : off + m].T
-            q.sumlx[b, k] = s1[off : off + m]
-            q.suml2[b, k] = s2[off : off + m]
+            q.L.reshape(-1)[q.gidx] = L[:, off : off + m]
+            q.sumlx.reshape(-1)[ln] = s1[off : off + m]
+            q.suml2.reshape(-1)[ln] = s2[off : off + m]
             off += m
             q.cx = q.cx[:, :0]
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
+    def scale(self) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = blend(self.suml2 > 0, self.sumlx / self.suml2, np.zeros_like(self.sumlx))
-        scale = blend(self.zero, np.zeros_like(scale), scale)
-        L = self.L + F32(self.nmax)
-        L *= ~self.zero[:, None, :]
-        return scale, L.astype(np.uint8)
+        return blend(self.zero, np.zeros_like(scale), scale)
 
-
-def make_q3_quants(x: np.ndarray, nmax: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """make_q3_quants over T-layout blocks (B, n, K): (scale (B, K), L (B, n, K) uint8)."""
-    q = Q3Quants(x, nmax)
-    Q3Quants.refine([q])
-    return q.result()
+    def L_of(self, idx: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        b, k = idx
+        L = self.L[b, :, k].astype(np.int16) + self.nmax
+        L *= ~self.zero[b, k][:, None]
+        return L.astype(np.uint8)

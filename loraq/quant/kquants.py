@@ -22,6 +22,7 @@ from . import register
 from .knumeric import (
     F32,
     I32,
+    MAGIC,
     Q3Quants,
     QkxResult,
     QxResult,
@@ -30,8 +31,10 @@ from .knumeric import (
     make_qp_quants,
     ni_int,
     rsum,
+    signed_absmax,
+    work,
 )
-from .numeric import GROUP_MAX_EPS, signed_absmax
+from .numeric import GROUP_MAX_EPS
 from .numeric import pack_blocks as _pack
 
 QK_K = 256
@@ -67,13 +70,19 @@ def _pos_max(v: np.ndarray) -> np.ndarray:
 def _requant(x: np.ndarray, dd: np.ndarray, dm: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
     """L = clamp(nearest_int((x + dm)/dd), lo, hi) - lo as uint8, (B, n, K); dd == 0 blocks are
     garbage here (the caller fills them)."""
+    v = work("rq", x.shape)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        v = x + dm[:, None, :] if dm is not None else x.copy()
-        v /= dd[:, None, :]
-    b = ni_int(v)
-    np.clip(b, I32(lo), I32(hi), out=b)
+        if dm is not None:
+            np.add(x, dm[:, None, :], out=v)  # (x + dm)/d
+            np.divide(v, dd[:, None, :], out=v)
+        else:
+            np.divide(x, dd[:, None, :], out=v)
+        np.add(v, MAGIC, out=v)  # nearest_int, bit trick: exact for any value
+    b = v.view(I32)
+    np.bitwise_and(b, 0x7FFFFF, out=b)
+    np.clip(b, I32(0x400000 + lo), I32(0x400000 + hi), out=b)
     if lo:
-        b -= I32(lo)
+        np.subtract(b, I32(lo), out=b)  # low byte of 0x400000 + l - lo is l - lo
     return b.astype(U8)
 
 
@@ -317,7 +326,7 @@ def _q3_ref_p2(states: list) -> None:
 def _q3_ref_p3(state) -> list[np.ndarray]:
     t, q = state
     g, _, k = t.shape
-    scale, L3 = q.result()
+    scale = q.scale()
     scales = scale.reshape(g, 16, k)
     max_scale = signed_absmax(scales)
     nz = max_scale != 0
@@ -326,7 +335,7 @@ def _q3_ref_p3(state) -> list[np.ndarray]:
         l = ni_int(iscale[:, None, :] * scales).astype(np.int8).astype(I32)  # int8_t l = ...
         codes = (np.clip(l, -32, 31) + 32) * nz[:, None, :]
         dh, _ = _f16_bits_or_zero(F32(1) / iscale, nz)
-    return _q3_finish(t, lambda idx: L3[idx[0], :, idx[1]], _pack_q3_scales(codes.astype(U8)), dh)
+    return _q3_finish(t, q.L_of, _pack_q3_scales(codes.astype(U8)), dh)
 
 
 def _q3_imat(t: np.ndarray, qw: np.ndarray) -> list[np.ndarray]:
@@ -335,7 +344,7 @@ def _q3_imat(t: np.ndarray, qw: np.ndarray) -> list[np.ndarray]:
     w = _sigma2_weights(t, qw, True).reshape(g * 16, 16, k)
     sw = rsum(w).reshape(g, 16, k)
     r = QxResult(xs, 4, w)
-    rb = QxResult(r.scale.reshape(g, 16, k), 32, sw)
+    rb = QxResult(r.scale.reshape(g, 16, k), 32, sw, exact=True)  # scales may be NaN
     dh, _ = fp16_round(rb.scale)
     return _q3_finish(t, r.L, _pack_q3_scales(rb.L()), dh)
 
