@@ -196,6 +196,44 @@ def _print_plan(res) -> None:
 
 
 @app.command()
+def compare(
+    base: Path = typer.Argument(..., help="The F16/BF16/F32 base model GGUF (the reference is base + adapters)."),
+    text: Path = typer.Option(..., "-f", "--text", help="Evaluation text (UTF-8), or a .json list of token ids."),
+    lora: List[Path] = typer.Option([], "--lora", help="Adapter (GGUF LoRA or PEFT folder), scale 1.0; repeatable."),
+    lora_scaled: List[str] = typer.Option([], "--lora-scaled", help="PATH:SCALE; repeatable."),
+    merged: List[Path] = typer.Option([], "--merged", help="A merged-then-quantized GGUF to score; repeatable."),
+    runtime: List[Path] = typer.Option([], "--runtime", help="A quantized base to score with the adapters applied at runtime; repeatable."),
+    workdir: Path = typer.Option(..., "-o", "--workdir", help="Where reference.kld and report.json/.md/.html go."),
+    ctx: int = typer.Option(256, "-c", "--ctx", help="Tokens per chunk (as llama-perplexity -c)."),
+    chunks: int = typer.Option(16, "--chunks", help="Number of chunks to score."),
+    max_kld_mean: Optional[float] = typer.Option(None, "--max-kld-mean", help="Gate: fail (exit 3) above this mean KLD."),
+    min_same_top: Optional[float] = typer.Option(None, "--min-same-top", help="Gate: fail below this same-top fraction."),
+    threads: int = typer.Option(0, "--threads", "-t"),
+) -> None:
+    """KL divergence of each file against base + adapter (llama-perplexity --kl-divergence, many at once)."""
+    from .compare.report import check_gates
+    from .compare.stage import Candidate, build_reference, compare_models
+    from .pipeline.config import Gates
+
+    adapters = [(p, 1.0) for p in lora] + _parse_scaled(lora_scaled)
+    if not adapters:
+        err.print("[red]error:[/red] give the adapter with --lora or --lora-scaled")
+        raise typer.Exit(2)
+    ref = workdir / "reference.kld"
+    _call(lambda: build_reference(base, adapters, text, ctx, chunks, ref, threads))
+    cands = [Candidate("base", "base", "F16", base)]
+    cands += [Candidate(p.stem if p.stem.startswith("merged") else f"merged-{p.stem}", "merged", p.stem.rsplit("-", 1)[-1], p) for p in merged]
+    cands += [Candidate(f"runtime-{p.stem.rsplit('-', 1)[-1]}", "runtime_lora", p.stem.rsplit("-", 1)[-1], p, adapters,
+                        [p, *(a for a, _ in adapters if a.is_file())]) for p in runtime]
+    gates = Gates(max_kld_mean=max_kld_mean, min_same_top=min_same_top)
+    report = _call(lambda: compare_models(ref, cands, text, workdir, gates, threads))
+    from types import SimpleNamespace
+
+    _print_report(SimpleNamespace(compare=True, workdir_path=workdir))
+    _fail_gates(check_gates(report, gates))
+
+
+@app.command()
 def inspect(file: Path = typer.Argument(..., help="A GGUF file.")) -> None:
     """Metadata, tensor table, type histogram and bits per weight of a GGUF."""
     from .inspect import describe
@@ -226,7 +264,7 @@ def run(
 ) -> None:
     """The whole chain, skipping stages that are up to date."""
     from .pipeline.config import load_config
-    from .pipeline.runner import run_pipeline
+    from .pipeline.runner import gate_failures, run_pipeline
 
     cfg = _call(lambda: load_config(config))
 
@@ -242,10 +280,12 @@ def run(
             err.print(f"[bold]run[/bold]  {e['stage']} ({e['reason']})")
 
     reports = _call(lambda: run_pipeline(cfg, force=force, until=until, on_event=on_event))
+    failures = _call(lambda: gate_failures(cfg))
     if json_events:
         sys.stdout.write(json.dumps({"event": "summary", "stages": [
             {"stage": r.name, "status": r.status, "reason": r.reason, "seconds": round(r.seconds, 3),
-             "outputs": [str(o) for o in r.outputs]} for r in reports]}) + "\n")
+             "outputs": [str(o) for o in r.outputs]} for r in reports], "gates": {"passed": not failures, "failures": failures}}) + "\n")
+        _fail_gates(failures)
         return
     t = Table(title=f"{cfg.name}: {cfg.workdir_path}")
     for c in ("stage", "status", "reason", "seconds", "output", "size"):
@@ -257,6 +297,34 @@ def run(
             t.add_row(r.name if first else "", r.status if first else "", r.reason if first else "",
                       f"{r.seconds:.1f}" if first and r.status == "ran" else "", o.name, size)
     out.print(t)
+    _print_report(cfg)
+    _fail_gates(failures)
+
+
+def _print_report(cfg) -> None:
+    report = cfg.workdir_path / "report.json"
+    if cfg.compare is None or not report.exists():
+        return
+    rep = json.loads(report.read_text())
+    t = Table(title=f"what the fine-tune kept (reference {rep['reference']['name']}, PPL {rep['reference']['ppl']:.3f}; "
+                    f"adapter effect KLD {rep['adapter_effect']['kld_mean'] or 0:.4f})")
+    for c in ("variant", "size", "bpw", "PPL", "KLD mean", "KLD p99", "same top", "effect kept"):
+        t.add_column(c)
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    num = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+    for v in rep["variants"]:
+        t.add_row(v["name"], _size(v["size_bytes"]), num(v["bpw"], ".2f"), num(v["ppl"], ".3f"), num(v["kld_mean"], ".5f"),
+                  num(v["kld_p99"], ".4f"), pct(v["same_top"]), pct(v["effect_retention"]))
+    out.print(t)
+    out.print(f"report: {cfg.workdir_path / 'report.html'}")
+
+
+def _fail_gates(failures: list[str]) -> None:
+    if failures:
+        from .errors import GateFailed
+
+        err.print(f"[red]error:[/red] quality gate failed: {'; '.join(failures)} (see report.md)", soft_wrap=True)
+        raise typer.Exit(GateFailed.exit_code)
 
 
 @app.command()

@@ -91,18 +91,80 @@ def build_stages(cfg: Config) -> list[Stage]:
         threads=cpu_threads(q.threads),
     )
     qsettings = {k: v for k, v in q.model_dump().items() if k not in ("types", "threads")}
+    c = cfg.compare
+    runtime = c is not None and c.runtime_lora
+    for src, prefix, after in ((merged, "merged", ["merge"]), (base, "base", [])):
+        if prefix == "base" and not runtime:
+            continue
+        kind = "quantize" if prefix == "merged" else "quantize-base"
 
-    def run_quantize(batch: list[Stage]) -> None:
-        quantize_many(merged, [(s.settings["type"], s.outputs[0]) for s in batch], opts)
+        def run_batch(batch: list[Stage], src: Path = src) -> None:
+            quantize_many(src, [(b.settings["type"], b.outputs[0]) for b in batch], opts)
 
-    for t in q.types:
-        out = wd / f"merged-{t}.gguf"
-        stages.append(
-            Stage(f"quantize:{t}", "quantize", {"type": t, **qsettings}, {merged.name.removesuffix(".gguf"): merged}, [out],
-                  (lambda t=t, out=out: quantize_model(merged, out, t, opts) and None), after=["merge"],
-                  batch_key="quantize:merged", batch_run=run_quantize)
-        )
+        for t in q.types:
+            out = wd / f"{prefix}-{t}.gguf"
+            stages.append(Stage(
+                f"{kind}:{t}", kind, {"type": t, **qsettings}, {"base" if prefix == "base" else merged.stem: src}, [out],
+                (lambda t=t, out=out, src=src: quantize_model(src, out, t, opts) and None), after=list(after),
+                batch_key=f"quantize:{prefix}", batch_run=run_batch,
+            ))
+
+    if c is not None:
+        stages += _compare_stages(cfg, base, adapters, merged, stages)
     return stages
+
+
+def _compare_stages(cfg: Config, base: Path, adapters: list[tuple[Path, float]], merged: Path, before: list[Stage]) -> list[Stage]:
+    from ..compare.stage import Candidate, build_reference, compare_models, meta_path
+
+    c = cfg.compare
+    wd = cfg.workdir_path
+    text = cfg.resolve(c.text)
+    threads = cpu_threads(cfg.quantize.threads)
+    ref = wd / "reference.kld"
+    ref_inputs = {"base": base, "text": text, **{_aname(i, adapters): p for i, (p, _) in enumerate(adapters)}}
+    reference = Stage(
+        "reference", "reference", {"ctx": c.ctx, "chunks": c.chunks, "scales": [s for _, s in adapters]}, ref_inputs,
+        [ref, meta_path(ref)], lambda: build_reference(base, adapters, text, c.ctx, c.chunks, ref, threads) and None,
+    )
+    convert = next((s for s in before if s.kind == "convert"), None)
+    # Runtime candidates use the adapter a user deploys: the converted GGUF where there is one.
+    deployed = list(adapters)
+    if convert is not None:
+        peft_idx = [k for k, (p, _) in enumerate(adapters) if p.is_dir()]
+        for j, k in enumerate(peft_idx):
+            deployed[k] = (convert.outputs[j], adapters[k][1])
+    cands = [Candidate("base", "base", "F16", base)]
+    for s in before:
+        t = s.settings.get("type")
+        if s.kind == "quantize":
+            cands.append(Candidate(f"merged-{t}", "merged", t, s.outputs[0]))
+        elif s.kind == "quantize-base":
+            cands.append(Candidate(f"runtime-{t}", "runtime_lora", t, s.outputs[0], deployed,
+                                   [s.outputs[0], *(p for p, _ in deployed)]))
+    inputs = {"reference": ref, **{x.name: x.model for x in cands if x.kind != "base"}, "base": base,
+              **{f"deployed{k}": p for k, (p, _) in enumerate(deployed)}}
+    report = [wd / "report.json", wd / "report.md", wd / "report.html"]
+    compare = Stage(
+        "compare", "compare", {"variants": [x.name for x in cands]}, inputs, report,
+        lambda: compare_models(ref, cands, text, wd, c.gates, threads) and None,
+        after=["reference"] + [s.name for s in before if s.kind in ("quantize", "quantize-base", "convert")],
+    )
+    return [reference, compare]
+
+
+def gate_failures(cfg: Config) -> list[str]:
+    """The configured gates applied to the current report (gates can change without rescoring)."""
+    if cfg.compare is None:
+        return []
+    import json
+
+    from ..compare.report import check_gates
+
+    path = cfg.workdir_path / "report.json"
+    if not path.exists():
+        return []
+    return check_gates(json.loads(path.read_text()), cfg.compare.gates)
 
 
 def _aname(i: int, adapters: list) -> str:

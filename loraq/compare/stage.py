@@ -1,0 +1,136 @@
+"""`loraq compare`: score quantized files against the full-precision fine-tune.
+
+Reference: the F16 base with the adapter applied at runtime. Its log-probabilities over the
+evaluation text are stored once, in llama-perplexity's `--kl-divergence-base` format
+(`reference.kld`, reusable with `llama-perplexity --kl-divergence`), and every candidate is scored
+against that file chunk by chunk:
+  merged-<TYPE>   the merged model quantized to TYPE;
+  runtime-<TYPE>  the base quantized to TYPE, with the adapter applied at runtime;
+  base            the base without the adapter: KLD(reference ‖ base) is the adapter's effect size.
+Metrics follow llama-perplexity (reference §8); effect_retention = 1 − KLD(cand)/KLD(base)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..atomic import atomic_output, check_readable
+from ..errors import BadArguments, BadInput
+from ..gguf import open_gguf
+from .engine import Engine, chunk_tokens
+from .kld_file import ReferenceFile, ReferenceWriter
+from .metrics import KLDAccumulator
+from .report import VariantScore, build_report, write_reports
+from .tokenizer import Tokenizer
+
+Adapters = Sequence[tuple[Path, float]]
+
+
+@dataclass
+class Candidate:
+    name: str  # "merged-Q4_K_M"
+    kind: str  # "merged" | "runtime_lora" | "base"
+    type: str  # "Q4_K_M", or "F16" for the base
+    model: Path
+    adapters: list[tuple[Path, float]] = field(default_factory=list)
+    size_files: list[Path] = field(default_factory=list)  # what a user deploys (model + adapter)
+
+
+def evaluation_tokens(model: Path, text: Path, ctx: int, chunks: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens as stored in the reference file, tokens as evaluated, tokens in the text).
+
+    The text is tokenized with the model's own vocabulary (a `.json` file may hold token ids
+    instead); each chunk's first token becomes BOS when the vocabulary adds one (§8.1)."""
+    check_readable(text, "evaluation text")
+    if text.suffix == ".json":
+        try:
+            ids = json.loads(text.read_text())
+            ids = [int(i) for i in ids]
+        except (ValueError, TypeError) as exc:
+            raise BadInput(f"{text}: expected a JSON list of token ids ({exc})") from exc
+        tok = Tokenizer.from_gguf(model)
+    else:
+        tok = Tokenizer.from_gguf(model)
+        try:
+            body = text.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInput(f"{text} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        ids = tok.encode(body, add_special=True)
+    if len(ids) < ctx:
+        raise BadArguments(f"{text} has {len(ids)} tokens, fewer than one chunk of ctx={ctx}; give more text or a smaller ctx")
+    stored = chunk_tokens(ids, ctx, chunks)
+    evaluated = chunk_tokens(ids, ctx, chunks, bos=tok.bos_id if tok.add_bos else None)
+    return stored, evaluated, len(ids)
+
+
+def build_reference(base: Path, adapters: Adapters, text: Path, ctx: int, chunks: int, out: Path,
+                    threads: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate base + adapters and write `out` (.kld) plus `out.json` (PPL, token counts)."""
+    stored, evaluated, n_text = evaluation_tokens(base, text, ctx, chunks)
+    eng = Engine(base, adapters=list(adapters), threads=threads)
+    with ReferenceWriter(out, ctx, eng.n_vocab, stored) as w:
+        eng.run(evaluated, lambda i, logits: (w.add_chunk(i, logits), progress and progress(f"reference chunk {i + 1}/{len(evaluated)}")))
+        ppl = w.perplexity.result()
+    meta = {"ppl": float(ppl.ppl), "text_tokens": n_text, "ctx": ctx, "chunks": int(len(stored))}
+    with atomic_output(meta_path(out)) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def meta_path(kld: Path) -> Path:
+    return kld.with_suffix(".json")
+
+
+def score(ref: ReferenceFile, cand: Candidate, threads: int = 0) -> Any:
+    eng = Engine(cand.model, adapters=cand.adapters, threads=threads)
+    if eng.n_vocab != ref.n_vocab:
+        raise BadInput(f"{cand.model} has {eng.n_vocab} tokens in its vocabulary, the reference {ref.n_vocab}")
+    acc = KLDAccumulator(ref)
+    tokens = ref.tokens.reshape(ref.n_chunk, ref.n_ctx).copy()
+    with open_gguf(cand.model) as g:
+        bos = g.get("tokenizer.ggml.bos_token_id")
+        add_bos = bool(g.get("tokenizer.ggml.add_bos_token", False))
+    if add_bos and bos is not None:
+        tokens[:, 0] = int(bos)
+    eng.run(tokens, acc.add_chunk)
+    return acc.result()
+
+
+def _n_weights(model: Path) -> int:
+    with open_gguf(model) as g:
+        return sum(t.n_elements for t in g.tensors)
+
+
+def compare_models(reference: Path, candidates: Sequence[Candidate], text: Path, workdir: Path,
+                   gates: Any = None, threads: int = 0,
+                   on_variant: Callable[[str], None] | None = None) -> dict:
+    """Score every candidate against `reference` (.kld) and write report.json/.md/.html.
+
+    Returns the report; its "gates" entry says whether every gate passed (the caller decides
+    how to fail)."""
+    meta = json.loads(meta_path(reference).read_text()) if meta_path(reference).exists() else {}
+    scores = []
+    adapter_effect = None
+    with ReferenceFile(reference) as ref:
+        for c in candidates:
+            if on_variant:
+                on_variant(c.name)
+            stats = score(ref, c, threads)
+            size = sum(p.stat().st_size for p in c.size_files or [c.model])
+            bpw = 8.0 * size / max(1, _n_weights(c.model))
+            if c.kind == "base":
+                adapter_effect = stats
+            scores.append(VariantScore(c.name, c.kind, c.type, c.model, size, bpw, stats))
+        n_chunk, n_ctx = ref.n_chunk, ref.n_ctx
+        ref_ppl = meta.get("ppl", scores[0].stats.ppl_base if scores else float("nan"))
+    report = build_report(
+        text_path=text, text_tokens=int(meta.get("text_tokens", n_chunk * n_ctx)), ctx=n_ctx, chunks=n_chunk,
+        reference_name="f16+lora", reference_ppl=ref_ppl, adapter_effect=adapter_effect,
+        variants=scores, gates=gates, workdir=workdir,
+    )
+    write_reports(report, workdir, gates)
+    return report
