@@ -29,7 +29,13 @@ $(DEMO)/smollm2-f16.gguf: $(SMOL) $(VENV)/.installed
 $(DEMO)/adapter/adapter_model.safetensors: $(DEMO)/smollm2-f16.gguf scripts/make_demo_adapter.py
 	$(BIN)/python scripts/make_demo_adapter.py $(DEMO)/smollm2-f16.gguf $(DEMO)/adapter
 
-demo: $(DEMO)/adapter/adapter_model.safetensors
+# Evaluation text: the GPL v3 (Debian's base-files ships it); elsewhere, Python's own license.
+$(DEMO)/eval.txt: | $(BIN)/python
+	mkdir -p $(DEMO)
+	if [ -f /usr/share/common-licenses/GPL-3 ]; then cp /usr/share/common-licenses/GPL-3 $@; \
+	else $(BIN)/python -c "import sys,pathlib; print(pathlib.Path(sys.base_prefix, 'lib', 'python%d.%d' % sys.version_info[:2], 'LICENSE.txt').read_text())" > $@; fi
+
+demo: $(DEMO)/adapter/adapter_model.safetensors $(DEMO)/eval.txt
 	$(BIN)/loraq run configs/smollm2-demo.yaml
 
 test: $(VENV)/.installed $(SMOL)
