@@ -1,0 +1,513 @@
+"""A float32 numpy forward pass that computes the logits llama.cpp's CPU backend computes.
+
+Architectures: llama (SmolLM2, Mistral, Llama 2/3 incl. rope_freqs), qwen2 (q/k/v bias) and qwen3
+(per-head q/k RMSNorm). The model math follows llama.cpp's graph builders (src/models/llama.cpp,
+qwen2.cpp, qwen3.cpp; llama-graph.cpp build_norm / build_qkv / build_attn / build_ffn /
+build_lora_mm / build_inp_embd) and ggml's CPU ops (rms_norm with a double sum, rope's cached
+theta recurrence, soft_max_ext with scale then mask, SwiGLU as silu(gate)·up).
+
+Streaming (design.md ground rule 2): `Engine.run` embeds every chunk (dequantizing only the
+token_embd rows it needs), then loads ONE layer's weights (float32, through `GGUFFile.read_f32`),
+pushes all chunks' hidden states through it chunk by chunk, frees it and moves on; the output
+matrix comes last and is applied per chunk. Peak memory is the hidden states (n_chunks·n_ctx·n_embd
+floats) plus the largest of one layer's float32 weights and the float32 output matrix (plus one
+chunk's logits): it does not grow with the number of layers. Adapters' A/B matrices are held
+whole (a rank-16 adapter is ~3 % of SmolLM2). Loading is sequential: prefetching the next layer in
+a worker thread saved ~1 % on 2 cores (BLAS already uses both) and would double the weights held.
+
+Numerics (reference §3.3): ggml's CPU mul_mat first converts the activations to the weight type's
+`vec_dot_type`. With `emulate_activations=True` (the default) the engine does the same before
+each matmul: F16 weights see F16-rounded activations, BF16 weights BF16-rounded ones, Q4_0 / Q5_0
+/ Q8_0 / IQ4_NL see Q8_0-quantized activations (Q4_1 / Q5_1 too, though their Q8_1 also carries a
+separately rounded block sum that is not emulated), K-quants and the other IQ types see
+Q8_K-quantized activations; F16/Q8_0 LoRA A and B matrices likewise. Measured against llama.cpp
+(tests/test_engine.py, scripts/bench_engine.py, 2 cores, AVX-512):
+* F32 SmolLM2: KLD 1.5e-11 either way — the op semantics are exact.
+* F16, one layer: KLD 7e-7 -> 7e-8 with emulation; a 4-layer synthetic model 3e-7 -> 1.5e-7.
+* F16 SmolLM2 (30 layers): ~2e-6 either way. That is the model's own floor: perturbing loraq's
+  input embeddings by 1e-7 (relative) moves its logits by the same KLD ~2e-6.
+* Q4_0 SmolLM2: ~5e-3 either way, again the floor (Q8_0 rounding turns ulp differences into whole
+  quantization steps); but the quantity `compare` reports, KLD(F16 ‖ Q4_0), is 1.7 % low without
+  emulation and 0.4 % low with it (llama.cpp 0.3024, loraq 0.2973 / 0.3012).
+Emulation costs ~15 % of the run time on SmolLM2 F16 (numpy's float16 casts); it stays on for every
+weight type. `emulate_activations=False` gives plain float32 semantics.
+
+The KV cache is F32 by default (llama.cpp with type_k=type_v=F32). `kv_type="f16"` emulates
+llama.cpp's default F16 cache (K, V rounded to F16; Q and the softmax rounded to F16 for the two
+attention matmuls), for comparisons with a stock llama-perplexity run.
+
+Chunks follow llama-perplexity (reference §8.1): each chunk is evaluated on its own from position
+0 with a causal mask; replacing the first token by BOS is the caller's job (see `chunk_tokens`)."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadArguments, BadInput
+from ..ggml_types import GGMLType
+from ..gguf import GGUFFile, open_gguf
+from ..quant import dequantize
+
+ARCHS = ("llama", "qwen2", "qwen3")
+_NEOX = ("qwen2", "qwen3")  # llama.cpp's llama_model_rope_type: NEOX; llama is NORM (adjacent pairs)
+
+# ggml-cpu type_traits_cpu[type].vec_dot_type: how activations are converted before a mul_mat
+_Q8_0_DOT = {"q4_0", "q5_0", "q8_0", "iq4_nl", "q4_1", "q5_1", "q8_1", "mxfp4"}
+_Q8_K_DOT = {"q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq2_xxs", "iq2_xs", "iq3_xxs", "iq1_s", "iq3_s", "iq2_s",
+             "iq4_xs", "iq1_m", "tq1_0", "tq2_0"}
+
+
+def vec_dot_kind(t: GGMLType) -> str:
+    """The activation format ggml's CPU mul_mat uses for weights of type t: f32, f16, bf16, q8_0 or q8_k."""
+    if t.name in ("f32", "f16", "bf16"):
+        return t.name
+    if t.name in _Q8_0_DOT:
+        return "q8_0"
+    if t.name in _Q8_K_DOT:
+        return "q8_k"
+    raise BadInput(f"the engine has no matmul rule for tensor type {t.name}")
+
+
+def round_activations(x: np.ndarray, kind: str) -> np.ndarray:
+    """x (rows, k) float32 as ggml's from_float(vec_dot_type) then to_float would give it back."""
+    if kind == "f32":
+        return x
+    if kind == "f16":
+        return x.astype(np.float16).astype(np.float32)
+    if kind == "bf16":  # ggml_fp32_to_bf16: round to nearest even on the top 16 bits
+        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        r = ((u + (np.uint32(0x7FFF) + ((u >> 16) & 1))) & np.uint32(0xFFFF0000)).view(np.float32)
+        return r
+    n, k = x.shape
+    if kind == "q8_0":  # quantize_row_q8_0 (AVX): id = 127/amax, round to nearest even, d stored as F16
+        if k % 32:
+            return x
+        b = x.reshape(n, k // 32, 32)
+        amax = np.abs(b).max(axis=2, keepdims=True)
+        d = (amax / np.float32(127)).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        q = np.rint(b * inv)
+        return (q * d.astype(np.float16).astype(np.float32)).reshape(n, k)
+    if kind == "q8_k":  # quantize_row_q8_K_ref: iscale = -127/max (signed max), nearest_int, d = 1/iscale (f32)
+        if k % 256:
+            return x
+        b = x.reshape(n, k // 256, 256)
+        idx = np.abs(b).argmax(axis=2)[..., None]  # first index of the largest |x|, as the C loop's '>'
+        mx = np.take_along_axis(b, idx, axis=2)
+        with np.errstate(divide="ignore"):
+            iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
+            d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+        q = np.minimum(np.rint(b * iscale), np.float32(127))
+        return (q * d).reshape(n, k)
+    raise ValueError(kind)
+
+
+@dataclass
+class _Lora:
+    a: np.ndarray  # (r, in)
+    b: np.ndarray  # (out, r)
+    scale: float
+    a_kind: str
+    b_kind: str
+
+
+@dataclass
+class _Linear:
+    """y = W·x (+ Σ scale·B·(A·x)) (+ bias), as build_lora_mm followed by the optional bias add."""
+
+    w: np.ndarray  # (out, in) float32
+    kind: str  # vec_dot kind of w
+    bias: np.ndarray | None = None
+    loras: list[_Lora] = field(default_factory=list)
+
+    def __call__(self, x: np.ndarray, emulate: bool, rounded: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """`rounded` caches x's conversions by kind when several weights read the same x (q/k/v, gate/up)."""
+        rounded = {} if rounded is None else rounded
+
+        def conv(kind: str) -> np.ndarray:
+            if not emulate or kind == "f32":
+                return x
+            if kind not in rounded:
+                rounded[kind] = round_activations(x, kind)
+            return rounded[kind]
+
+        y = conv(self.kind) @ self.w.T
+        for lo in self.loras:
+            ax = conv(lo.a_kind) @ lo.a.T
+            if emulate:
+                ax = round_activations(ax, lo.b_kind)
+            y += np.float32(lo.scale) * (ax @ lo.b.T)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+@dataclass(frozen=True)
+class HParams:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_rot: int
+    eps: float
+    freq_base: float
+    freq_scale: float
+    neox: bool
+
+
+def _hparams(g: GGUFFile) -> HParams:
+    arch = g.arch
+    if arch not in ARCHS:
+        raise BadInput(f"{g.path}: architecture '{arch}' is not supported by loraq's engine (supported: {', '.join(ARCHS)})")
+    for need in ("block_count", "embedding_length", "attention.head_count"):
+        if g.arch_int(need) is None:
+            raise BadInput(f"{g.path}: missing metadata {arch}.{need}")
+    if (g.arch_int("expert_count") or 0) > 0:
+        raise BadInput(f"{g.path}: mixture-of-experts models are not supported by loraq's engine yet")
+    if not g.has_tensor("token_embd.weight"):
+        raise BadInput(f"{g.path}: missing tensor token_embd.weight")
+    n_embd = g.arch_int("embedding_length")
+    n_head = g.arch_int("attention.head_count")
+    n_head_kv = g.arch_int("attention.head_count_kv", n_head)
+    hk = g.arch_int("attention.key_length", n_embd // n_head)
+    hv = g.arch_int("attention.value_length", n_embd // n_head)
+    n_rot = g.arch_int("rope.dimension_count", hk)
+    if hk != hv or n_rot != hk:
+        raise BadInput(f"{g.path}: head sizes k={hk}, v={hv}, rope={n_rot} must be equal for {arch}")
+    scaling = str(g.get(f"{arch}.rope.scaling.type", "linear"))
+    factor = float(g.get(f"{arch}.rope.scaling.factor", g.get(f"{arch}.rope.scale_linear", 0.0)) or 0.0)
+    if scaling not in ("linear", "none"):
+        raise BadInput(f"{g.path}: rope scaling '{scaling}' is not supported by loraq's engine (only linear)")
+    freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
+    eps = g.get(f"{arch}.attention.layer_norm_rms_epsilon")
+    if eps is None:
+        raise BadInput(f"{g.path}: missing metadata {arch}.attention.layer_norm_rms_epsilon")
+    return HParams(
+        arch=arch,
+        n_vocab=g.tensor("token_embd.weight").ne[1],
+        n_embd=n_embd,
+        n_layer=g.arch_int("block_count"),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=hk,
+        head_dim_v=hv,
+        n_rot=n_rot,
+        eps=float(eps),
+        freq_base=float(g.get(f"{arch}.rope.freq_base", 10000.0)),
+        freq_scale=freq_scale,
+        neox=arch in _NEOX,
+    )
+
+
+def set_blas_threads(n: int) -> bool:
+    """Best effort: set numpy's OpenBLAS thread count (numpy wheels bundle scipy-openblas)."""
+    if n <= 0:
+        return False
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    libs = {line.split()[-1] for line in maps.splitlines() if "openblas" in line.lower() and line.split()[-1].startswith("/")}
+    done = False
+    for lib in libs:
+        try:
+            h = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(h, sym, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                done = True
+                break
+    return done
+
+
+def chunk_tokens(tokens: Sequence[int] | np.ndarray, n_ctx: int, n_chunks: int | None = None, bos: int | None = None) -> np.ndarray:
+    """Split a token stream into (n_chunks, n_ctx) as llama-perplexity does: whole chunks only,
+    and the first token of each chunk replaced by `bos` when the vocab adds BOS (§8.1)."""
+    t = np.asarray(tokens, dtype=np.int32).ravel()
+    avail = len(t) // n_ctx
+    n = avail if n_chunks is None else min(n_chunks, avail)
+    if n < 1:
+        raise BadArguments(f"need at least {n_ctx} tokens for one chunk of n_ctx={n_ctx}, got {len(t)}")
+    out = t[: n * n_ctx].reshape(n, n_ctx).copy()
+    if bos is not None:
+        out[:, 0] = bos
+    return out
+
+
+class Engine:
+    """Logits of a llama/qwen2/qwen3 GGUF model, optionally with runtime LoRA adapters.
+
+    engine = Engine("model.gguf", adapters=[("adapter.gguf", 1.0)])
+    engine.run(tokens_int32_of_shape_(n_chunks, n_ctx), lambda i, logits: ...)
+    """
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        adapters: Sequence[tuple[Path | str, float]] = (),
+        threads: int = 0,
+        emulate_activations: bool = True,
+        kv_type: str = "f32",
+    ):
+        if kv_type not in ("f32", "f16"):
+            raise BadArguments(f"kv_type must be 'f32' or 'f16', got {kv_type!r}")
+        self.path = Path(model_path)
+        self.emulate = emulate_activations
+        self.kv_type = kv_type
+        if threads > 0:
+            set_blas_threads(threads)
+        with open_gguf(self.path) as g:
+            self.hp = _hparams(g)
+            self.tied = not g.has_tensor("output.weight")
+            self._loras = self._load_adapters(g, adapters)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.hp.n_vocab
+
+    # -- adapters -------------------------------------------------------------------------------
+    def _load_adapters(self, g: GGUFFile, adapters: Sequence[tuple[Path | str, float]]) -> dict[str, list[_Lora]]:
+        from ..merge.lora_file import load_adapter
+
+        used = {"token_embd.weight", "output.weight" if not self.tied else "token_embd.weight"}
+        for i in range(self.hp.n_layer):
+            for n in ("attn_qkv", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+                used.add(f"blk.{i}.{n}.weight")
+        out: dict[str, list[_Lora]] = {}
+        for path, user_scale in adapters:
+            if float(user_scale) == 0.0:
+                continue  # llama_set_adapters_lora drops adapters with scale 0
+            ad = load_adapter(path, g)  # BadInput for tensors missing from the model or misshapen
+            types: dict[str, GGMLType] = {}
+            if Path(path).is_file():
+                with open_gguf(path) as f:
+                    types = {t.name: t.type for t in f.tensors}
+            for name, pair in ad.pairs.items():
+                if name not in used:
+                    raise BadInput(
+                        f"{path}: LoRA on {name}, which llama.cpp's {self.hp.arch} graph does not apply at runtime "
+                        "(it would be silently without effect): merge it instead (loraq merge)"
+                    )
+                if name == "token_embd.weight" and self.tied:
+                    raise BadInput(
+                        f"{path}: LoRA on token_embd.weight of a model with tied embeddings; llama.cpp would also apply it to "
+                        "the output projection and abort (reference §3.3): merge it instead (loraq merge)"
+                    )
+                at, bt = types.get(name + ".lora_a"), types.get(name + ".lora_b")
+                kinds = (vec_dot_kind(at) if at else "f32", vec_dot_kind(bt) if bt else "f32")
+                a, b = pair.a.astype(np.float32), pair.b.astype(np.float32)
+                if name == "token_embd.weight":  # a (n_vocab, r) indexed by token, b (n_embd, r)
+                    kinds = ("f32", kinds[1])
+                out.setdefault(name, []).append(_Lora(a, b, ad.scale(name, float(user_scale)), *kinds))
+        return out
+
+    # -- weights --------------------------------------------------------------------------------
+    def _linear(self, g: GGUFFile, name: str) -> _Linear:
+        if not g.has_tensor(name):
+            raise BadInput(f"{self.path}: missing tensor {name}")
+        t = g.tensor(name)
+        w = g.read_f32(t)
+        if w.ndim != 2:
+            raise BadInput(f"{self.path}: tensor {name} is {w.ndim}-D; the engine handles dense 2-D weights only (no MoE)")
+        bias_name = name[: -len(".weight")] + ".bias"
+        bias = g.read_f32(g.tensor(bias_name)).reshape(-1) if g.has_tensor(bias_name) else None
+        return _Linear(w, vec_dot_kind(t.type), bias, self._loras.get(name, []))
+
+    def _vector(self, g: GGUFFile, name: str) -> np.ndarray:
+        if not g.has_tensor(name):
+            raise BadInput(f"{self.path}: missing tensor {name}")
+        return g.read_f32(g.tensor(name)).reshape(-1)
+
+    def _layer(self, g: GGUFFile, il: int) -> dict[str, object]:
+        p = f"blk.{il}."
+        lw: dict[str, object] = {
+            "attn_norm": self._vector(g, p + "attn_norm.weight"),
+            "ffn_norm": self._vector(g, p + "ffn_norm.weight"),
+        }
+        fused = g.has_tensor(p + "attn_qkv.weight")  # build_qkv's fused path: one matmul, then views
+        for n in ("attn_qkv",) if fused else ("attn_q", "attn_k", "attn_v"):
+            lw[n] = self._linear(g, p + n + ".weight")
+        for n in ("attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+            lw[n] = self._linear(g, p + n + ".weight")
+        if self.hp.arch == "qwen3":
+            lw["q_norm"] = self._vector(g, p + "attn_q_norm.weight")
+            lw["k_norm"] = self._vector(g, p + "attn_k_norm.weight")
+        return lw
+
+    def _output(self, g: GGUFFile) -> tuple[np.ndarray, _Linear]:
+        norm = self._vector(g, "output_norm.weight")
+        out = self._linear(g, "token_embd.weight" if self.tied else "output.weight")
+        if self.tied:  # the lm_head LoRA is looked up by name: token_embd LoRAs were refused above
+            out.loras = []
+        return norm, out
+
+    def _embed(self, g: GGUFFile, tokens: np.ndarray) -> np.ndarray:
+        """get_rows(token_embd, tokens) (+ token_embd LoRA), dequantizing only the rows used."""
+        t = g.tensor("token_embd.weight")
+        raw = g.read_raw(t).reshape(t.ne[1], -1)
+        uniq, inv = np.unique(tokens.ravel(), return_inverse=True)
+        rows = dequantize(raw[uniq], t.type, (len(uniq), t.ne[0]))
+        del raw
+        x = rows[inv].reshape(*tokens.shape, t.ne[0])
+        for lo in self._loras.get("token_embd.weight", []):
+            ax = lo.a[tokens.ravel()]  # get_rows(A, tokens): (n, r)
+            if self.emulate:
+                ax = round_activations(ax, lo.b_kind)
+            x += (np.float32(lo.scale) * (ax @ lo.b.T)).reshape(x.shape)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    # -- math -----------------------------------------------------------------------------------
+    def _rms_norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """ggml_rms_norm (sum of squares in double) then ggml_mul by the weight."""
+        n = x.shape[-1]
+        sq = x * x
+        mean = (np.add.reduce(sq, axis=-1, dtype=np.float64, keepdims=True) / n).astype(np.float32)
+        scale = np.float32(1) / np.sqrt(mean + np.float32(self.hp.eps))
+        return (x * scale) * w
+
+    def _rope_cache(self, n_ctx: int, freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin (n_ctx, n_rot/2) as ggml_rope_cache_init: theta_i = p·theta_scale^i by repeated f32 multiply."""
+        hp = self.hp
+        half = hp.n_rot // 2
+        theta_scale = np.float32(math.pow(float(np.float32(hp.freq_base)), float(np.float32(-2.0) / np.float32(hp.n_rot))))
+        th = np.empty((n_ctx, half), dtype=np.float32)
+        th[:, 0] = np.arange(n_ctx, dtype=np.float32)
+        for i in range(1, half):
+            th[:, i] = th[:, i - 1] * theta_scale
+        if freq_factors is not None:
+            th = th / freq_factors[:half].astype(np.float32)
+        th = (np.float32(hp.freq_scale) * th).astype(np.float32)
+        return np.cos(th.astype(np.float64)).astype(np.float32), np.sin(th.astype(np.float64)).astype(np.float32)
+
+    def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x (T, H, D): NORM rotates adjacent pairs (0,1),(2,3)…; NEOX rotates (i, i+n_rot/2)."""
+        n_rot = self.hp.n_rot
+        c, s = cos[:, None, :], sin[:, None, :]
+        out = x.copy()
+        if self.hp.neox:
+            x0, x1 = x[..., : n_rot // 2], x[..., n_rot // 2 : n_rot]
+            out[..., : n_rot // 2] = x0 * c - x1 * s
+            out[..., n_rot // 2 : n_rot] = x0 * s + x1 * c
+        else:
+            x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+            out[..., 0:n_rot:2] = x0 * c - x1 * s
+            out[..., 1:n_rot:2] = x0 * s + x1 * c
+        return out
+
+    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """q (T, H, D), k/v (T, Hkv, D) -> (T, H·D). Causal; soft_max_ext(kq·scale + mask) with the
+        sum in double as ggml's; q head h reads kv head h // (H / Hkv) (ggml_mul_mat broadcast)."""
+        T, H, D = q.shape
+        Hkv = k.shape[1]
+        grp = H // Hkv
+        scale = np.float32(1.0 / math.sqrt(D))  # 1.0f/sqrtf(float(n_embd_head))
+        if self.kv_type == "f16":  # F16 cache; kq = mul_mat(k, q) then sees q as F16
+            k = k.astype(np.float16).astype(np.float32)
+            v = v.astype(np.float16).astype(np.float32)
+            q = q.astype(np.float16).astype(np.float32)
+        mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
+        qh = q.transpose(1, 0, 2).reshape(Hkv, grp * T, D)  # kv-head-major: heads of one group together
+        kh = k.transpose(1, 2, 0)  # (Hkv, D, T)
+        vh = v.transpose(1, 0, 2)  # (Hkv, T, D)
+        out = np.empty((Hkv, grp * T, D), dtype=np.float32)
+        step = max(1, (1 << 24) // (grp * T * T))  # kv heads per batch: score blocks of at most 64 MiB
+        for h0 in range(0, Hkv, step):
+            h1 = min(Hkv, h0 + step)
+            s = np.matmul(qh[h0:h1], kh[h0:h1]).reshape(h1 - h0, grp, T, T)
+            s *= scale
+            s += mask
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s *= (1.0 / np.add.reduce(s, axis=-1, dtype=np.float64, keepdims=True)).astype(np.float32)
+            if self.kv_type == "f16":  # kqv = mul_mat(v, kq): F16 V converts kq to F16
+                s = s.astype(np.float16).astype(np.float32)
+            out[h0:h1] = np.matmul(s.reshape(h1 - h0, grp * T, T), vh[h0:h1])
+        return out.reshape(H, T, D).transpose(1, 0, 2).reshape(T, H * D)
+
+    def _block(self, lw: dict, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        hp, em = self.hp, self.emulate
+        T = x.shape[0]
+        cur = self._rms_norm(x, lw["attn_norm"])
+        nq, nk = hp.n_head * hp.head_dim_k, hp.n_head_kv * hp.head_dim_k
+        if "attn_qkv" in lw:
+            qkv = lw["attn_qkv"](cur, em)
+            q, k, v = qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]
+        else:
+            rx: dict[str, np.ndarray] = {}
+            q, k, v = lw["attn_q"](cur, em, rx), lw["attn_k"](cur, em, rx), lw["attn_v"](cur, em, rx)
+        q = q.reshape(T, hp.n_head, hp.head_dim_k)
+        k = k.reshape(T, hp.n_head_kv, hp.head_dim_k)
+        v = v.reshape(T, hp.n_head_kv, hp.head_dim_v)
+        if hp.arch == "qwen3":
+            q = self._rms_norm(q, lw["q_norm"])
+            k = self._rms_norm(k, lw["k_norm"])
+        q = self._rope(q, cos, sin)
+        k = self._rope(k, cos, sin)
+        att = self._attention(q, k, v)
+        ffn_inp = lw["attn_output"](att, em) + x
+        cur = self._rms_norm(ffn_inp, lw["ffn_norm"])
+        rx = {}
+        up = lw["ffn_up"](cur, em, rx)
+        gate = lw["ffn_gate"](cur, em, rx)
+        # swiglu: silu(gate) * up, silu(x) = x / (1 + exp(-x))
+        with np.errstate(over="ignore"):
+            act = gate / (np.float32(1) + np.exp(-gate)) * up
+        return lw["ffn_down"](act, em) + ffn_inp
+
+    # -- driver ---------------------------------------------------------------------------------
+    def run(self, tokens: np.ndarray, on_logits: Callable[[int, np.ndarray], None]) -> None:
+        """Evaluate each row of `tokens` (n_chunks, n_ctx) independently from position 0 and call
+        on_logits(chunk_index, logits float32 (n_ctx, n_vocab)) for every chunk, in order."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[1] < 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise BadArguments(f"tokens must be an integer array of shape (n_chunks, n_ctx), got {tokens.dtype} {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.hp.n_vocab):
+            raise BadInput(f"token ids must lie in [0, {self.hp.n_vocab}); got {tokens.min()}..{tokens.max()}")
+        tokens = tokens.astype(np.int64)
+        n_chunks, n_ctx = tokens.shape
+        with open_gguf(self.path) as g:
+            h = self._embed(g, tokens)  # (n_chunks, n_ctx, n_embd)
+            ff = self._vector(g, "rope_freqs.weight") if g.has_tensor("rope_freqs.weight") else None
+            cos, sin = self._rope_cache(n_ctx, ff)
+            # Sequential on purpose: dequantizing layer il+1 in a worker thread while layer il runs
+            # saved ~1 % on 2 cores (BLAS already uses both) and doubles the weights held.
+            for il in range(self.hp.n_layer):
+                lw = self._layer(g, il)
+                for c in range(n_chunks):
+                    h[c] = self._block(lw, h[c], cos, sin)
+                del lw
+            norm, out = self._output(g)
+            for c in range(n_chunks):
+                x = self._rms_norm(h[c], norm)
+                on_logits(c, out(x, self.emulate))
+            del out
+
+
+def logits_for(model_path: Path | str, tokens: np.ndarray, adapters: Sequence[tuple[Path | str, float]] = (), **kw) -> np.ndarray:
+    """All chunks' logits as one array (n_chunks, n_ctx, n_vocab): for tests and small inputs."""
+    eng = Engine(model_path, adapters, **kw)
+    tokens = np.asarray(tokens)
+    out = np.empty((*tokens.shape, eng.n_vocab), dtype=np.float32)
+
+    def keep(i: int, lg: np.ndarray) -> None:
+        out[i] = lg
+
+    eng.run(tokens, keep)
+    return out
+
+
+__all__ = ["Engine", "HParams", "chunk_tokens", "logits_for", "round_activations", "set_blas_threads", "vec_dot_kind"]

@@ -1,0 +1,190 @@
+"""loraq's numpy engine against llama.cpp on the same model and tokens (plain text report).
+
+    python scripts/bench_engine.py [--ctx 256] [--chunks 8] [--threads 2] [--repeat 2]
+
+1. Throughput (tokens/s) on SmolLM2-135M F16 (made from the Q4_1 with loraq, cached under
+   $LORAQ_CACHE/bench like scripts/bench.py's inputs): loraq's Engine vs llama.cpp
+   (llama-cpp-python, F32 KV cache, n_batch = n_ctx, logits for every position), the same
+   n_chunks × n_ctx tokens, each chunk evaluated from position 0. Best of --repeat runs, each
+   engine in its own fresh child process so neither warms the other's caches.
+2. Agreement of the two on those tokens (KLD mean, max |Δlogit|, same top).
+3. Peak RSS of loraq's engine on synthetic models (n_embd 256, n_ff 768) with 4 and 8 layers,
+   each in a fresh child process (getrusage ru_maxrss and VmHWM).
+
+No timing is asserted (design.md rule 5)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# real English text that does not change while the repo does: these stdlib modules' docstrings
+STDLIB_TEXT = ("re", "argparse", "subprocess", "pickle", "tarfile", "decimal", "typing", "logging")
+sys.path.insert(0, str(ROOT))
+
+_CHILD = """
+import json, os, resource, sys, time
+sys.path.insert(0, {root!r})
+import numpy as np
+args = json.loads({args!r})
+toks = np.load(args["tokens"])
+{body}
+hwm = next((int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")), 0)
+print("@@RESULT " + json.dumps({{"seconds": best, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "vmhwm_kib": hwm}}))
+"""
+
+_LORAQ = """
+from loraq.compare.engine import Engine
+best = None
+for _ in range(args["repeat"]):
+    eng = Engine(args["model"], threads=args["threads"])
+    keep = args.get("logits")
+    out = np.empty((*toks.shape, eng.n_vocab), dtype=np.float32) if keep else None
+    t0 = time.perf_counter()
+    eng.run(toks, (lambda i, lg: out.__setitem__(i, lg)) if keep else (lambda i, lg: None))
+    dt = time.perf_counter() - t0
+    best = dt if best is None else min(best, dt)
+if keep:
+    np.save(keep, out)
+"""
+
+_LLAMA = """
+import llama_cpp
+n_ctx = toks.shape[1]
+llm = llama_cpp.Llama(model_path=args["model"], n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
+                      n_threads=args["threads"], type_k=0, type_v=0)
+best = None
+out = np.empty((*toks.shape, llm.n_vocab()), dtype=np.float32)
+for _ in range(args["repeat"]):
+    t0 = time.perf_counter()
+    for i, row in enumerate(toks):
+        llm.reset()
+        llm.eval(row.tolist())
+        out[i] = llm.scores[: llm.n_tokens]
+    dt = time.perf_counter() - t0
+    best = dt if best is None else min(best, dt)
+if args.get("logits"):
+    np.save(args["logits"], out)
+"""
+
+# A child forked from a big parent inherits its RSS in ru_maxrss; a small launcher forks instead.
+_LAUNCH = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)"
+
+
+def child(body: str, **args) -> dict:
+    code = _CHILD.format(root=str(ROOT), args=json.dumps(args), body=body)
+    env = dict(os.environ)
+    if args.get("threads"):
+        env["OPENBLAS_NUM_THREADS"] = str(args["threads"])  # numpy's BLAS, for the loraq child
+    proc = subprocess.run([sys.executable, "-c", _LAUNCH, code], check=False, capture_output=True, text=True, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"child failed (rc {proc.returncode}): {tail}")
+    return json.loads(line.removeprefix("@@RESULT "))
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_engine_{name}", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def smollm2_f16(cache: Path) -> Path:
+    from loraq.quantize.driver import QuantizeOptions, quantize_model
+
+    base = cache / "smollm2-f16.gguf"
+    if not base.exists():
+        q41 = load_script("fetch_smollm2").fetch()
+        quantize_model(q41, base, "F16", QuantizeOptions(allow_requantize=True, threads=2))
+    return base
+
+
+def text_tokens(model: Path, n: int):
+    import llama_cpp
+    import numpy as np
+
+    vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    text = "\n\n".join(importlib.import_module(m).__doc__ or "" for m in STDLIB_TEXT)
+    toks = vocab.tokenize(text.encode(), add_bos=False)
+    while len(toks) < n:
+        toks = toks + toks
+    from loraq.gguf import open_gguf
+
+    with open_gguf(model) as g:  # llama-perplexity puts BOS first in each chunk only if the vocab adds it
+        adds_bos = bool(g.get("tokenizer.ggml.add_bos_token", False))
+    return np.asarray(toks[:n], dtype=np.int32), vocab.token_bos() if adds_bos else None
+
+
+def agreement(p_path: Path, q_path: Path) -> str:
+    import numpy as np
+
+    p, q = np.load(p_path, mmap_mode="r"), np.load(q_path, mmap_mode="r")
+    klds, same, dmax = [], [], 0.0
+    for a, b in zip(p, q):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        la = a - a.max(-1, keepdims=True)
+        la -= np.log(np.exp(la).sum(-1, keepdims=True))
+        lb = b - b.max(-1, keepdims=True)
+        lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
+        klds.append((np.exp(la) * (la - lb)).sum(-1))
+        same.append(a.argmax(-1) == b.argmax(-1))
+        dmax = max(dmax, float(np.abs(a - b).max()))
+    return f"KLD(llama.cpp ‖ loraq) mean {np.concatenate(klds).mean():.3g}, max |Δlogit| {dmax:.3g}, same top {np.concatenate(same).mean():.4f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    a = ap.parse_args()
+
+    import numpy as np
+
+    from loraq.compare.engine import chunk_tokens
+
+    cache = load_script("fetch_smollm2").cache_dir() / "bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    print(f"loraq engine bench — {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}, numpy {np.__version__}")
+    model = smollm2_f16(cache)
+    with tempfile.TemporaryDirectory(prefix="loraq-bench-engine-") as tmp:
+        tmp = Path(tmp)
+        flat, bos = text_tokens(model, a.ctx * a.chunks)
+        toks = chunk_tokens(flat, a.ctx, a.chunks, bos=bos)
+        np.save(tmp / "toks.npy", toks)
+        n = toks.size
+        print(f"\n== throughput: SmolLM2-135M F16, {a.chunks} chunks × n_ctx {a.ctx} = {n} tokens, {a.threads} threads, best of {a.repeat}")
+        common = {"tokens": str(tmp / "toks.npy"), "model": str(model), "threads": a.threads, "repeat": a.repeat}
+        ll = child(_LLAMA, logits=str(tmp / "llama.npy"), **common)
+        lq = child(_LORAQ, logits=str(tmp / "loraq.npy"), **common)
+        print(f"llama.cpp (llama-cpp-python): {ll['seconds']:7.2f} s  {n / ll['seconds']:8.1f} tok/s")
+        print(f"loraq engine (numpy):         {lq['seconds']:7.2f} s  {n / lq['seconds']:8.1f} tok/s")
+        print(f"ratio loraq/llama.cpp tok/s:  {ll['seconds'] / lq['seconds']:.2f}")
+        print(agreement(tmp / "llama.npy", tmp / "loraq.npy"))
+
+        print("\n== peak RSS of loraq's engine: synthetic n_embd 256, n_ff 768, tied, F16; 2 chunks × 64 tokens")
+        mk = load_script("make_synthetic_model")
+        q41 = load_script("fetch_smollm2").fetch()
+        small = np.random.default_rng(0).integers(0, 49152, size=(2, 64)).astype(np.int32)
+        np.save(tmp / "small.npy", small)
+        for n_layer in (4, 8):
+            m = mk.make_model(tmp / f"synth-{n_layer}.gguf", q41, n_embd=256, n_ff=768, n_layer=n_layer)
+            r = child(_LORAQ, tokens=str(tmp / "small.npy"), model=str(m), threads=a.threads, repeat=1)
+            print(f"{n_layer} layers: peak RSS {r['maxrss_kib'] / 1024:7.1f} MiB (VmHWM {r['vmhwm_kib'] / 1024:.1f} MiB), {r['seconds']:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
