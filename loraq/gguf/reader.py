@@ -15,7 +15,7 @@ import numpy as np
 
 from ..atomic import check_readable, io_error
 from ..errors import BadInput
-from ..ggml_types import GGMLType, BY_ID
+from ..ggml_types import GGMLType
 
 
 @dataclass(frozen=True)
@@ -124,47 +124,28 @@ class GGUFFile:
         self.close()
 
 
-# gguf-py parses every vocabulary string into its own numpy array (about 2 s for a 49k vocab), and
-# a pipeline opens the same base several times: keep the last few parsed headers, keyed by the
+# A pipeline opens the same base several times: keep the last few parsed headers, keyed by the
 # file's identity so a rewritten file is parsed again.
 _HEADERS: dict[tuple[str, int, int], tuple[dict[str, KV], list[TensorInfo]]] = {}
 _HEADERS_MAX = 8
 
 
 def _parse_header(path: Path) -> tuple[dict[str, KV], list[TensorInfo]]:
-    st = path.stat()
+    from .header import parse_header
+
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise io_error(exc, path, "read") from exc
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     hit = _HEADERS.get(key)
     if hit is not None:
         return dict(hit[0]), list(hit[1])
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(path)
+        kv_list, tensors = parse_header(path, st.st_size)
     except OSError as exc:
         raise io_error(exc, path, "read") from exc
-    except Exception as exc:  # gguf-py raises ValueError/IndexError/etc. on bad headers
-        raise BadInput(f"{path} is not a readable GGUF file ({_short(exc)}); it is truncated, corrupt or not a GGUF: re-download or regenerate it") from exc
-    kvs: dict[str, KV] = {}
-    tensors: list[TensorInfo] = []
-    try:
-        for name, field in reader.fields.items():
-            if name.startswith("GGUF."):
-                continue
-            n = sum(int(p.nbytes) for p in field.parts)
-            raw = reader.data[field.offset : field.offset + n].tobytes()
-            kvs[name] = KV(name, int(field.types[0]), raw, field.contents())
-        for t in reader.tensors:
-            ttype = BY_ID.get(int(t.tensor_type))
-            if ttype is None:
-                raise BadInput(f"{path}: tensor {t.name} has unknown type {int(t.tensor_type)}")
-            ne = tuple(int(x) for x in t.shape)
-            tensors.append(TensorInfo(t.name, ne, ttype, int(t.data_offset), int(t.n_bytes)))
-    except BadInput:
-        raise
-    except Exception as exc:
-        raise BadInput(f"{path} is not a readable GGUF file ({_short(exc)})") from exc
-    del reader  # drop the memory map; data is read with pread
+    kvs = {kv.key: kv for kv in kv_list}
     for t in tensors:
         if t.ne[0] % t.type.block:
             raise BadInput(f"{path}: tensor {t.name} row length {t.ne[0]} is not a multiple of {t.type.block}")
