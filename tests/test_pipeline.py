@@ -146,3 +146,32 @@ def test_batched_quantize_equals_single_quantize(project, tmp_path):
         single = tmp_path / f"{t}.gguf"
         quantize_model(work / "merged-f16.gguf", single, t, QuantizeOptions(threads=1))
         assert single.read_bytes() == (work / f"merged-{t}.gguf").read_bytes(), t
+
+
+def test_compare_stage_report_and_gate_exit_3(project):
+    """The compare stage writes the report with every variant; a gate set too tight exits 3 and
+    names the failing variant and metric, on the run that scored it and on every later run."""
+    text = project / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    cfgp = _write_cfg(project, workdir="work-cmp", quantize={"types": ["Q8_0"]},
+                      compare={"text": "eval.txt", "ctx": 32, "chunks": 2, "gates": {"max_kld_mean": 1e-12}})
+    for attempt in range(2):
+        out = subprocess.run([sys.executable, "-m", "loraq.cli", "run", str(cfgp)], capture_output=True, text=True)
+        assert out.returncode == 3, out.stderr
+        err = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(err) == 1 and "Traceback" not in out.stderr
+        assert "merged-Q8_0: kld_mean" in err[0] and "max_kld_mean" in err[0]
+    report = json.loads((project / "work-cmp" / "report.json").read_text())
+    names = {v["name"] for v in report["variants"]}
+    assert names == {"base", "merged-Q8_0", "runtime-Q8_0"}
+    assert report["gates"]["passed"] is False
+    for v in report["variants"]:
+        assert v["size_bytes"] > 0 and v["kld_mean"] is not None and 0 <= v["same_top"] <= 1
+    assert (project / "work-cmp" / "report.html").read_text().count("<svg") == 1
+    # Relaxing the gate needs no rescoring: the same run now passes with every stage skipped.
+    cfgp = _write_cfg(project, workdir="work-cmp", quantize={"types": ["Q8_0"]},
+                      compare={"text": "eval.txt", "ctx": 32, "chunks": 2, "gates": {"max_kld_mean": 10.0}})
+    out = subprocess.run([sys.executable, "-m", "loraq.cli", "run", str(cfgp), "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    assert all(e["event"] == "stage_skipped" for e in events[:-1]) and events[-1]["gates"]["passed"]
