@@ -12,11 +12,11 @@ import pytest
 
 libgguf = pytest.importorskip("libgguf")
 
+from oracle import F32, assert_same, oracle, random_imatrix  # noqa: E402,F401
 from loraq.ggml_types import ggml_type  # noqa: E402
-from loraq.quant import iquants, quantize  # noqa: E402
+from loraq.quant import iquants  # noqa: E402
 from loraq.quant.numeric import seq_sum  # noqa: E402
 
-F32 = np.float32
 IQ4 = ["iq4_nl", "iq4_xs"]
 TERNARY = ["tq1_0", "tq2_0"]
 ALL = IQ4 + TERNARY
@@ -26,40 +26,16 @@ KV = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
 # ------------------------------------------------------------------ helpers
 
 
-def oracle(rows: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
-    return np.asarray(libgguf.quantize_rows(rows, ggml_type(qtype).id, imatrix)).view(np.uint8)
 
 
-def assert_same(rows: np.ndarray, qtype: str, imatrix: np.ndarray | None = None, what: str = "") -> None:
-    rows = np.ascontiguousarray(rows, dtype=F32)
-    got = quantize(rows, qtype, imatrix)
-    want = oracle(rows, qtype, imatrix).reshape(got.shape)
-    if not np.array_equal(got, want):
-        t = ggml_type(qtype)
-        g, w = got.reshape(-1, t.nbytes), want.reshape(-1, t.nbytes)
-        bad = np.nonzero((g != w).any(axis=1))[0]
-        b = bad[0]
-        pytest.fail(
-            f"{qtype} {what} imatrix={imatrix is not None}: {len(bad)}/{len(g)} blocks differ "
-            f"({100 * (1 - len(bad) / len(g)):.4f}% identical); first block {b}: "
-            f"loraq {g[b].tobytes().hex()} ggml {w[b].tobytes().hex()} "
-            f"x={rows.reshape(-1, t.block)[b][:64].tolist()}"
-        )
 
 
-def random_imatrix(n: int, seed: int, zeros: bool = False) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    im = (rng.random(n) * rng.lognormal(0, 1.5, n)).astype(F32)
-    if zeros:
-        im[rng.random(n) < 0.1] = 0  # columns no token ever activated
-        im[64:96] = 0  # one whole 32-block of dead columns: sumq2 = 0, d = 0
-    return im
 
 
 def imatrix_cases(qtype: str, k: int, seed: int) -> list[np.ndarray | None]:
     if qtype in TERNARY:
-        return [None, random_imatrix(k, seed)]  # must be ignored
-    return [None, random_imatrix(k, seed), random_imatrix(k, seed + 1, zeros=True)]
+        return [None, _rim(k, seed)]  # must be ignored
+    return [None, _rim(k, seed), _rim(k, seed + 1, zeros=True)]
 
 
 # ------------------------------------------------------------------ random and real rows
@@ -213,7 +189,7 @@ def test_overflowing_weights(qtype):
     rows[0, 3] = 3e20
     rows[1, 40:48] = -2e38
     assert_same(rows, qtype, None, "overflow")
-    assert_same(rows, qtype, random_imatrix(256, 6), "overflow")
+    assert_same(rows, qtype, _rim(256, 6), "overflow")
 
 
 # ------------------------------------------------------------------ helpers vs C transcriptions
@@ -260,3 +236,7 @@ def test_rsum_is_sequential(shape):
     rng = np.random.default_rng(shape[2])
     t = (rng.standard_normal(shape) * np.exp2(rng.integers(-24, 24, shape))).astype(F32)
     np.testing.assert_array_equal(iquants._rsum(t).view(np.uint32), seq_sum(t).view(np.uint32))
+
+
+def _rim(n: int, seed: int, zeros: bool = False) -> np.ndarray:
+    return random_imatrix(n, seed, zeros, dead=slice(64, 96))

@@ -10,44 +10,17 @@ import pytest
 libgguf = pytest.importorskip("libgguf")
 
 import loraq.quant.kquants as kq
-from loraq.ggml_types import ggml_type
+from oracle import F32, assert_same, oracle, random_imatrix  # noqa: E402,F401
 from loraq.quant import quantize
 
 KTYPES = ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
 IDS = {"q2_K": 10, "q3_K": 11, "q4_K": 12, "q5_K": 13, "q6_K": 14}
-F32 = np.float32
 
 
-def oracle(rows: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
-    return np.asarray(libgguf.quantize_rows(rows, IDS[qtype], imatrix)).view(np.uint8)
 
 
-def assert_same(rows: np.ndarray, qtype: str, imatrix: np.ndarray | None = None, what: str = "") -> None:
-    rows = np.ascontiguousarray(rows, dtype=F32)
-    got = quantize(rows, qtype, imatrix)
-    want = oracle(rows, qtype, imatrix).reshape(got.shape)
-    if not np.array_equal(got, want):
-        nbytes = ggml_type(qtype).nbytes
-        g, w = got.reshape(-1, nbytes), want.reshape(-1, nbytes)
-        bad = np.nonzero((g != w).any(axis=1))[0]
-        b = bad[0]
-        x = rows.reshape(-1, 256)[b]
-        pytest.fail(
-            f"{qtype} {what} imatrix={imatrix is not None}: {100 * (1 - len(bad) / len(g)):.3f}% of "
-            f"{len(g)} blocks identical ({len(bad)} differ); first block {b}, differing bytes "
-            f"{np.nonzero(g[b] != w[b])[0][:16].tolist()}\nloraq {g[b].tobytes().hex()}\nggml  "
-            f"{w[b].tobytes().hex()}\nx[:32]={x[:32].tolist()}"
-        )
 
 
-def random_imatrix(n: int, seed: int, zeros: bool = False) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    im = (rng.random(n) * rng.lognormal(0, 1.5, n)).astype(F32)
-    if zeros:
-        im[rng.random(n) < 0.1] = 0  # columns no token ever activated
-        if n >= 512:
-            im[256:512] = 0  # a whole super-block of dead columns
-    return im
 
 
 # ------------------------------------------------------------------ random and real rows
@@ -63,7 +36,7 @@ def test_random_normal(qtype, with_imatrix):
     rows[6, 256:512] = 0  # a zero super-block inside a row
     rows[7] = np.abs(rows[7])  # non-negative rows: the min clamps to 0
     rows[8] = -np.abs(rows[8])
-    im = random_imatrix(1024, 8, zeros=True) if with_imatrix else None
+    im = _rim(1024, 8, zeros=True) if with_imatrix else None
     assert_same(rows, qtype, im, "random normal")
 
 
@@ -73,7 +46,7 @@ def test_heavy_tails(qtype):
     rng = np.random.default_rng(21)
     rows = (rng.standard_t(1.5, (24, 768)) * 0.02).astype(F32)
     assert_same(rows, qtype, None, "student-t")
-    assert_same(rows, qtype, random_imatrix(768, 22, zeros=True), "student-t")
+    assert_same(rows, qtype, _rim(768, 22, zeros=True), "student-t")
 
 
 @pytest.mark.parametrize("qtype", KTYPES)
@@ -84,12 +57,12 @@ def test_shapes_and_chunking(qtype, monkeypatch):
     for shape in [(1, 256), (3, 256), (2, 768)]:
         x = rng.standard_normal(shape).astype(F32)
         assert_same(x, qtype, None, f"{shape}")
-        assert_same(x, qtype, random_imatrix(shape[1], 1), f"{shape}")
+        assert_same(x, qtype, _rim(shape[1], 1), f"{shape}")
     monkeypatch.setattr(kq, "CHUNK", 256 * 24)
     monkeypatch.setattr(kq, "SUPER", 3)
     x = rng.standard_normal((37, 512)).astype(F32) * F32(0.1)
     assert_same(x, qtype, None, "small chunks")
-    assert_same(x, qtype, random_imatrix(512, 2, zeros=True), "small chunks")
+    assert_same(x, qtype, _rim(512, 2, zeros=True), "small chunks")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +77,7 @@ def ffn_down(smollm2_q4_1) -> np.ndarray:
 @pytest.mark.parametrize("qtype", KTYPES)
 def test_real_weights(qtype, ffn_down):
     assert_same(ffn_down, qtype, None, "ffn_down")
-    im = random_imatrix(ffn_down.shape[1], 100, zeros=True)
+    im = _rim(ffn_down.shape[1], 100, zeros=True)
     assert_same(ffn_down, qtype, im, "ffn_down")
 
 
@@ -188,7 +161,7 @@ def test_adversarial_blocks(qtype, with_imatrix):
     together = np.concatenate(blocks)[None, :]  # all in one row, and rotated by a few blocks
     rotated = np.roll(together, -256 * (nblk // 3), axis=1)
     for rows, what in [(alone, "block per row"), (together, "one row"), (rotated, "rotated row")]:
-        im = random_imatrix(rows.shape[1], 5, zeros=True) if with_imatrix else None
+        im = _rim(rows.shape[1], 5, zeros=True) if with_imatrix else None
         assert_same(rows, qtype, im, what)
 
 
@@ -198,7 +171,7 @@ def test_imatrix_edge_values(qtype):
     rng = np.random.default_rng(13)
     rows = rng.standard_normal((6, 512)).astype(F32)
     assert_same(rows, qtype, np.zeros(512, F32), "zero imatrix")
-    im = random_imatrix(512, 14)
+    im = _rim(512, 14)
     im[::7] = 0
     im[1::11] = F32(1e20)
     im[2::13] = F32(1e-30)
@@ -215,3 +188,7 @@ def test_shapes_rejected():
         quantize(np.zeros((2, 100), F32), "q4_K")
     with pytest.raises(ValueError):
         quantize(np.zeros((2, 512), F32), "q4_K", np.ones(256, F32))
+
+
+def _rim(n: int, seed: int, zeros: bool = False) -> np.ndarray:
+    return random_imatrix(n, seed, zeros, dead=slice(256, 512))

@@ -15,14 +15,13 @@ import pytest
 
 libgguf = pytest.importorskip("libgguf")
 
-from loraq.ggml_types import ggml_type  # noqa: E402
+from oracle import F32, assert_same, oracle, random_imatrix  # noqa: E402,F401
 from loraq.quant import quantize  # noqa: E402
 from loraq.quant import fp  # noqa: E402
 from loraq.quant.numeric import c_roundf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGACY = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
-F32 = np.float32
 
 
 # ------------------------------------------------------------------ helpers and fixtures
@@ -52,31 +51,10 @@ def real_rows(smol_path) -> dict[str, np.ndarray]:
     }
 
 
-def oracle(rows: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
-    return np.asarray(libgguf.quantize_rows(rows, ggml_type(qtype).id, imatrix)).view(np.uint8)
 
 
-def assert_same(rows: np.ndarray, qtype: str, imatrix: np.ndarray | None = None, what: str = "") -> None:
-    got = quantize(rows, qtype, imatrix)
-    want = oracle(rows, qtype, imatrix).reshape(got.shape)
-    if not np.array_equal(got, want):
-        t = ggml_type(qtype)
-        g, w = got.reshape(-1, t.nbytes), want.reshape(-1, t.nbytes)
-        bad = np.nonzero((g != w).any(axis=1))[0]
-        b = bad[0]
-        x = rows.reshape(-1, t.block)[b]
-        pytest.fail(
-            f"{qtype} {what} imatrix={imatrix is not None}: {len(bad)}/{len(g)} blocks differ; "
-            f"first block {b}: loraq {g[b].tobytes().hex()} ggml {w[b].tobytes().hex()} x={x.tolist()}"
-        )
 
 
-def random_imatrix(n: int, seed: int, zeros: bool = False) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    im = (rng.random(n) * rng.lognormal(0, 1.5, n)).astype(F32)
-    if zeros:
-        im[rng.random(n) < 0.1] = 0  # columns no token ever activated
-    return im
 
 
 # ------------------------------------------------------------------ random and real rows

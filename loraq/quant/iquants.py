@@ -143,10 +143,7 @@ def _nibbles(L: np.ndarray) -> np.ndarray:
 
 def _tl(xb: np.ndarray) -> np.ndarray:
     """to_tlayout with at least MIN_LANES lanes (zero blocks pad a short tensor)."""
-    nb = xb.shape[0]
-    if nb < MIN_LANES:
-        xb = np.concatenate([xb, np.zeros((MIN_LANES - nb, xb.shape[1]), xb.dtype)])
-    return to_tlayout(xb)
+    return to_tlayout(xb, min_lanes=MIN_LANES)
 
 
 def _gk(v: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

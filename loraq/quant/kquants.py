@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .numeric import to_tlayout
+
 from . import register
 from .knumeric import (
     F32,
@@ -48,17 +50,7 @@ U8 = np.uint8
 
 def _tlayout(xb: np.ndarray) -> np.ndarray:
     """(nb, 256) -> (G, 256, K), K >= MIN_LANES lanes, zero padded."""
-    nb, n = xb.shape
-    k = max(MIN_LANES, min(LANES, nb))
-    g = -(-nb // k)
-    t = np.zeros((g, n, k), dtype=np.float32)
-    full = nb // k
-    if full:
-        t[:full] = xb[: full * k].reshape(full, k, n).transpose(0, 2, 1)
-    rest = nb - full * k
-    if rest:
-        t[full, :, :rest] = xb[full * k :].T
-    return t
+    return to_tlayout(xb, LANES, MIN_LANES)
 
 
 def _pos_max(v: np.ndarray) -> np.ndarray:

@@ -22,10 +22,13 @@ GROUP_MAX_EPS = F32(1e-15)
 LANES = 256  # K: blocks per group in the T layout
 
 
-def to_tlayout(xb: np.ndarray, lanes: int = LANES) -> np.ndarray:
-    """(nb, n) blocks -> (G, n, K) float32, zero-padding the last group to K lanes."""
+def to_tlayout(xb: np.ndarray, lanes: int = LANES, min_lanes: int = 1) -> np.ndarray:
+    """(nb, n) blocks -> (G, n, K) float32, zero-padding the last group to K lanes.
+
+    min_lanes > 1 keeps sums over axis 1 sequential: np.add.reduce only sums left to right (as
+    C does) when there are several contiguous lanes; with one it switches to pairwise."""
     nb, n = xb.shape
-    k = max(1, min(lanes, nb))
+    k = max(min_lanes, min(lanes, nb))
     g = -(-nb // k)
     t = np.empty((g, n, k), dtype=xb.dtype)
     full = nb // k

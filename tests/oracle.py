@@ -1,0 +1,47 @@
+"""The block oracle shared by the kernel tests: libgguf (ggml's own `ggml_quantize_chunk`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from loraq.ggml_types import ggml_type
+from loraq.quant import quantize
+
+libgguf = pytest.importorskip("libgguf")
+F32 = np.float32
+
+
+def oracle(rows: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    return np.asarray(libgguf.quantize_rows(rows, ggml_type(qtype).id, imatrix)).view(np.uint8)
+
+
+def assert_same(rows: np.ndarray, qtype: str, imatrix: np.ndarray | None = None, what: str = "") -> None:
+    """loraq's blocks equal ggml's; on failure, the share of identical blocks and the first bad one."""
+    rows = np.ascontiguousarray(rows, dtype=F32)
+    got = quantize(rows, qtype, imatrix)
+    want = oracle(rows, qtype, imatrix).reshape(got.shape)
+    if np.array_equal(got, want):
+        return
+    t = ggml_type(qtype)
+    g, w = got.reshape(-1, t.nbytes), want.reshape(-1, t.nbytes)
+    bad = np.nonzero((g != w).any(axis=1))[0]
+    b = bad[0]
+    pytest.fail(
+        f"{qtype} {what} imatrix={imatrix is not None}: {100 * (1 - len(bad) / len(g)):.4f}% of "
+        f"{len(g)} blocks identical ({len(bad)} differ); first block {b}, differing bytes "
+        f"{np.nonzero(g[b] != w[b])[0][:16].tolist()}\nloraq {g[b].tobytes().hex()}\nggml  "
+        f"{w[b].tobytes().hex()}\nx[:64]={rows.reshape(-1, t.block)[b][:64].tolist()}"
+    )
+
+
+def random_imatrix(n: int, seed: int, zeros: bool = False, dead: slice | None = None) -> np.ndarray:
+    """Positive per-column weights like a real imatrix's mean x²; `zeros` adds columns no token
+    activated, and `dead` a whole range of them (a block whose weights sum to 0)."""
+    rng = np.random.default_rng(seed)
+    im = (rng.random(n) * rng.lognormal(0, 1.5, n)).astype(F32)
+    if zeros:
+        im[rng.random(n) < 0.1] = 0
+        if dead is not None and dead.stop <= n:
+            im[dead] = 0
+    return im
