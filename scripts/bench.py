@@ -280,6 +280,9 @@ def main() -> None:
             section("3. quantize a 505 MB synthetic F16 model (Q8_0, Q4_0, Q4_K_M): loraq vs llama.cpp, 2 threads each")
             bench_large(synthetic_model(cache), tmp)
 
+        section("4. compare engine: tokens/s vs llama.cpp (same F16 SmolLM2, tokens, ctx, threads); peak RSS vs depth")
+        run_script_main("bench_engine", [])
+
     print(f"\n(total {time.perf_counter() - t_all:.0f} s)")
 
 

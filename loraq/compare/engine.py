@@ -469,9 +469,12 @@ class Engine:
         return lw["ffn_down"](act, em) + ffn_inp
 
     # -- driver ---------------------------------------------------------------------------------
-    def run(self, tokens: np.ndarray, on_logits: Callable[[int, np.ndarray], None]) -> None:
+    def run(self, tokens: np.ndarray, on_logits: Callable[[int, np.ndarray], None], rows: slice | None = None) -> None:
         """Evaluate each row of `tokens` (n_chunks, n_ctx) independently from position 0 and call
-        on_logits(chunk_index, logits float32 (n_ctx, n_vocab)) for every chunk, in order."""
+        on_logits(chunk_index, logits float32 (n_ctx, n_vocab)) for every chunk, in order.
+
+        `rows` limits the logits to those positions (e.g. the scored half of a chunk): the output
+        projection is a fifth of a small model's work and unscored positions need none of it."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or tokens.shape[1] < 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise BadArguments(f"tokens must be an integer array of shape (n_chunks, n_ctx), got {tokens.dtype} {tokens.shape}")
@@ -492,7 +495,7 @@ class Engine:
                 del lw
             norm, out = self._output(g)
             for c in range(n_chunks):
-                x = self._rms_norm(h[c], norm)
+                x = self._rms_norm(h[c] if rows is None else h[c][rows], norm)
                 on_logits(c, out(x, self.emulate))
             del out
 

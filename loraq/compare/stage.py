@@ -22,7 +22,7 @@ from ..atomic import atomic_output, check_readable
 from ..errors import BadArguments, BadInput
 from ..gguf import open_gguf
 from .engine import Engine, chunk_tokens
-from .kld_file import ReferenceFile, ReferenceWriter
+from .kld_file import ReferenceFile, ReferenceWriter, first_scored
 from .metrics import KLDAccumulator
 from .report import VariantScore, build_report, write_reports
 from .tokenizer import Tokenizer
@@ -73,7 +73,8 @@ def build_reference(base: Path, adapters: Adapters, text: Path, ctx: int, chunks
     stored, evaluated, n_text = evaluation_tokens(base, text, ctx, chunks)
     eng = Engine(base, adapters=list(adapters), threads=threads)
     with ReferenceWriter(out, ctx, eng.n_vocab, stored) as w:
-        eng.run(evaluated, lambda i, logits: (w.add_chunk(i, logits), progress and progress(f"reference chunk {i + 1}/{len(evaluated)}")))
+        eng.run(evaluated, lambda i, logits: (w.add_chunk(i, logits), progress and progress(f"reference chunk {i + 1}/{len(evaluated)}")),
+                rows=scored(ctx))
         ppl = w.perplexity.result()
     meta = {"ppl": float(ppl.ppl), "text_tokens": n_text, "ctx": ctx, "chunks": int(len(stored))}
     with atomic_output(meta_path(out)) as tmp:
@@ -96,8 +97,13 @@ def score(ref: ReferenceFile, cand: Candidate, threads: int = 0) -> Any:
         add_bos = bool(g.get("tokenizer.ggml.add_bos_token", False))
     if add_bos and bos is not None:
         tokens[:, 0] = int(bos)
-    eng.run(tokens, acc.add_chunk)
+    eng.run(tokens, acc.add_chunk, rows=scored(ref.n_ctx))
     return acc.result()
+
+
+def scored(n_ctx: int) -> slice:
+    """The positions whose next-token prediction is scored (§8.1): the second half of a chunk."""
+    return slice(first_scored(n_ctx), n_ctx - 1)
 
 
 def _n_weights(model: Path) -> int:
