@@ -90,7 +90,8 @@ t0 = time.perf_counter()
 {body}
 dt = time.perf_counter() - t0
 hwm = next((int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")), 0)
-print("@@RESULT " + json.dumps({{"seconds": dt, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "vmhwm_kib": hwm}}))
+print("@@RESULT " + json.dumps({{"seconds": dt, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "vmhwm_kib": hwm,
+                                 "workers_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}}))
 """
 
 # Linux carries the forking process's RSS into a child's ru_maxrss (it is recorded at exec from
@@ -214,6 +215,8 @@ def bench_large(model: Path, tmp: Path) -> None:
     for t in ("Q8_0", "Q4_0", "Q4_K_M"):
         ours, theirs = tmp / f"loraq-{t}.gguf", tmp / f"llama-{t}.gguf"
         lr = child(l_setup, f"quantize_model(Path({str(model)!r}), Path({str(ours)!r}), {t!r}, QuantizeOptions(threads=2))")
+        # loraq quantizes in 2 worker processes: count the parent plus 2x the largest worker
+        lr["maxrss_kib"] += 2 * lr.get("workers_kib", 0)
         if llama_ok:
             print(f"{t:6} {lr['seconds']:8.2f} {'-':>8} {'-':>9}   {mib(lr['maxrss_kib']):>11} {'-':>11} {'-':>8}   {ours.stat().st_size / 1e6:.0f} MB")
             ours.unlink()
@@ -241,7 +244,8 @@ def bench_large(model: Path, tmp: Path) -> None:
     print(f"Q4_K_M loraq 1 thread {r1['seconds']:.2f} s, 2 threads {r2['seconds']:.2f} s: speed-up {r1['seconds'] / r2['seconds']:.2f}x")
     if llama_ok:
         print(llama_ok)
-    print("(seconds: the quantize call alone, imports excluded; RSS: the child's peak, imports included;"
+    print("(seconds: the quantize call alone, imports excluded; RSS: the child's peak, imports included, plus 2x the"
+          " largest worker process for loraq;"
           " l/c = loraq / llama.cpp, lower is better for loraq)")
 
 

@@ -5,7 +5,8 @@ row chunks, so memory follows the largest chunk rather than the model."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,11 @@ from ..gguf.writer import GGUFStreamWriter, OutTensor
 from ..quant import can_quantize, dequantize, quantize
 from .rules import ModelFacts, TypeOptions, TypePlanner, category, iteration_order, requires_imatrix
 
-CHUNK_ELEMENTS = 1 << 21  # rows per work item ≈ 2M weights: bounded temporaries, enough for BLAS-free numpy
+CHUNK_ELEMENTS = 1 << 21  # rows per work item ≈ 2M weights: bounded temporaries
+# Worker processes, not threads: the kernels are many numpy calls on ~1 MiB arrays and threads
+# serialize on the GIL between them (1.19x on 2 threads for Q4_K_M). Starting workers costs about
+# half a second, so models with less quantization work than this run in-process.
+PARALLEL_MIN_ELEMENTS = 32 << 20
 
 
 @dataclass
@@ -172,59 +177,115 @@ def quantize_many(
     with open_gguf(inp) as src:
         plans = [plan_quantize(src, ft, opts) for ft in ftypes]
         with ExitStack() as stack:
-            pool = stack.enter_context(ThreadPoolExecutor(max(1, opts.threads)))
+            pool = _pool(stack, opts.threads, plans)
             writers = [
                 stack.enter_context(GGUFStreamWriter(out, output_kvs(src, ft), [OutTensor(e.name, e.ne, e.dst) for e in plan]))
                 for ft, (_, out), (plan, _) in zip(ftypes, jobs, plans)
             ]
-            for k in range(len(plans[0][0])):
-                entries = [plan[k] for plan, _ in plans]
-                for w in writers:
-                    w.begin(entries[0].name)
-                for parts in _tensor_chunks(src, entries, opts, pool):
-                    for w, part in zip(writers, parts):
-                        w.append(part)
-                for w in writers:
-                    w.end()
-                if on_tensor:
-                    on_tensor(entries[0])
+            per_tensor = [[plan[k] for plan, _ in plans] for k in range(len(plans[0][0]))]
+            for entries, first, last, parts in _in_order(_work_items(src, per_tensor, opts, pool), pool):
+                if first:
+                    for w in writers:
+                        w.begin(entries[0].name)
+                for w, part in zip(writers, parts):
+                    w.append(part)
+                if last:
+                    for w in writers:
+                        w.end()
+                    if on_tensor:
+                        on_tensor(entries[0])
     return [QuantizeResult(Path(out), ft, plan, nf) for ft, (_, out), (plan, nf) in zip(ftypes, jobs, plans)]
 
 
-def _tensor_chunks(src: GGUFFile, entries: list[PlanEntry], opts: QuantizeOptions, pool: ThreadPoolExecutor) -> Iterator[list[np.ndarray]]:
-    """Consecutive row chunks of one tensor, each as a list with one byte buffer per output."""
-    info = src.tensor(entries[0].name)
-    raw = src.read_raw(info)
-    if all(e.dst == e.src for e in entries):
-        _check_finite(info.name, raw, info.type)
-        yield [raw] * len(entries)
-        return
-    ne0 = info.ne[0]
-    rows = raw.reshape(info.n_rows, -1)
-    per_expert = info.n_rows if len(info.ne) < 3 else info.ne[1]  # imatrix slices are per expert
-    step = max(1, CHUNK_ELEMENTS // ne0)
-    imats = [_imatrix_for(e, opts) for e in entries]
+def _pool(stack: ExitStack, threads: int, plans: list) -> Executor | None:
+    work = sum(int(np.prod(e.ne)) for plan, _ in plans for e in plan if e.dst != e.src)
+    if threads <= 1 or work < PARALLEL_MIN_ELEMENTS:
+        return None
+    # spawn, not fork: the parent may hold BLAS threads, which a forked child can deadlock on.
+    return stack.enter_context(ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn")))
 
-    def work(span: tuple[int, int]) -> list[np.ndarray]:
-        start, stop = span
-        chunk = rows[start:stop]
-        _check_finite(info.name, chunk, info.type)
-        x = dequantize(chunk, info.type, (stop - start, ne0))
-        expert = start // per_expert
-        return [
-            chunk if e.dst == e.src else quantize(x, e.dst, None if w is None else w[expert * ne0 : (expert + 1) * ne0])
-            for e, w in zip(entries, imats)
-        ]
 
-    spans = []
-    start = 0
-    while start < info.n_rows:
-        stop = min(start + step, (start // per_expert + 1) * per_expert)
-        spans.append((start, stop))
-        start = stop
-    width = max(1, pool._max_workers)  # at most one window of chunks in flight bounds memory
-    for i in range(0, len(spans), width):
-        yield from pool.map(work, spans[i : i + width])
+def _quantize_chunk(chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs: list[tuple[GGMLType, np.ndarray | None]]) -> list[np.ndarray]:
+    """One chunk of stored rows -> one buffer per output: its blocks, or the chunk itself where
+    the output keeps the input type (job type None)."""
+    _check_finite(name, chunk, src)
+    x = None
+    out = []
+    for t, w in jobs:
+        if t is None:
+            out.append(chunk)
+            continue
+        if x is None:
+            x = dequantize(chunk, src, (chunk.shape[0], ne0))
+        out.append(quantize(x, t, w))
+    return out
+
+
+def _quantize_from_file(path: Path, offset: int, n_rows: int, row_bytes: int, name: str, src: GGMLType, ne0: int,
+                        jobs: list[tuple[GGMLType, np.ndarray | None]]) -> list[np.ndarray]:
+    """_quantize_chunk in a worker process, which reads its rows itself: the parent then moves only
+    the (smaller) blocks, not the input, between processes."""
+    nbytes = n_rows * row_bytes
+    buf = bytearray(nbytes)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        got = f.readinto(buf)
+    if got != nbytes:
+        raise BadInput(f"{path} is truncated inside tensor {name}")
+    chunk = np.frombuffer(buf, dtype=np.uint8).reshape(n_rows, row_bytes)
+    return _quantize_chunk(chunk, name, src, ne0, jobs)
+
+
+def _work_items(src: GGUFFile, per_tensor: list[list[PlanEntry]], opts: QuantizeOptions, pool: Executor | None) -> Iterator[tuple]:
+    """(entries, first, last, work) for every row chunk of every tensor, in file order; `work` is
+    the list of buffers (one per output) or a Future of it."""
+    for entries in per_tensor:
+        info = src.tensor(entries[0].name)
+        if all(e.dst == e.src for e in entries):
+            raw = src.read_raw(info)
+            _check_finite(info.name, raw, info.type)
+            yield entries, True, True, [raw] * len(entries)
+            continue
+        ne0 = info.ne[0]
+        row_bytes = info.type.row_bytes(ne0)
+        per_expert = info.n_rows if len(info.ne) < 3 else info.ne[1]  # imatrix slices are per expert
+        step = max(1, CHUNK_ELEMENTS // ne0)
+        if pool is None:
+            rows = src.read_raw(info).reshape(info.n_rows, row_bytes)
+        else:  # several chunks per worker, so one tensor can keep all workers busy
+            step = max(1, min(step, -(-info.n_rows // (2 * pool._max_workers))))
+        imats = [_imatrix_for(e, opts) for e in entries]
+        start = 0
+        while start < info.n_rows:
+            stop = min(start + step, (start // per_expert + 1) * per_expert)
+            expert = start // per_expert
+            jobs = [(None if e.dst == e.src else e.dst, None if w is None else w[expert * ne0 : (expert + 1) * ne0])
+                    for e, w in zip(entries, imats)]
+            if pool is None:
+                work = _quantize_chunk(rows[start:stop], info.name, info.type, ne0, jobs)
+            else:
+                work = pool.submit(_quantize_from_file, src.path, info.offset + start * row_bytes, stop - start,
+                                   row_bytes, info.name, info.type, ne0, jobs)
+            yield entries, start == 0, stop == info.n_rows, work
+            start = stop
+
+
+def _in_order(items: Iterator[tuple], pool: Executor | None) -> Iterator[tuple[list[PlanEntry], bool, bool, list[np.ndarray]]]:
+    """Resolve work items in order, keeping a bounded window in flight across tensor boundaries:
+    enough to keep every worker busy while the parent writes, few enough to bound memory."""
+    width = 1 if pool is None else 4 * pool._max_workers
+    pending: list[tuple] = []
+
+    def done(item: tuple) -> tuple:
+        entries, first, last, work = item
+        return entries, first, last, work if isinstance(work, list) else work.result()
+
+    for item in items:
+        pending.append(item)
+        if len(pending) >= width:
+            yield done(pending.pop(0))
+    for item in pending:
+        yield done(item)
 
 
 def _imatrix_for(e: PlanEntry, opts: QuantizeOptions) -> np.ndarray | None:
