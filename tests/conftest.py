@@ -44,3 +44,16 @@ def synth256(smollm2_q4_1, tmp_path_factory) -> Path:
     """4 layers, n_embd 256, n_ff 768, 4 heads / 2 kv heads, tied embeddings, F16."""
     mk = load_script("make_synthetic_model")
     return mk.make_model(tmp_path_factory.mktemp("synth") / "synth256-f16.gguf", smollm2_q4_1)
+
+
+def llama_quantize(inp: Path, out: Path, ftype_id: int) -> None:
+    """llama.cpp's own quantizer (byte-identical to llama-quantize), the oracle for whole files."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype_id
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize failed with {rc}"

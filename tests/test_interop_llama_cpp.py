@@ -5,13 +5,12 @@ Oracles here are llama.cpp itself: its runtime LoRA against loraq's merge, and i
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 
 import numpy as np
 import pytest
 
-from conftest import load_script
+from conftest import llama_quantize, load_script
 
 pytestmark = pytest.mark.interop
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -35,13 +34,6 @@ def _logits(path, lora=None, scale=1.0):
     del llm
     return out
 
-
-def _llama_quantize(inp, out, ftype_id: int) -> None:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype_id
-    params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize failed with {rc}"
 
 
 def _sha(p) -> str:
@@ -84,7 +76,7 @@ def test_quantize_file_byte_identical_to_llama_cpp(merged_f16, tmp_path, ftype):
 
     ours, theirs = tmp_path / f"loraq-{ftype}.gguf", tmp_path / f"llama-{ftype}.gguf"
     quantize_model(merged_f16, ours, ftype, QuantizeOptions(threads=2))
-    _llama_quantize(merged_f16, theirs, LEGACY[ftype])
+    llama_quantize(merged_f16, theirs, LEGACY[ftype])
     assert ours.stat().st_size == theirs.stat().st_size
     assert _sha(ours) == _sha(theirs)
 
@@ -98,7 +90,7 @@ def test_synthetic_256_file_byte_identical_to_llama_cpp(synth256, tmp_path):
             quantize_model(synth256, ours, ftype, QuantizeOptions(threads=2))
         except Exception as exc:  # the tied token_embd goes to q6_K: needs the K-quant kernels
             pytest.skip(f"needs a K type: {exc}")
-        _llama_quantize(synth256, theirs, LEGACY[ftype])
+        llama_quantize(synth256, theirs, LEGACY[ftype])
         assert _sha(ours) == _sha(theirs), ftype
 
 

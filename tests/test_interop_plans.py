@@ -5,12 +5,11 @@ A byte mismatch first reports which tensors got a different type, then which dif
 
 from __future__ import annotations
 
-import ctypes
 
 import gguf
 import pytest
 
-from conftest import load_script
+from conftest import llama_quantize, load_script
 from loraq.ggml_types import file_type
 from loraq.gguf import open_gguf
 from loraq.quant import can_quantize
@@ -33,13 +32,6 @@ def models(smollm2_f16, smollm2_q4_1, synth256, tmp_path_factory):
     return {"smollm2": smollm2_f16, "synth256": synth256, "gqa4": gqa, "moe8": moe}
 
 
-def _llama_quantize(inp, out, ftype_id: int) -> None:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype_id
-    params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize failed with {rc}"
-
 
 def _types(path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
@@ -47,7 +39,7 @@ def _types(path) -> dict[str, str]:
 
 @pytest.mark.parametrize("ftype", FTYPES)
 @pytest.mark.parametrize("model", ["smollm2", "synth256", "gqa4", "moe8"])
-def test_file_equals_llama_quantize(models, tmp_path, model, ftype):
+def test_file_equalsllama_quantize(models, tmp_path, model, ftype):
     src = models[model]
     ft = file_type(ftype)
     with open_gguf(src) as f:
@@ -57,7 +49,7 @@ def test_file_equals_llama_quantize(models, tmp_path, model, ftype):
         pytest.skip(f"kernels not implemented yet: {missing}")
     ours, theirs = tmp_path / "loraq.gguf", tmp_path / "llama.gguf"
     quantize_model(src, ours, ftype, QuantizeOptions(threads=2))
-    _llama_quantize(src, theirs, ft.id)
+    llama_quantize(src, theirs, ft.id)
     a, b = _types(ours), _types(theirs)
     diff = {n: (a[n], b.get(n)) for n in a if a[n] != b.get(n)}
     assert not diff, f"{len(diff)} tensor types differ (loraq, llama.cpp): {dict(list(diff.items())[:6])}"
