@@ -9,30 +9,24 @@ Usage: python scripts/bench_iquants.py [--weights N] [--repeat R]"""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import ROOT, best_time, smollm2  # noqa: E402,F401
 
 CASES = [("iq4_nl", False), ("iq4_nl", True), ("iq4_xs", False), ("iq4_xs", True), ("tq1_0", False), ("tq2_0", False)]
 
 
-def _model_path() -> Path:
-    spec = importlib.util.spec_from_file_location("fetch_smollm2", ROOT / "scripts" / "fetch_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.fetch()
 
 
 def load_rows(n_weights: int) -> np.ndarray:
     from loraq.gguf import open_gguf
 
-    f = open_gguf(_model_path())
+    f = open_gguf(smollm2())
     rows, total, layer = [], 0, 0
     while total < n_weights and f.has_tensor(f"blk.{layer}.ffn_down.weight"):
         w = f.read_f32(f.tensor(f"blk.{layer}.ffn_down.weight"))  # 576 x 1536
@@ -43,13 +37,6 @@ def load_rows(n_weights: int) -> np.ndarray:
     return np.ascontiguousarray(x[: -(-n_weights // x.shape[1])])
 
 
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    best, res = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        res = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, res
 
 
 def main() -> None:

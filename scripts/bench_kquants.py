@@ -17,30 +17,25 @@ import os
 os.environ["LIBGGUF_NUM_THREADS"] = "1"  # before libgguf is imported: one native thread
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import ROOT, best_time, smollm2  # noqa: E402,F401
 
 TYPES = ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
 
 
-def _model_path() -> Path:
-    spec = importlib.util.spec_from_file_location("fetch_smollm2", ROOT / "scripts" / "fetch_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.fetch()
 
 
 def load_rows(layers: int, random_rows: int) -> np.ndarray:
     from loraq.gguf import open_gguf
 
-    f = open_gguf(_model_path())
+    f = open_gguf(smollm2())
     parts = [f.read_f32(f.tensor(f"blk.{i}.ffn_down.weight")) for i in range(layers)]  # 576 x 1536 each
     rng = np.random.default_rng(0)
     parts.append((rng.standard_normal((random_rows, 1536)) * 0.05).astype(np.float32))

@@ -7,30 +7,24 @@ Usage: python scripts/bench_quant.py [--weights N] [--repeat R]"""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import ROOT, best_time, smollm2  # noqa: E402,F401
 
 TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 
 
-def _model_path() -> Path:
-    spec = importlib.util.spec_from_file_location("fetch_smollm2", ROOT / "scripts" / "fetch_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.fetch()
 
 
 def load_rows(n_weights: int) -> np.ndarray:
     from loraq.gguf import open_gguf
 
-    f = open_gguf(_model_path())
+    f = open_gguf(smollm2())
     rows, total, layer = [], 0, 0
     while total < n_weights:
         for part in ("ffn_up", "ffn_gate", "ffn_down"):
@@ -46,13 +40,6 @@ def load_rows(n_weights: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(rows)[: -(-n_weights // 576)])
 
 
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    best, res = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        res = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, res
 
 
 def main() -> None:
