@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..convert import convert_adapter
 from ..errors import BadArguments
 from ..merge import AdapterSpec, merge_model
-from ..quantize.driver import QuantizeOptions, quantize_many, quantize_model
+from ..quantize.driver import QuantizeOptions, quantize_many
 from .checkpoint import Manifest, Verdict, check_stage, cpu_threads, record_stage
 from .config import Config
 
@@ -29,10 +29,10 @@ class Stage:
     settings: dict[str, Any]  # only what changes the output bytes
     inputs: dict[str, Path]
     outputs: list[Path]
-    action: Callable[[], None]
+    action: Callable[[], None] | None  # None for batched stages: batch_run runs them
     after: list[str] = field(default_factory=list)  # upstream stages whose outputs are inputs here
     # Stages with the same batch key that are due together run as one call (quantize: the F16 is
-    # read once for every type); batch_run receives them all.
+    # read once for every type); batch_run receives every due stage of the batch, one or more.
     batch_key: str | None = None
     batch_run: Callable[[list["Stage"]], None] | None = None
 
@@ -105,7 +105,7 @@ def build_stages(cfg: Config) -> list[Stage]:
             out = wd / f"{prefix}-{t}.gguf"
             stages.append(Stage(
                 f"{kind}:{t}", kind, {"type": t, **qsettings}, {"base" if prefix == "base" else merged.stem: src}, [out],
-                (lambda t=t, out=out, src=src: quantize_model(src, out, t, opts) and None), after=list(after),
+                None, after=list(after),
                 batch_key=f"quantize:{prefix}", batch_run=run_batch,
             ))
 
@@ -246,7 +246,7 @@ def run_pipeline(cfg: Config, force: str | None = None, until: str | None = None
         for b, reason in batch:
             emit({"event": "stage_started", "stage": b.name, "reason": reason})
         t0 = time.perf_counter()
-        if len(batch) > 1 and s.batch_run is not None:
+        if s.batch_run is not None:
             s.batch_run([b for b, _ in batch])
         else:
             s.action()
@@ -260,5 +260,6 @@ def run_pipeline(cfg: Config, force: str | None = None, until: str | None = None
                   "outputs": [{"path": str(o), "size_bytes": o.stat().st_size} for o in b.outputs]})
             reports.append(StageReport(b.name, "ran", reason, b.outputs, dt))
     m.save()
-    reports.sort(key=lambda r: [x.name for x in stages].index(r.name))
+    order = {x.name: i for i, x in enumerate(stages)}
+    reports.sort(key=lambda r: order[r.name])
     return reports
