@@ -93,18 +93,7 @@ class GGUFFile:
         """The tensor's stored bytes as a uint8 array."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        buf = bytearray(t.nbytes)
-        view = memoryview(buf)
-        got = 0
-        try:
-            while got < t.nbytes:
-                n = os.preadv(self._fd, [view[got:]], t.offset + got)
-                if n == 0:
-                    raise BadInput(f"{self.path} is truncated inside tensor {t.name}")
-                got += n
-        except OSError as exc:
-            raise io_error(exc, self.path, "read") from exc
-        return np.frombuffer(buf, dtype=np.uint8)
+        return read_exact(self._fd, self.path, t.offset, t.nbytes, t.name)
 
     def read_f32(self, t: TensorInfo) -> np.ndarray:
         """The tensor dequantized to float32, numpy shape (…, ne[0])."""
@@ -122,6 +111,22 @@ class GGUFFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_exact(fd: int, path: Path, offset: int, nbytes: int, tensor: str) -> np.ndarray:
+    """`nbytes` bytes at `offset` of an open file, as a fresh uint8 array (pread, no memory map)."""
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    got = 0
+    try:
+        while got < nbytes:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise BadInput(f"{path} is truncated inside tensor {tensor}")
+            got += n
+    except OSError as exc:
+        raise io_error(exc, path, "read") from exc
+    return np.frombuffer(buf, dtype=np.uint8)
 
 
 # A pipeline opens the same base several times: keep the last few parsed headers, keyed by the

@@ -6,6 +6,7 @@ row chunks, so memory follows the largest chunk rather than the model."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from gguf import GGUFValueType
 from ..errors import BadArguments, BadInput
 from ..ggml_types import FileType, GGMLType, file_type
 from ..gguf import GGUFFile, KVList, open_gguf
+from ..gguf.reader import read_exact
 from ..gguf.writer import GGUFStreamWriter, OutTensor
 from ..quant import can_quantize, dequantize, quantize
 from .rules import ModelFacts, TypeOptions, TypePlanner, category, iteration_order, requires_imatrix
@@ -104,13 +106,6 @@ def plan_quantize(src: GGUFFile, ftype: FileType, opts: QuantizeOptions, dry_run
     """Each tensor's target type, in output order, and the number of shape fallbacks."""
     if src.get("split.count") is not None:
         raise BadArguments(f"{src.path} is a split model; merge the shards with llama-gguf-split first")
-    for p, _ in opts.tensor_types:
-        try:
-            import re
-
-            re.compile(p)
-        except re.error as exc:
-            raise BadArguments(f"--tensor-type pattern '{p}' is not a valid regular expression ({exc})") from exc
     planner = TypePlanner(ftype, model_facts(src), _type_options(opts))
     plan = []
     for name in iteration_order([t.name for t in src.tensors]):
@@ -225,14 +220,11 @@ def _quantize_from_file(path: Path, offset: int, n_rows: int, row_bytes: int, na
                         jobs: list[tuple[GGMLType, np.ndarray | None]]) -> list[np.ndarray]:
     """_quantize_chunk in a worker process, which reads its rows itself: the parent then moves only
     the (smaller) blocks, not the input, between processes."""
-    nbytes = n_rows * row_bytes
-    buf = bytearray(nbytes)
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        got = f.readinto(buf)
-    if got != nbytes:
-        raise BadInput(f"{path} is truncated inside tensor {name}")
-    chunk = np.frombuffer(buf, dtype=np.uint8).reshape(n_rows, row_bytes)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunk = read_exact(fd, path, offset, n_rows * row_bytes, name).reshape(n_rows, row_bytes)
+    finally:
+        os.close(fd)
     return _quantize_chunk(chunk, name, src, ne0, jobs)
 
 

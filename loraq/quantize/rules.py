@@ -131,7 +131,7 @@ class TypePlanner:
         self.default = T(ftype.default)
         self.i_attention_wv = self.i_ffn_down = self.i_ffn_gate = self.i_ffn_up = 0
         self.n_fallback = 0
-        self._overrides = [(re.compile(p.lower()), t, p) for p, t in opts.tensor_types]
+        self._overrides = [(_pattern(p), t, p) for p, t in opts.tensor_types]
 
     def choose(self, name: str, ne: tuple[int, ...], current: GGMLType, n_dims: int) -> Choice:
         o = self.opts
@@ -272,6 +272,14 @@ class TypePlanner:
             if ne[0] % new.block:
                 new = F16
         return Choice(new, f"{reason}; {t.name} -> {new.name} (row length {ne[0]} not a multiple of {t.block})", True)
+
+
+def _pattern(p: str) -> re.Pattern:
+    """A --tensor-type pattern as llama-quantize uses it: lowercased, searched in the name."""
+    try:
+        return re.compile(p.lower())
+    except re.error as exc:
+        raise BadArguments(f"--tensor-type pattern '{p}' is not a valid regular expression ({exc})") from exc
 
 
 def requires_imatrix(ftype: FileType, t: GGMLType, name: str) -> bool:
