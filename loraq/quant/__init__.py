@@ -14,7 +14,8 @@ import numpy as np
 from ..errors import BadArguments
 from ..ggml_types import GGMLType, ggml_type
 
-# qtype name -> fn(rows float32 (n, k), imatrix float32 (k,) | None) -> uint8 (n, row_bytes)
+# qtype name -> fn(rows float32 (n, k), imatrix float32 (k,) | None) -> uint8 (n, row_bytes);
+# `quantize` has already checked both shapes.
 Quantizer = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 QUANTIZERS: dict[str, Quantizer] = {}
 
@@ -39,6 +40,10 @@ def quantize(rows: np.ndarray, qtype: GGMLType | str, imatrix: np.ndarray | None
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if rows.ndim != 2 or rows.shape[1] % t.block:
         raise ValueError(f"{t.name} needs 2-D rows whose length is a multiple of {t.block}, got {rows.shape}")
+    if imatrix is not None:  # kernels receive a contiguous float32 vector of one weight per column
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        if imatrix.shape[0] != rows.shape[1]:
+            raise ValueError(f"imatrix has {imatrix.shape[0]} values, rows have {rows.shape[1]}")
     return fn(rows, imatrix)
 
 

@@ -241,10 +241,7 @@ def _driver(rows: np.ndarray, imatrix: np.ndarray | None, qk: int, nbytes: int, 
     per_row = k // qk
     qwr = None
     if imatrix is not None:
-        qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
-        if qw.shape[0] != k:
-            raise ValueError(f"imatrix has {qw.shape[0]} values, rows have {k}")
-        qwr = qw.reshape(per_row, qk)
+        qwr = imatrix.reshape(per_row, qk)
     out = np.empty((nb, nbytes), dtype=np.uint8)
     cache: dict = {}
     step = max(1, CHUNK // qk)

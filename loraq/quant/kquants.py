@@ -397,10 +397,7 @@ def _run(rows: np.ndarray, imatrix: np.ndarray | None, kern: Kernel, nbytes: int
     nb = xb.shape[0]
     qwb = None
     if imatrix is not None:
-        qwb = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
-        if qwb.shape[0] != k:
-            raise ValueError(f"imatrix has {qwb.shape[0]} values, rows have {k}")
-        qwb = qwb.reshape(nbpr, QK_K)
+        qwb = imatrix.reshape(nbpr, QK_K)
     out = np.empty((nb, nbytes), dtype=U8)
     step = max(1, CHUNK // QK_K)
     for s0 in range(0, nb, step * SUPER):

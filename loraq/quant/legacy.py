@@ -169,9 +169,6 @@ def row_sigma2(x: np.ndarray) -> np.ndarray:
 
 def _run_imat(rows: np.ndarray, qw: np.ndarray, kernel, nbytes: int) -> np.ndarray:
     n, k = rows.shape
-    qw = np.ascontiguousarray(qw, dtype=np.float32).reshape(-1)
-    if qw.shape[0] != k:
-        raise ValueError(f"imatrix has {qw.shape[0]} values, rows have {k}")
     out = np.empty((n, k // QK * nbytes), dtype=np.uint8)
     step = max(1, CHUNK // k)
     for r0 in range(0, n, step):
