@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional, TypeVar
+from typing import TypeVar
 
 import typer
 from rich.console import Console
@@ -17,8 +18,12 @@ from rich.table import Table
 
 from .errors import LoraqError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="LoRA fine-tune -> llama.cpp GGUF files, with proof the fine-tune survived.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="LoRA fine-tune -> llama.cpp GGUF files, with proof the fine-tune survived.",
+)
 err = Console(stderr=True, highlight=False)
 # Tables are data: when stdout is not a terminal, do not squeeze them into 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -38,7 +43,7 @@ def _call(fn: Callable[[], R]) -> R:
     except KeyboardInterrupt:
         err.print("interrupted; finished outputs are kept, partial ones were removed")
         raise typer.Exit(130) from None
-    except Exception as exc:  # noqa: BLE001 - the boundary for anything unexpected
+    except Exception as exc:
         if _state["verbose"]:
             traceback.print_exc()
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -86,7 +91,7 @@ def convert(
         err.print(f"note: {note}")
 
 
-def _parse_scaled(values: List[str]) -> list[tuple[Path, float]]:
+def _parse_scaled(values: list[str]) -> list[tuple[Path, float]]:
     pairs = []
     for v in values:
         path, sep, scale = v.rpartition(":")
@@ -103,17 +108,19 @@ def _parse_scaled(values: List[str]) -> list[tuple[Path, float]]:
 @app.command()
 def merge(
     base: Path = typer.Argument(..., help="Base model GGUF (F32/F16/BF16)."),
-    lora: List[Path] = typer.Option([], "--lora", help="Adapter (GGUF LoRA or PEFT folder) with scale 1.0; repeatable."),
-    lora_scaled: List[str] = typer.Option([], "--lora-scaled", help="PATH:SCALE; repeatable."),
+    lora: list[Path] = typer.Option([], "--lora", help="Adapter (GGUF LoRA or PEFT folder) with scale 1.0; repeatable."),
+    lora_scaled: list[str] = typer.Option([], "--lora-scaled", help="PATH:SCALE; repeatable."),
     output: Path = typer.Option(..., "-o", "--output", help="Merged GGUF."),
     outtype: str = typer.Option("f16", "--outtype", help="f16, bf16 or f32."),
-    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Accept a quantized base (dequantized; the result is quantized twice)."),
+    allow_requantize: bool = typer.Option(
+        False, "--allow-requantize", help="Accept a quantized base (dequantized; the result is quantized twice)."
+    ),
 ) -> None:
     """W + scale·(alpha/r)·B·A into one GGUF (llama-export-lora, rounded once from float64)."""
     from .merge import AdapterSpec, merge_model
 
     specs = [AdapterSpec(p, 1.0) for p in lora] + [AdapterSpec(p, s) for p, s in _parse_scaled(lora_scaled)]
-    from .gguf import open_gguf
+    from .gguf_io import open_gguf
 
     n = _call(lambda: len(open_gguf(base).tensors))
     prog, tick = _progress(n, "merge")
@@ -134,23 +141,23 @@ class _null:
 
 @app.command()
 def quantize(
-    args: List[str] = typer.Argument(..., help="IN [OUT] TYPE, as llama-quantize."),
-    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (GGUF or legacy .dat)."),
-    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type"),
-    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type"),
-    tensor_type: List[str] = typer.Option([], "--tensor-type", help="PATTERN=TYPE; first match wins; repeatable."),
+    args: list[str] = typer.Argument(..., help="IN [OUT] TYPE, as llama-quantize."),
+    imatrix: Path | None = typer.Option(None, "--imatrix", help="Importance matrix (GGUF or legacy .dat)."),
+    output_tensor_type: str | None = typer.Option(None, "--output-tensor-type"),
+    token_embedding_type: str | None = typer.Option(None, "--token-embedding-type"),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="PATTERN=TYPE; first match wins; repeatable."),
     pure: bool = typer.Option(False, "--pure", help="No mixture rules: every quantizable tensor gets TYPE."),
     leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor"),
     allow_requantize: bool = typer.Option(False, "--allow-requantize"),
-    include_weights: List[str] = typer.Option([], "--include-weights"),
-    exclude_weights: List[str] = typer.Option([], "--exclude-weights"),
+    include_weights: list[str] = typer.Option([], "--include-weights"),
+    exclude_weights: list[str] = typer.Option([], "--exclude-weights"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the size; write nothing."),
     threads: int = typer.Option(0, "--threads", "-t", help="Worker threads (0: all cores)."),
 ) -> None:
     """Quantize a GGUF with llama-quantize's per-tensor type rules; byte-identical blocks."""
     from .ggml_types import file_type
-    from .quantize.driver import QuantizeOptions, quantize_model
     from .pipeline.checkpoint import cpu_threads
+    from .quantize.driver import QuantizeOptions, quantize_model
 
     if len(args) not in (2, 3):
         err.print("[red]error:[/red] usage: loraq quantize IN [OUT] TYPE")
@@ -171,12 +178,14 @@ def quantize(
             err.print(f"[red]error:[/red] --tensor-type expects PATTERN=TYPE, got '{spec}'")
             raise typer.Exit(2)
         tts.append((pat, t))
-    opts = QuantizeOptions(output_tensor_type, token_embedding_type, tts, pure, leave_output_tensor, allow_requantize, None, cpu_threads(threads))
+    opts = QuantizeOptions(
+        output_tensor_type, token_embedding_type, tts, pure, leave_output_tensor, allow_requantize, None, cpu_threads(threads)
+    )
     if dry_run:
         res = _call(lambda: quantize_model(inp, None, fobj.name, opts, dry_run=True))
         _print_plan(res)
         return
-    from .gguf import open_gguf
+    from .gguf_io import open_gguf
 
     n = _call(lambda: len(open_gguf(inp).tensors))
     prog, tick = _progress(n, f"quantize {fobj.name}")
@@ -199,15 +208,15 @@ def _print_plan(res) -> None:
 def compare(
     base: Path = typer.Argument(..., help="The F16/BF16/F32 base model GGUF (the reference is base + adapters)."),
     text: Path = typer.Option(..., "-f", "--text", help="Evaluation text (UTF-8), or a .json list of token ids."),
-    lora: List[Path] = typer.Option([], "--lora", help="Adapter (GGUF LoRA or PEFT folder), scale 1.0; repeatable."),
-    lora_scaled: List[str] = typer.Option([], "--lora-scaled", help="PATH:SCALE; repeatable."),
-    merged: List[Path] = typer.Option([], "--merged", help="A merged-then-quantized GGUF to score; repeatable."),
-    runtime: List[Path] = typer.Option([], "--runtime", help="A quantized base to score with the adapters applied at runtime; repeatable."),
+    lora: list[Path] = typer.Option([], "--lora", help="Adapter (GGUF LoRA or PEFT folder), scale 1.0; repeatable."),
+    lora_scaled: list[str] = typer.Option([], "--lora-scaled", help="PATH:SCALE; repeatable."),
+    merged: list[Path] = typer.Option([], "--merged", help="A merged-then-quantized GGUF to score; repeatable."),
+    runtime: list[Path] = typer.Option([], "--runtime", help="A quantized base to score with the adapters applied at runtime; repeatable."),
     workdir: Path = typer.Option(..., "-o", "--workdir", help="Where reference.kld and report.json/.md/.html go."),
     ctx: int = typer.Option(256, "-c", "--ctx", help="Tokens per chunk (as llama-perplexity -c)."),
     chunks: int = typer.Option(16, "--chunks", help="Number of chunks to score."),
-    max_kld_mean: Optional[float] = typer.Option(None, "--max-kld-mean", help="Gate: fail (exit 3) above this mean KLD."),
-    min_same_top: Optional[float] = typer.Option(None, "--min-same-top", help="Gate: fail below this same-top fraction."),
+    max_kld_mean: float | None = typer.Option(None, "--max-kld-mean", help="Gate: fail (exit 3) above this mean KLD."),
+    min_same_top: float | None = typer.Option(None, "--min-same-top", help="Gate: fail below this same-top fraction."),
     threads: int = typer.Option(0, "--threads", "-t"),
 ) -> None:
     """KL divergence of each file against base + adapter (llama-perplexity --kl-divergence, many at once)."""
@@ -222,9 +231,20 @@ def compare(
     ref = workdir / "reference.kld"
     _call(lambda: build_reference(base, adapters, text, ctx, chunks, ref, threads))
     cands = [Candidate("base", "base", "F16", base)]
-    cands += [Candidate(p.stem if p.stem.startswith("merged") else f"merged-{p.stem}", "merged", p.stem.rsplit("-", 1)[-1], p) for p in merged]
-    cands += [Candidate(f"runtime-{p.stem.rsplit('-', 1)[-1]}", "runtime_lora", p.stem.rsplit("-", 1)[-1], p, adapters,
-                        [p, *(a for a, _ in adapters if a.is_file())]) for p in runtime]
+    cands += [
+        Candidate(p.stem if p.stem.startswith("merged") else f"merged-{p.stem}", "merged", p.stem.rsplit("-", 1)[-1], p) for p in merged
+    ]
+    cands += [
+        Candidate(
+            f"runtime-{p.stem.rsplit('-', 1)[-1]}",
+            "runtime_lora",
+            p.stem.rsplit("-", 1)[-1],
+            p,
+            adapters,
+            [p, *(a for a, _ in adapters if a.is_file())],
+        )
+        for p in runtime
+    ]
     gates = Gates(max_kld_mean=max_kld_mean, min_same_top=min_same_top)
     report = _call(lambda: compare_models(ref, cands, text, workdir, gates, threads))
     from types import SimpleNamespace
@@ -258,8 +278,8 @@ def inspect(file: Path = typer.Argument(..., help="A GGUF file.")) -> None:
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="The pipeline's YAML config."),
-    force: Optional[str] = typer.Option(None, "--force", is_flag=False, flag_value="all", help="Rerun every stage, or --force=STAGE."),
-    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (name or kind)."),
+    force: str | None = typer.Option(None, "--force", is_flag=False, flag_value="all", help="Rerun every stage, or --force=STAGE."),
+    until: str | None = typer.Option(None, "--until", help="Stop after this stage (name or kind)."),
     json_events: bool = typer.Option(False, "--json", help="One JSON object per event on stdout."),
 ) -> None:
     """The whole chain, skipping stages that are up to date."""
@@ -282,9 +302,25 @@ def run(
     reports = _call(lambda: run_pipeline(cfg, force=force, until=until, on_event=on_event))
     failures = _call(lambda: gate_failures(cfg))
     if json_events:
-        sys.stdout.write(json.dumps({"event": "summary", "stages": [
-            {"stage": r.name, "status": r.status, "reason": r.reason, "seconds": round(r.seconds, 3),
-             "outputs": [str(o) for o in r.outputs]} for r in reports], "gates": {"passed": not failures, "failures": failures}}) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "event": "summary",
+                    "stages": [
+                        {
+                            "stage": r.name,
+                            "status": r.status,
+                            "reason": r.reason,
+                            "seconds": round(r.seconds, 3),
+                            "outputs": [str(o) for o in r.outputs],
+                        }
+                        for r in reports
+                    ],
+                    "gates": {"passed": not failures, "failures": failures},
+                }
+            )
+            + "\n"
+        )
         _fail_gates(failures)
         return
     t = Table(title=f"{cfg.name}: {cfg.workdir_path}")
@@ -294,8 +330,14 @@ def run(
         for i, o in enumerate(r.outputs):
             size = _size(o.stat().st_size) if o.exists() else "-"
             first = i == 0
-            t.add_row(r.name if first else "", r.status if first else "", r.reason if first else "",
-                      f"{r.seconds:.1f}" if first and r.status == "ran" else "", o.name, size)
+            t.add_row(
+                r.name if first else "",
+                r.status if first else "",
+                r.reason if first else "",
+                f"{r.seconds:.1f}" if first and r.status == "ran" else "",
+                o.name,
+                size,
+            )
     out.print(t)
     _print_report(cfg)
     _fail_gates(failures)
@@ -306,15 +348,25 @@ def _print_report(cfg) -> None:
     if cfg.compare is None or not report.exists():
         return
     rep = json.loads(report.read_text())
-    t = Table(title=f"what the fine-tune kept (reference {rep['reference']['name']}, PPL {rep['reference']['ppl']:.3f}; "
-                    f"adapter effect KLD {rep['adapter_effect']['kld_mean'] or 0:.4f})")
+    t = Table(
+        title=f"what the fine-tune kept (reference {rep['reference']['name']}, PPL {rep['reference']['ppl']:.3f}; "
+        f"adapter effect KLD {rep['adapter_effect']['kld_mean'] or 0:.4f})"
+    )
     for c in ("variant", "size", "bpw", "PPL", "KLD mean", "KLD p99", "same top", "effect kept"):
         t.add_column(c)
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     num = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     for v in rep["variants"]:
-        t.add_row(v["name"], _size(v["size_bytes"]), num(v["bpw"], ".2f"), num(v["ppl"], ".3f"), num(v["kld_mean"], ".5f"),
-                  num(v["kld_p99"], ".4f"), pct(v["same_top"]), pct(v["effect_retention"]))
+        t.add_row(
+            v["name"],
+            _size(v["size_bytes"]),
+            num(v["bpw"], ".2f"),
+            num(v["ppl"], ".3f"),
+            num(v["kld_mean"], ".5f"),
+            num(v["kld_p99"], ".4f"),
+            pct(v["same_top"]),
+            pct(v["effect_retention"]),
+        )
     out.print(t)
     out.print(f"report: {cfg.workdir_path / 'report.html'}")
 

@@ -78,10 +78,7 @@ def ggml_type(name_or_id: str | int | GGMLType) -> GGMLType:
         raise BadArguments(f"unknown ggml tensor type id {name_or_id}")
     t = BY_NAME.get(name_or_id.lower())
     if t is None:
-        raise BadArguments(
-            f"unknown tensor type '{name_or_id}'; expected one of: "
-            + ", ".join(sorted(x.name for x in _TYPES))
-        )
+        raise BadArguments(f"unknown tensor type '{name_or_id}'; expected one of: " + ", ".join(sorted(x.name for x in _TYPES)))
     return t
 
 

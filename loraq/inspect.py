@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf import open_gguf
+from .gguf_io import open_gguf
 
 
 @dataclass

@@ -169,7 +169,7 @@ def run_script_main(name: str, argv: list[str]) -> None:
     except SystemExit as exc:
         if exc.code not in (0, None):
             print(f"scripts/{name}.py exited with {exc.code}")
-    except Exception as exc:  # noqa: BLE001 - one peer script failing must not stop the report
+    except Exception as exc:
         print(f"scripts/{name}.py failed: {type(exc).__name__}: {exc}")
     finally:
         sys.argv = old
@@ -187,8 +187,10 @@ def bench_merge(base: Path, adapter: Path, tmp: Path) -> None:
     size = out.stat().st_size
     out.unlink()
     print(f"base {base.name} ({base.stat().st_size / 2**20:.0f} MiB) + {adapter.name} (PEFT, rank 16, all 7 projections x 30 layers)")
-    print(f"merge_model (convert + merge, f16 out, {size / 2**20:.0f} MiB): {r['seconds']:6.2f} s   peak RSS {mib(r['maxrss_kib'])}"
-          f"   (child after imports only: {mib(base_rss['maxrss_kib'])})")
+    print(
+        f"merge_model (convert + merge, f16 out, {size / 2**20:.0f} MiB): {r['seconds']:6.2f} s   peak RSS {mib(r['maxrss_kib'])}"
+        f"   (child after imports only: {mib(base_rss['maxrss_kib'])})"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,20 +199,24 @@ def bench_merge(base: Path, adapter: Path, tmp: Path) -> None:
 def bench_large(model: Path, tmp: Path) -> None:
     try:
         import llama_cpp  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         llama_ok = f"llama-cpp-python unavailable ({type(exc).__name__}: {exc}); install with `make test-interop`"
     else:
         llama_ok = ""
     from loraq.ggml_types import file_type
 
-    print(f"input {model.name}: {model.stat().st_size / 1e6:.0f} MB, "
-          + ", ".join(f"{k} {v}" for k, v in SYNTH.items()) + "; 2 threads each; one fresh child per measurement")
+    print(
+        f"input {model.name}: {model.stat().st_size / 1e6:.0f} MB, "
+        + ", ".join(f"{k} {v}" for k, v in SYNTH.items())
+        + "; 2 threads each; one fresh child per measurement"
+    )
     l_setup = "from pathlib import Path\nfrom loraq.quantize.driver import QuantizeOptions, quantize_model"
     c_setup = "import ctypes\nimport llama_cpp\nllama_cpp.llama_backend_init()"
     l_idle = child(l_setup, "pass")
     c_idle = child(c_setup, "pass") if not llama_ok else None
-    print(f"child RSS after imports only: loraq {mib(l_idle['maxrss_kib'])}"
-          + (f", llama.cpp {mib(c_idle['maxrss_kib'])}" if c_idle else ""))
+    print(
+        f"child RSS after imports only: loraq {mib(l_idle['maxrss_kib'])}" + (f", llama.cpp {mib(c_idle['maxrss_kib'])}" if c_idle else "")
+    )
     print(f"{'type':6} {'loraq s':>8} {'llama s':>8} {'time l/c':>9}   {'loraq RSS':>11} {'llama RSS':>11} {'RSS l/c':>8}   output")
     for t in ("Q8_0", "Q4_0", "Q4_K_M"):
         ours, theirs = tmp / f"loraq-{t}.gguf", tmp / f"llama-{t}.gguf"
@@ -218,7 +224,9 @@ def bench_large(model: Path, tmp: Path) -> None:
         # loraq quantizes in 2 worker processes: count the parent plus 2x the largest worker
         lr["maxrss_kib"] += 2 * lr.get("workers_kib", 0)
         if llama_ok:
-            print(f"{t:6} {lr['seconds']:8.2f} {'-':>8} {'-':>9}   {mib(lr['maxrss_kib']):>11} {'-':>11} {'-':>8}   {ours.stat().st_size / 1e6:.0f} MB")
+            print(
+                f"{t:6} {lr['seconds']:8.2f} {'-':>8} {'-':>9}   {mib(lr['maxrss_kib']):>11} {'-':>11} {'-':>8}   {ours.stat().st_size / 1e6:.0f} MB"
+            )
             ours.unlink()
             continue
         body = (
@@ -232,9 +240,11 @@ def bench_large(model: Path, tmp: Path) -> None:
         size = ours.stat().st_size
         ours.unlink()
         theirs.unlink()
-        print(f"{t:6} {lr['seconds']:8.2f} {cr['seconds']:8.2f} {lr['seconds'] / cr['seconds']:9.2f}   "
-              f"{mib(lr['maxrss_kib']):>11} {mib(cr['maxrss_kib']):>11} {lr['maxrss_kib'] / cr['maxrss_kib']:8.2f}   "
-              f"{size / 1e6:.0f} MB, {same}")
+        print(
+            f"{t:6} {lr['seconds']:8.2f} {cr['seconds']:8.2f} {lr['seconds'] / cr['seconds']:9.2f}   "
+            f"{mib(lr['maxrss_kib']):>11} {mib(cr['maxrss_kib']):>11} {lr['maxrss_kib'] / cr['maxrss_kib']:8.2f}   "
+            f"{size / 1e6:.0f} MB, {same}"
+        )
     # Thread scaling: the same K-type model quantized with 1 and with 2 threads.
     one = tmp / "loraq-1t.gguf"
     r1 = child(l_setup, f"quantize_model(Path({str(model)!r}), Path({str(one)!r}), 'Q4_K_M', QuantizeOptions(threads=1))")
@@ -244,9 +254,11 @@ def bench_large(model: Path, tmp: Path) -> None:
     print(f"Q4_K_M loraq 1 thread {r1['seconds']:.2f} s, 2 threads {r2['seconds']:.2f} s: speed-up {r1['seconds'] / r2['seconds']:.2f}x")
     if llama_ok:
         print(llama_ok)
-    print("(seconds: the quantize call alone, imports excluded; RSS: the child's peak, imports included, plus 2x the"
-          " largest worker process for loraq;"
-          " l/c = loraq / llama.cpp, lower is better for loraq)")
+    print(
+        "(seconds: the quantize call alone, imports excluded; RSS: the child's peak, imports included, plus 2x the"
+        " largest worker process for loraq;"
+        " l/c = loraq / llama.cpp, lower is better for loraq)"
+    )
 
 
 def main() -> None:
@@ -260,11 +272,15 @@ def main() -> None:
 
     t_all = time.perf_counter()
     print(f"loraq bench  {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"machine: {platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} CPUs "
-          f"(affinity {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}), "
-          f"Python {platform.python_version()}")
-    print(f"numpy {np.__version__}, gguf {version('gguf')}, libgguf {version('libgguf')}, "
-          f"llama-cpp-python {version('llama_cpp_python')}, loraq {version('loraq')}")
+    print(
+        f"machine: {platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} CPUs "
+        f"(affinity {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}), "
+        f"Python {platform.python_version()}"
+    )
+    print(
+        f"numpy {np.__version__}, gguf {version('gguf')}, libgguf {version('libgguf')}, "
+        f"llama-cpp-python {version('llama_cpp_python')}, loraq {version('loraq')}"
+    )
 
     cache = bench_cache()
     with tempfile.TemporaryDirectory(prefix="loraq-bench-", dir=cache) as tmpdir:

@@ -43,7 +43,7 @@ print("@@RESULT " + json.dumps({{"seconds": best, "maxrss_kib": resource.getrusa
 """
 
 _LORAQ = """
-from loraq.compare.engine import Engine
+from loraq.llama.engine import Engine
 best = None
 for _ in range(args["repeat"]):
     eng = Engine(args["model"], threads=args["threads"])
@@ -122,7 +122,7 @@ def text_tokens(model: Path, n: int):
     toks = vocab.tokenize(text.encode(), add_bos=False)
     while len(toks) < n:
         toks = toks + toks
-    from loraq.gguf import open_gguf
+    from loraq.gguf_io import open_gguf
 
     with open_gguf(model) as g:  # llama-perplexity puts BOS first in each chunk only if the vocab adds it
         adds_bos = bool(g.get("tokenizer.ggml.add_bos_token", False))
@@ -156,11 +156,13 @@ def main() -> None:
 
     import numpy as np
 
-    from loraq.compare.engine import chunk_tokens
+    from loraq.llama.engine import chunk_tokens
 
     cache = load_script("fetch_smollm2").cache_dir() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"loraq engine bench — {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}, numpy {np.__version__}")
+    print(
+        f"loraq engine bench — {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}, numpy {np.__version__}"
+    )
     model = smollm2_f16(cache)
     with tempfile.TemporaryDirectory(prefix="loraq-bench-engine-") as tmp:
         tmp = Path(tmp)
@@ -176,8 +178,10 @@ def main() -> None:
         print(f"loraq engine (numpy):         {lq['seconds']:7.2f} s  {n / lq['seconds']:8.1f} tok/s")
         print(f"ratio loraq/llama.cpp tok/s:  {ll['seconds'] / lq['seconds']:.2f}  (every position's logits, as llama.cpp computes them)")
         ls = child(_LORAQ, scored=True, **common)
-        print(f"loraq as the compare stage runs it (logits of scored positions only): {ls['seconds']:.2f} s  "
-              f"{n / ls['seconds']:.1f} tok/s, ratio {ll['seconds'] / ls['seconds']:.2f}")
+        print(
+            f"loraq as the compare stage runs it (logits of scored positions only): {ls['seconds']:.2f} s  "
+            f"{n / ls['seconds']:.1f} tok/s, ratio {ll['seconds'] / ls['seconds']:.2f}"
+        )
         print(agreement(tmp / "llama.npy", tmp / "loraq.npy"))
 
         print("\n== peak RSS of loraq's engine: synthetic n_embd 256, n_ff 768, tied, F16; 2 chunks × 64 tokens")
@@ -188,7 +192,9 @@ def main() -> None:
         for n_layer in (4, 8):
             m = mk.make_model(tmp / f"synth-{n_layer}.gguf", q41, n_embd=256, n_ff=768, n_layer=n_layer)
             r = child(_LORAQ, tokens=str(tmp / "small.npy"), model=str(m), threads=a.threads, repeat=1)
-            print(f"{n_layer} layers: peak RSS {r['maxrss_kib'] / 1024:7.1f} MiB (VmHWM {r['vmhwm_kib'] / 1024:.1f} MiB), {r['seconds']:.2f} s")
+            print(
+                f"{n_layer} layers: peak RSS {r['maxrss_kib'] / 1024:7.1f} MiB (VmHWM {r['vmhwm_kib'] / 1024:.1f} MiB), {r['seconds']:.2f} s"
+            )
 
 
 if __name__ == "__main__":

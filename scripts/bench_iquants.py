@@ -16,27 +16,24 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import ROOT, best_time, smollm2  # noqa: E402,F401
+from benchlib import ROOT, best_time, smollm2  # noqa: F401
 
 CASES = [("iq4_nl", False), ("iq4_nl", True), ("iq4_xs", False), ("iq4_xs", True), ("tq1_0", False), ("tq2_0", False)]
 
 
-
-
 def load_rows(n_weights: int) -> np.ndarray:
-    from loraq.gguf import open_gguf
+    from loraq.gguf_io import open_gguf
+    from loraq.kernels import read_f32
 
     f = open_gguf(smollm2())
     rows, total, layer = [], 0, 0
     while total < n_weights and f.has_tensor(f"blk.{layer}.ffn_down.weight"):
-        w = f.read_f32(f.tensor(f"blk.{layer}.ffn_down.weight"))  # 576 x 1536
+        w = read_f32(f, f.tensor(f"blk.{layer}.ffn_down.weight"))  # 576 x 1536
         rows.append(w)
         total += w.size
         layer += 1
     x = np.concatenate(rows)
     return np.ascontiguousarray(x[: -(-n_weights // x.shape[1])])
-
-
 
 
 def main() -> None:
@@ -48,7 +45,7 @@ def main() -> None:
     import libgguf
 
     from loraq.ggml_types import ggml_type
-    from loraq.quant import quantize
+    from loraq.kernels import quantize
 
     rows = load_rows(args.weights)
     n = rows.size

@@ -25,18 +25,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import ROOT, best_time, smollm2  # noqa: E402,F401
+from benchlib import ROOT, best_time, smollm2  # noqa: F401
 
 TYPES = ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
 
 
-
-
 def load_rows(layers: int, random_rows: int) -> np.ndarray:
-    from loraq.gguf import open_gguf
+    from loraq.gguf_io import open_gguf
+    from loraq.kernels import read_f32
 
     f = open_gguf(smollm2())
-    parts = [f.read_f32(f.tensor(f"blk.{i}.ffn_down.weight")) for i in range(layers)]  # 576 x 1536 each
+    parts = [read_f32(f, f.tensor(f"blk.{i}.ffn_down.weight")) for i in range(layers)]  # 576 x 1536 each
     rng = np.random.default_rng(0)
     parts.append((rng.standard_normal((random_rows, 1536)) * 0.05).astype(np.float32))
     return np.ascontiguousarray(np.concatenate(parts))
@@ -62,7 +61,7 @@ def main() -> None:
     import libgguf
 
     from loraq.ggml_types import ggml_type
-    from loraq.quant import quantize
+    from loraq.kernels import quantize
 
     clock = time.perf_counter if args.wall else time.process_time
     rows = load_rows(args.layers, args.random_rows)

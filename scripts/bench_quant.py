@@ -14,15 +14,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import ROOT, best_time, smollm2  # noqa: E402,F401
+from benchlib import ROOT, best_time, smollm2  # noqa: F401
 
 TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 
 
-
-
 def load_rows(n_weights: int) -> np.ndarray:
-    from loraq.gguf import open_gguf
+    from loraq.gguf_io import open_gguf
+    from loraq.kernels import read_f32
 
     f = open_gguf(smollm2())
     rows, total, layer = [], 0, 0
@@ -31,15 +30,13 @@ def load_rows(n_weights: int) -> np.ndarray:
             name = f"blk.{layer}.{part}.weight"
             if not f.has_tensor(name) or total >= n_weights:
                 continue
-            w = f.read_f32(f.tensor(name))
+            w = read_f32(f, f.tensor(name))
             if w.shape[1] != 576:  # keep one row width so rows stack
                 continue
             rows.append(w)
             total += w.size
         layer += 1
     return np.ascontiguousarray(np.concatenate(rows)[: -(-n_weights // 576)])
-
-
 
 
 def main() -> None:
@@ -53,7 +50,7 @@ def main() -> None:
     from gguf.quants import quantize as gguf_quantize
 
     from loraq.ggml_types import ggml_type
-    from loraq.quant import quantize
+    from loraq.kernels import quantize
 
     rows = load_rows(args.weights)
     n = rows.size
@@ -68,8 +65,7 @@ def main() -> None:
         same = np.array_equal(a, b) and np.array_equal(a, np.asarray(c).view(np.uint8).reshape(a.shape))
         m = lambda t: n / t / 1e6  # noqa: E731
         print(
-            f"{q:6} {m(t_l):8.1f} {m(t_c):8.1f} {m(t_p):8.1f}   {t_p / t_l:13.2f} {t_c / t_l:13.2f}  "
-            + ("identical" if same else "DIFFER")
+            f"{q:6} {m(t_l):8.1f} {m(t_c):8.1f} {m(t_p):8.1f}   {t_p / t_l:13.2f} {t_c / t_l:13.2f}  " + ("identical" if same else "DIFFER")
         )
     print("(Mweights/s; libgguf = one native libgguf.quantize_rows call; gguf-py = gguf.quants.quantize)")
 

@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loraq.gguf import open_gguf  # noqa: E402
+from loraq.gguf_io import open_gguf
+from loraq.kernels import read_f32
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -52,8 +53,14 @@ def _pattern_key(patterns: dict[str, Any], name: str) -> str | None:
 
 
 def peft_config(
-    *, rank: int, alpha: float, targets: list[str], rslora: bool, base_name: str,
-    alpha_pattern: dict[str, Any] | None = None, rank_pattern: dict[str, Any] | None = None,
+    *,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+    rslora: bool,
+    base_name: str,
+    alpha_pattern: dict[str, Any] | None = None,
+    rank_pattern: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """adapter_config.json as PEFT (0.15) writes it for a LoraConfig after save_pretrained."""
     return {
@@ -121,7 +128,7 @@ def make_adapter(
         n_layers = int(g.arch_int("block_count"))
         for hf, gname, emb in _modules(g, targets, layers if layers is not None else range(n_layers)):
             w = g.tensor(gname)
-            ww = g.read_f32(w).astype(np.float64)
+            ww = read_f32(g, w).astype(np.float64)
             w_norm = float(np.sqrt(np.sum(ww * ww)))
             del ww
             # W has ne [in, out]; an embedding has ne [n_embd, n_vocab] and delta (B@A)^T
@@ -140,8 +147,13 @@ def make_adapter(
     for k, v in (extra_tensors or {}).items():
         tensors[k] = np.asarray(v, dtype=np.float32)
     config = peft_config(
-        rank=rank, alpha=alpha, targets=targets, rslora=rslora, base_name=str(Path(base).resolve()),
-        alpha_pattern=alpha_pattern, rank_pattern=rank_pattern,
+        rank=rank,
+        alpha=alpha,
+        targets=targets,
+        rslora=rslora,
+        base_name=str(Path(base).resolve()),
+        alpha_pattern=alpha_pattern,
+        rank_pattern=rank_pattern,
     )
     config.update(config_overrides or {})
     (outdir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -210,8 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     alpha = int(args.alpha) if float(args.alpha).is_integer() else args.alpha
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     out = make_adapter(
-        args.base, args.outdir, rank=args.rank, seed=args.seed, rslora=args.rslora, alpha=alpha,
-        targets=[t for t in args.targets.split(",") if t], dtype=args.dtype, layers=layers,
+        args.base,
+        args.outdir,
+        rank=args.rank,
+        seed=args.seed,
+        rslora=args.rslora,
+        alpha=alpha,
+        targets=[t for t in args.targets.split(",") if t],
+        dtype=args.dtype,
+        layers=layers,
     )
     print(out)
     return 0

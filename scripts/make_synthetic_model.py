@@ -16,9 +16,9 @@ from gguf import GGUFValueType as V
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loraq.ggml_types import ggml_type  # noqa: E402
-from loraq.gguf import KVList, open_gguf  # noqa: E402
-from loraq.gguf.writer import GGUFStreamWriter, OutTensor  # noqa: E402
+from loraq.ggml_types import ggml_type
+from loraq.gguf_io import KVList, open_gguf
+from loraq.gguf_io.writer import GGUFStreamWriter, OutTensor
 
 
 def make_model(
@@ -44,11 +44,16 @@ def make_model(
     kvs.set("general.type", V.STRING, "model")
     kvs.set("general.name", V.STRING, f"loraq synthetic {n_embd}x{n_layer}")
     for key, vt, val in (
-        ("block_count", V.UINT32, n_layer), ("context_length", V.UINT32, 2048),
-        ("embedding_length", V.UINT32, n_embd), ("feed_forward_length", V.UINT32, n_ff),
-        ("attention.head_count", V.UINT32, n_head), ("attention.head_count_kv", V.UINT32, n_head_kv),
-        ("rope.freq_base", V.FLOAT32, 10000.0), ("attention.layer_norm_rms_epsilon", V.FLOAT32, 1e-5),
-        ("vocab_size", V.UINT32, n_vocab), ("rope.dimension_count", V.UINT32, head_dim),
+        ("block_count", V.UINT32, n_layer),
+        ("context_length", V.UINT32, 2048),
+        ("embedding_length", V.UINT32, n_embd),
+        ("feed_forward_length", V.UINT32, n_ff),
+        ("attention.head_count", V.UINT32, n_head),
+        ("attention.head_count_kv", V.UINT32, n_head_kv),
+        ("rope.freq_base", V.FLOAT32, 10000.0),
+        ("attention.layer_norm_rms_epsilon", V.FLOAT32, 1e-5),
+        ("vocab_size", V.UINT32, n_vocab),
+        ("rope.dimension_count", V.UINT32, head_dim),
     ):
         kvs.set(f"llama.{key}", vt, val)
     if n_expert:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from loraq.ggml_types import ggml_type
-from loraq.quant import quantize
+from loraq.kernels import quantize
 
 libgguf = pytest.importorskip("libgguf")
 F32 = np.float32

@@ -216,8 +216,7 @@ def test_bad_input(work: dict, argv: list[str], code: int, fragment: str) -> Non
         args.append(a)
     env = dict(os.environ, COLUMNS="80", PYTHONPATH=str(ROOT))  # a narrow console must not wrap the line
     before = snapshot(work["watch"])
-    proc = subprocess.run([sys.executable, "-m", "loraq.cli", *args], cwd=work["dir"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "loraq.cli", *args], cwd=work["dir"], env=env, capture_output=True, text=True, timeout=120)
     after = snapshot(work["watch"])
     shown = f"loraq {' '.join(args)}\n--- stdout:\n{proc.stdout}--- stderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stdout + proc.stderr, shown

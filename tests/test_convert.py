@@ -31,8 +31,12 @@ _spec.loader.exec_module(demo)
 
 # HF projection -> GGUF tensor stem, written out here rather than taken from gguf-py's map
 HF_TO_GGUF = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
 
@@ -41,8 +45,19 @@ HF_TO_GGUF = {
 # Synthetic bases
 
 
-def write_base(path: Path, *, arch: str = "llama", n_layers: int = 2, n_embd: int = 64, n_head: int = 4,
-               n_head_kv: int = 2, n_ff: int = 96, n_vocab: int = 128, tied: bool = False, seed: int = 1) -> Path:
+def write_base(
+    path: Path,
+    *,
+    arch: str = "llama",
+    n_layers: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 96,
+    n_vocab: int = 128,
+    tied: bool = False,
+    seed: int = 1,
+) -> Path:
     """A tiny f32 model GGUF written with gguf-py's writer."""
     rng = np.random.default_rng(seed)
     hd = n_embd // n_head
@@ -142,7 +157,7 @@ def peft_modules(adapter: Path) -> dict[str, dict]:
             if re.match(rf"(.*\.)?({key})$", name):
                 alpha = val
                 break
-        d["scale"] = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+        d["scale"] = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
     return mods
 
 
@@ -166,8 +181,7 @@ def expected_order(adapter: Path) -> list[str]:
     return names
 
 
-def assert_llama_cpp_delta_is_peft(adapter: Path, out: Path, n_head: int, n_head_kv: int, permute: bool = True,
-                                   rtol: float = 2e-6) -> None:
+def assert_llama_cpp_delta_is_peft(adapter: Path, out: Path, n_head: int, n_head_kv: int, permute: bool = True, rtol: float = 2e-6) -> None:
     """llama.cpp's delta alpha/r · B·A (r = lora_b ne[0], §3.2) from the GGUF equals PEFT's."""
     kvs, ts, _ = read_out(out)
     alpha = dict((k, v) for k, _, v in kvs)["adapter.lora.alpha"]
@@ -240,14 +254,20 @@ def test_smollm2_f16_layout(smollm2, smol_adapter, smol_f16):
     assert res.out == out and res.n_tensors == 420 and res.alpha == 32.0 and res.outtype == "f16"
     kvs, ts, order = read_out(out)
     assert [(k, t) for k, t, _ in kvs] == [
-        ("general.architecture", GGUFValueType.STRING), ("general.type", GGUFValueType.STRING),
-        ("adapter.type", GGUFValueType.STRING), ("adapter.lora.alpha", GGUFValueType.FLOAT32),
+        ("general.architecture", GGUFValueType.STRING),
+        ("general.type", GGUFValueType.STRING),
+        ("adapter.type", GGUFValueType.STRING),
+        ("adapter.lora.alpha", GGUFValueType.FLOAT32),
         ("general.quantization_version", GGUFValueType.UINT32),
     ]
     assert [v for _, _, v in kvs] == ["llama", "adapter", "lora", 32.0, 2]
     assert order == expected_order(smol_adapter)
-    assert order[:4] == ["blk.0.ffn_down.weight.lora_a", "blk.0.ffn_down.weight.lora_b",
-                         "blk.0.ffn_gate.weight.lora_a", "blk.0.ffn_gate.weight.lora_b"]
+    assert order[:4] == [
+        "blk.0.ffn_down.weight.lora_a",
+        "blk.0.ffn_down.weight.lora_b",
+        "blk.0.ffn_gate.weight.lora_a",
+        "blk.0.ffn_gate.weight.lora_b",
+    ]
     assert order.index("blk.10.attn_q.weight.lora_a") < order.index("blk.2.attn_q.weight.lora_a")
     base = {t.name: [int(x) for x in t.shape] for t in GGUFReader(smollm2).tensors}
     for name, (ne, typ, _) in ts.items():
@@ -301,8 +321,9 @@ def test_smollm2_q8_0_falls_back_to_f16_for_lora_b(smollm2, smol_adapter, tmp_pa
 
 def test_smollm2_rslora_rank_pattern(smollm2, tmp_path):
     """rsLoRA with mixed ranks: PEFT's alpha/√r folded into B, so alpha/r at runtime is exact."""
-    ad = demo.make_adapter(smollm2, tmp_path / "ad", rank=16, rslora=True, layers=[0, 1],
-                           rank_pattern={"down_proj": 8, "layers.1.self_attn.q_proj": 32})
+    ad = demo.make_adapter(
+        smollm2, tmp_path / "ad", rank=16, rslora=True, layers=[0, 1], rank_pattern={"down_proj": 8, "layers.1.self_attn.q_proj": 32}
+    )
     out = tmp_path / "rs.gguf"
     res = convert_adapter(ad, smollm2, out, "f32")
     assert res.alpha == 32.0
@@ -332,9 +353,18 @@ def test_smollm2_lm_head_on_tied_base_refused(smollm2, tmp_path):
         ("rslora-mixed", {"rslora": True, "rank": 4, "rank_pattern": {"k_proj": 8}}, 32.0, "mixed ranks"),
         ("alpha_pattern", {"alpha_pattern": {"layers.0.self_attn.q_proj": 8, "down_proj": 64}}, 32.0, "alpha_pattern"),
         ("rank_pattern", {"rank_pattern": {"v_proj": 2, "up_proj": 12}}, 32.0, None),
-        ("everything", {"rslora": True, "rank": 6, "rank_pattern": {"gate_proj": 2},
-                        "alpha_pattern": {"o_proj": 3.5}, "targets": [*demo.PROJECTIONS, "embed_tokens", "lm_head"]},
-         32.0, "alpha_pattern"),
+        (
+            "everything",
+            {
+                "rslora": True,
+                "rank": 6,
+                "rank_pattern": {"gate_proj": 2},
+                "alpha_pattern": {"o_proj": 3.5},
+                "targets": [*demo.PROJECTIONS, "embed_tokens", "lm_head"],
+            },
+            32.0,
+            "alpha_pattern",
+        ),
     ],
 )
 def test_tiny_scale_folds_reproduce_peft(bases, tmp_path, kind, kwargs, alpha, note):
@@ -400,13 +430,14 @@ def test_tiny_bf16_adapter_widened_exactly(bases, tmp_path):
 
 
 def test_load_peft_adapter_records(bases, tmp_path):
-    ad = demo.make_adapter(bases["llama"], tmp_path / "ad", rank=8, rslora=True,
-                           alpha_pattern={"q_proj": 16}, rank_pattern={"layers.1.mlp.up_proj": 4})
+    ad = demo.make_adapter(
+        bases["llama"], tmp_path / "ad", rank=8, rslora=True, alpha_pattern={"q_proj": 16}, rank_pattern={"layers.1.mlp.up_proj": 4}
+    )
     p = load_peft_adapter(ad)
     by = {m.name: m for m in p.modules}
     q = by["model.layers.0.self_attn.q_proj"]
     assert q.key_a == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    assert q.rank == 8 and q.alpha == 16 and q.scale == pytest.approx(16 / 8 ** 0.5)
+    assert q.rank == 8 and q.alpha == 16 and q.scale == pytest.approx(16 / 8**0.5)
     up = by["model.layers.1.mlp.up_proj"]
     assert up.rank == 4 and up.alpha == 32 and up.scale == pytest.approx(32 / 2)
     assert [m.name for m in p.modules][:2] == ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj"]
@@ -446,27 +477,59 @@ def _nan(st):
 REFUSALS = {
     # name: (how to spoil the adapter, error type, words the message must hold, base)
     "dora-config": (lambda ad: _set_config(ad, use_dora=True), BadInput, ["DoRA", "merge_and_unload"], "llama"),
-    "dora-tensor": (lambda ad: _rewrite(ad, lambda st: st.__setitem__(f"{Q0}.lora_magnitude_vector", np.ones(64, np.float32))),
-                    BadInput, [f"{Q0}.lora_magnitude_vector", "DoRA", "merge_and_unload"], "llama"),
-    "modules_to_save": (lambda ad: _rewrite(_set_config(ad, modules_to_save=["lm_head"]),
-                                            lambda st: st.__setitem__("base_model.model.lm_head.weight", np.ones((128, 64), np.float32))),
-                        BadInput, ["base_model.model.lm_head.weight", "modules_to_save", "merge_and_unload"], "llama"),
-    "lora-bias": (lambda ad: _rewrite(ad, lambda st: st.__setitem__(f"{Q0}.lora_B.bias", np.ones(64, np.float32))),
-                  BadInput, [f"{Q0}.lora_B.bias", "bias"], "llama"),
-    "unknown-tensor": (lambda ad: _rewrite(ad, lambda st: st.__setitem__(f"{Q0}.hada_w1_a", np.ones((4, 4), np.float32))),
-                       BadInput, [f"{Q0}.hada_w1_a"], "llama"),
-    "a-without-b": (lambda ad: _rewrite(ad, lambda st: st.pop(f"{Q0}.lora_B.weight")), BadInput, [f"{Q0}.lora_A.weight", "lora_B"], "llama"),
-    "pickle-bin": (lambda ad: ((ad / "adapter_model.safetensors").unlink(), (ad / "adapter_model.bin").write_bytes(b"\x80\x04not really")),
-                   BadInput, ["adapter_model.bin", "pickle", "safe_serialization"], "llama"),
+    "dora-tensor": (
+        lambda ad: _rewrite(ad, lambda st: st.__setitem__(f"{Q0}.lora_magnitude_vector", np.ones(64, np.float32))),
+        BadInput,
+        [f"{Q0}.lora_magnitude_vector", "DoRA", "merge_and_unload"],
+        "llama",
+    ),
+    "modules_to_save": (
+        lambda ad: _rewrite(
+            _set_config(ad, modules_to_save=["lm_head"]),
+            lambda st: st.__setitem__("base_model.model.lm_head.weight", np.ones((128, 64), np.float32)),
+        ),
+        BadInput,
+        ["base_model.model.lm_head.weight", "modules_to_save", "merge_and_unload"],
+        "llama",
+    ),
+    "lora-bias": (
+        lambda ad: _rewrite(ad, lambda st: st.__setitem__(f"{Q0}.lora_B.bias", np.ones(64, np.float32))),
+        BadInput,
+        [f"{Q0}.lora_B.bias", "bias"],
+        "llama",
+    ),
+    "unknown-tensor": (
+        lambda ad: _rewrite(ad, lambda st: st.__setitem__(f"{Q0}.hada_w1_a", np.ones((4, 4), np.float32))),
+        BadInput,
+        [f"{Q0}.hada_w1_a"],
+        "llama",
+    ),
+    "a-without-b": (
+        lambda ad: _rewrite(ad, lambda st: st.pop(f"{Q0}.lora_B.weight")),
+        BadInput,
+        [f"{Q0}.lora_A.weight", "lora_B"],
+        "llama",
+    ),
+    "pickle-bin": (
+        lambda ad: ((ad / "adapter_model.safetensors").unlink(), (ad / "adapter_model.bin").write_bytes(b"\x80\x04not really")),
+        BadInput,
+        ["adapter_model.bin", "pickle", "safe_serialization"],
+        "llama",
+    ),
     "no-config": (lambda ad: (ad / "adapter_config.json").unlink(), BadArguments, ["adapter_config.json"], "llama"),
     "no-alpha": (lambda ad: _set_config(ad, lora_alpha=...), BadInput, ["lora_alpha"], "llama"),
     "nan": (lambda ad: _rewrite(ad, _nan), BadInput, [f"{Q0}.lora_B.weight", "NaN"], "llama"),
     "lm_head-tied": (None, BadInput, ["lm_head", "output.weight", "merge_and_unload"], "tied"),
     "wrong-width": (None, BadInput, ["layers.0.mlp.down_proj.lora_A.weight", "width"], "llama->wide"),
     "too-few-layers": (None, BadInput, ["model.layers.2", "llama model with 2 blocks"], "deep->llama"),
-    "unmapped-module": (lambda ad: _rewrite(ad, lambda st: st.update({
-        k.replace("q_proj", "foo_proj"): st.pop(k) for k in [f"{Q0}.lora_A.weight", f"{Q0}.lora_B.weight"]})),
-        BadInput, ["foo_proj", "no counterpart"], "llama"),
+    "unmapped-module": (
+        lambda ad: _rewrite(
+            ad, lambda st: st.update({k.replace("q_proj", "foo_proj"): st.pop(k) for k in [f"{Q0}.lora_A.weight", f"{Q0}.lora_B.weight"]})
+        ),
+        BadInput,
+        ["foo_proj", "no counterpart"],
+        "llama",
+    ),
     "unknown-permutation": (None, BadInput, ["olmo", "q/k"], "olmo"),
 }
 

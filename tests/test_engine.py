@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_script
 
-from loraq.compare.engine import Engine, chunk_tokens, logits_for
+from conftest import load_script
 from loraq.errors import BadInput
-from loraq.gguf import open_gguf
+from loraq.gguf_io import open_gguf
+from loraq.llama.engine import Engine, chunk_tokens, logits_for
 
 STDLIB_TEXT = ("re", "argparse", "subprocess", "pickle", "tarfile", "decimal", "typing", "logging")  # docstrings
 N_CTX, N_CHUNKS = 256, 4  # 1024 positions: one argmax flip is 0.1 %
@@ -70,7 +70,9 @@ class Agreement:
         return self.flip_margin <= self.dmax
 
 
-def _llama_logits(llama_cpp, model: Path, tokens: np.ndarray, lora: Path | None = None, scale: float = 1.0, kv_f16: bool = False) -> np.ndarray:
+def _llama_logits(
+    llama_cpp, model: Path, tokens: np.ndarray, lora: Path | None = None, scale: float = 1.0, kv_f16: bool = False
+) -> np.ndarray:
     n_ctx = tokens.shape[1]
     kw = {"lora_path": str(lora), "lora_scale": scale} if lora else {}
     kv = {} if kv_f16 else {"type_k": 0, "type_v": 0}  # 0 = GGML_TYPE_F32: an F32 KV cache
@@ -195,8 +197,8 @@ def _as_arch(src: Path, out: Path, arch: str, seed: int = 0) -> Path:
     from gguf import GGUFValueType as V
 
     from loraq.ggml_types import ggml_type
-    from loraq.gguf import KVList
-    from loraq.gguf.writer import GGUFStreamWriter, OutTensor
+    from loraq.gguf_io import KVList
+    from loraq.gguf_io.writer import GGUFStreamWriter, OutTensor
 
     rng = np.random.default_rng(seed)
     f32 = ggml_type("f32")
@@ -217,9 +219,13 @@ def _as_arch(src: Path, out: Path, arch: str, seed: int = 0) -> Path:
             plan.append((t, OutTensor(t.name, t.ne, t.type)))
             m = re.match(r"(blk\.\d+)\.attn_([qkv])\.weight$", t.name)
             if m and arch == "qwen2":
-                plan.append(((0.5 * rng.standard_normal(t.ne[1])).astype(np.float32), OutTensor(f"{m[1]}.attn_{m[2]}.bias", (t.ne[1],), f32)))
+                plan.append(
+                    ((0.5 * rng.standard_normal(t.ne[1])).astype(np.float32), OutTensor(f"{m[1]}.attn_{m[2]}.bias", (t.ne[1],), f32))
+                )
             if m and arch == "qwen3" and m[2] in "qk":
-                plan.append(((1 + 0.2 * rng.standard_normal(hd)).astype(np.float32), OutTensor(f"{m[1]}.attn_{m[2]}_norm.weight", (hd,), f32)))
+                plan.append(
+                    ((1 + 0.2 * rng.standard_normal(hd)).astype(np.float32), OutTensor(f"{m[1]}.attn_{m[2]}_norm.weight", (hd,), f32))
+                )
         with GGUFStreamWriter(out, kvs, [o for _, o in plan]) as w:
             for src_t, o in plan:
                 w.write(o.name, src_t if isinstance(src_t, np.ndarray) else g.read_raw(src_t))

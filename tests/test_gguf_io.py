@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from loraq.errors import BadInput
-from loraq.gguf import open_gguf
+from loraq.gguf_io import open_gguf
 
 
 def _check_same(path):

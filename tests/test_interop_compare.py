@@ -23,8 +23,9 @@ GPL = Path("/usr/share/common-licenses/GPL-3")
 
 def _llama_kld(ref: ReferenceFile, model: Path, lora: Path | None = None):
     kw = {"lora_path": str(lora), "lora_scale": 1.0} if lora else {}
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=ref.n_ctx, n_batch=ref.n_ctx, logits_all=True,
-                          verbose=False, n_threads=2, type_k=0, type_v=0, **kw)
+    llm = llama_cpp.Llama(
+        model_path=str(model), n_ctx=ref.n_ctx, n_batch=ref.n_ctx, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0, **kw
+    )
     acc = KLDAccumulator(ref)
     tokens = ref.tokens.reshape(ref.n_chunk, ref.n_ctx)  # SmolLM2 adds no BOS: evaluated as stored
     for i, row in enumerate(tokens):
@@ -49,8 +50,10 @@ def test_reported_ppl_and_kld_match_llama_cpp(smollm2_f16, tmp_path):
     quantize_many(smollm2_f16, [("Q4_0", bq)], QuantizeOptions(threads=2))
     ref = tmp_path / "reference.kld"
     build_reference(smollm2_f16, [(peft, 1.0)], GPL, 256, 4, ref)
-    cands = [Candidate("merged-Q4_0", "merged", "Q4_0", mq),
-             Candidate("runtime-Q4_0", "runtime_lora", "Q4_0", bq, [(lora, 1.0)], [bq, lora])]
+    cands = [
+        Candidate("merged-Q4_0", "merged", "Q4_0", mq),
+        Candidate("runtime-Q4_0", "runtime_lora", "Q4_0", bq, [(lora, 1.0)], [bq, lora]),
+    ]
     report = compare_models(ref, cands, GPL, tmp_path, None, 2)
     got = {v["name"]: v for v in report["variants"]}
     with ReferenceFile(ref) as rf:

@@ -22,8 +22,7 @@ LEGACY = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9}
 def _logits(path, lora=None, scale=1.0):
     # F32 KV cache: with the default F16 cache, two nearly equal models can round a K/V entry to
     # different F16 values, which would hide the comparison under cache noise.
-    kw = dict(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=2, seed=0,
-              type_k=0, type_v=0)
+    kw = dict(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=2, seed=0, type_k=0, type_v=0)
     if lora is not None:
         kw.update(lora_path=str(lora), lora_scale=scale)
     llm = llama_cpp.Llama(**kw)
@@ -33,7 +32,6 @@ def _logits(path, lora=None, scale=1.0):
     out = np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
     del llm
     return out
-
 
 
 def _sha(p) -> str:

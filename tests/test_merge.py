@@ -87,8 +87,9 @@ def test_several_adapters_with_scales_equal_float64_reference(small_base, tmp_pa
                 continue
             got = np.asarray(t.data).view(dt).reshape(ref.shape)
             exp = ref.astype(dt)  # numpy rounds float64 -> f16/f32 once, to nearest even
-            assert np.array_equal(got.view(np.uint16 if dt == np.float16 else np.uint32),
-                                  exp.view(np.uint16 if dt == np.float16 else np.uint32)), t.name
+            assert np.array_equal(
+                got.view(np.uint16 if dt == np.float16 else np.uint32), exp.view(np.uint16 if dt == np.float16 else np.uint32)
+            ), t.name
 
 
 def test_bf16_output_rounds_once(small_base, tmp_path):
@@ -98,8 +99,11 @@ def test_bf16_output_rounds_once(small_base, tmp_path):
     want = _expected(small_base, [(a1, 1.0)])
     name = "blk.1.ffn_down.weight"
     x = want[name]
-    got = np.asarray(gguf.GGUFReader(str(out)).get_tensor(
-        [t.name for t in gguf.GGUFReader(str(out)).tensors].index(name)).data).view(np.uint16).reshape(x.shape)
+    got = (
+        np.asarray(gguf.GGUFReader(str(out)).get_tensor([t.name for t in gguf.GGUFReader(str(out)).tensors].index(name)).data)
+        .view(np.uint16)
+        .reshape(x.shape)
+    )
     # exact round-to-nearest-even of the float64 value to bf16, by integer arithmetic on f64 bits
     from fractions import Fraction
 
@@ -114,16 +118,24 @@ def test_bf16_output_rounds_once(small_base, tmp_path):
 def test_peft_folder_merge_gives_peft_delta_with_rslora_and_alpha_pattern(small_base, tmp_path):
     """Merging a PEFT folder applies exactly PEFT's scale (α/√r for rsLoRA, per-module α)."""
     peft = tmp_path / "rs"
-    mk_adapter.make_adapter(small_base, peft, rank=8, seed=5, rslora=True, alpha=16,
-                            alpha_pattern={"v_proj": 4}, rank_pattern={"down_proj": 4})
+    mk_adapter.make_adapter(
+        small_base, peft, rank=8, seed=5, rslora=True, alpha=16, alpha_pattern={"v_proj": 4}, rank_pattern={"down_proj": 4}
+    )
     out = tmp_path / "merged.gguf"
     merge_model(small_base, [AdapterSpec(peft, 1.0)], out, "f32")
     cfg = json.loads((peft / "adapter_config.json").read_text())
     st = load_file(str(peft / "adapter_model.safetensors"))
     base, got = _tensors(small_base), _tensors(out)
     n_head, n_kv = 4, 2
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    names = {
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "gate_proj": "ffn_gate",
+        "up_proj": "ffn_up",
+        "down_proj": "ffn_down",
+    }
     checked = 0
     for key in st:
         if ".lora_A." not in key:

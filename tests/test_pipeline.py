@@ -28,7 +28,9 @@ def project(smollm2_q4_1, tmp_path_factory) -> Path:
 
 def _write_cfg(d: Path, **over) -> Path:
     cfg = {
-        "name": "t", "workdir": "work", "base": "base.gguf",
+        "name": "t",
+        "workdir": "work",
+        "base": "base.gguf",
         "adapters": [{"path": "adapter", "scale": 1.0}],
         "quantize": {"types": ["Q8_0", "Q4_0"]},
     }
@@ -66,8 +68,12 @@ def test_run_skip_and_rerun_exactly_what_changed(project):
     # Changing the adapter reruns every stage after it, and reports why.
     mk_adapter.make_adapter(project / "base.gguf", project / "adapter", rank=4, seed=1)
     status = {r.name: r.reason for r in stage_status(cfg)}
-    assert status == {"convert": "input-changed:adapter", "merge": "input-changed:adapter",
-                      "quantize:Q8_0": "waits-for:merge", "quantize:Q4_0": "waits-for:merge"}
+    assert status == {
+        "convert": "input-changed:adapter",
+        "merge": "input-changed:adapter",
+        "quantize:Q8_0": "waits-for:merge",
+        "quantize:Q4_0": "waits-for:merge",
+    }
     assert _ran(run_pipeline(cfg)) == ["convert", "merge", "quantize:Q8_0", "quantize:Q4_0"]
 
     # Damaged or missing outputs rerun only their own stage.
@@ -108,8 +114,7 @@ def test_until_and_force_one_stage(project):
 
 def test_cli_json_events(project):
     cfgp = _write_cfg(project, workdir="work-json")
-    out = subprocess.run([sys.executable, "-m", "loraq.cli", "run", str(cfgp), "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "loraq.cli", "run", str(cfgp), "--json"], capture_output=True, text=True, check=True)
     events = [json.loads(line) for line in out.stdout.splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds.count("stage_started") == 4 and kinds.count("stage_done") == 4 and kinds[-1] == "summary"
@@ -121,10 +126,11 @@ def test_config_errors_all_at_once_with_near_miss(project):
     from loraq.errors import BadArguments
 
     p = project / "bad.yaml"
-    p.write_text(yaml.safe_dump({
-        "name": "t", "workdir": "w", "base": "missing.gguf", "adapterz": [],
-        "quantize": {"typez": ["Q4_0"], "types": ["Q9_9"]},
-    }))
+    p.write_text(
+        yaml.safe_dump(
+            {"name": "t", "workdir": "w", "base": "missing.gguf", "adapterz": [], "quantize": {"typez": ["Q4_0"], "types": ["Q9_9"]}}
+        )
+    )
     with pytest.raises(BadArguments) as e:
         load_config(p)
     msg = str(e.value)
@@ -153,8 +159,12 @@ def test_compare_stage_report_and_gate_exit_3(project):
     names the failing variant and metric, on the run that scored it and on every later run."""
     text = project / "eval.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
-    cfgp = _write_cfg(project, workdir="work-cmp", quantize={"types": ["Q8_0"]},
-                      compare={"text": "eval.txt", "ctx": 32, "chunks": 2, "gates": {"max_kld_mean": 1e-12}})
+    cfgp = _write_cfg(
+        project,
+        workdir="work-cmp",
+        quantize={"types": ["Q8_0"]},
+        compare={"text": "eval.txt", "ctx": 32, "chunks": 2, "gates": {"max_kld_mean": 1e-12}},
+    )
     for attempt in range(2):
         out = subprocess.run([sys.executable, "-m", "loraq.cli", "run", str(cfgp)], capture_output=True, text=True)
         assert out.returncode == 3, out.stderr
@@ -169,8 +179,12 @@ def test_compare_stage_report_and_gate_exit_3(project):
         assert v["size_bytes"] > 0 and v["kld_mean"] is not None and 0 <= v["same_top"] <= 1
     assert (project / "work-cmp" / "report.html").read_text().count("<svg") == 1
     # Relaxing the gate needs no rescoring: the same run now passes with every stage skipped.
-    cfgp = _write_cfg(project, workdir="work-cmp", quantize={"types": ["Q8_0"]},
-                      compare={"text": "eval.txt", "ctx": 32, "chunks": 2, "gates": {"max_kld_mean": 10.0}})
+    cfgp = _write_cfg(
+        project,
+        workdir="work-cmp",
+        quantize={"types": ["Q8_0"]},
+        compare={"text": "eval.txt", "ctx": 32, "chunks": 2, "gates": {"max_kld_mean": 10.0}},
+    )
     out = subprocess.run([sys.executable, "-m", "loraq.cli", "run", str(cfgp), "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     events = [json.loads(line) for line in out.stdout.splitlines()]

@@ -12,10 +12,10 @@ import pytest
 
 libgguf = pytest.importorskip("libgguf")
 
-from oracle import F32, assert_same, oracle, random_imatrix  # noqa: E402,F401
 from loraq.ggml_types import ggml_type  # noqa: E402
-from loraq.quant import iquants  # noqa: E402
-from loraq.quant.numeric import seq_sum  # noqa: E402
+from loraq.kernels import iquants, read_f32  # noqa: E402
+from loraq.kernels.numeric import seq_sum  # noqa: E402
+from oracle import F32, assert_same, oracle, random_imatrix  # noqa: E402,F401
 
 IQ4 = ["iq4_nl", "iq4_xs"]
 TERNARY = ["tq1_0", "tq2_0"]
@@ -24,12 +24,6 @@ KV = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
 
 
 # ------------------------------------------------------------------ helpers
-
-
-
-
-
-
 
 
 def imatrix_cases(qtype: str, k: int, seed: int) -> list[np.ndarray | None]:
@@ -69,12 +63,12 @@ def test_odd_shapes(qtype):
 
 @pytest.fixture(scope="module")
 def real_rows(smollm2_q4_1) -> dict[str, np.ndarray]:
-    from loraq.gguf import open_gguf
+    from loraq.gguf_io import open_gguf
 
     f = open_gguf(smollm2_q4_1)
     return {
-        "attn_q.0": f.read_f32(f.tensor("blk.0.attn_q.weight")),  # 576 x 576 (iq4_nl only)
-        "ffn_down.0": f.read_f32(f.tensor("blk.0.ffn_down.weight")),  # 576 x 1536
+        "attn_q.0": read_f32(f, f.tensor("blk.0.attn_q.weight")),  # 576 x 576 (iq4_nl only)
+        "ffn_down.0": read_f32(f, f.tensor("blk.0.ffn_down.weight")),  # 576 x 1536
     }
 
 
@@ -218,8 +212,13 @@ def test_best_index_lookup_matches_c_loop():
     mids = np.array([(KV[i] + KV[i + 1]) / 2 for i in range(15)], F32)
     near = np.concatenate([mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf)])
     xs = np.concatenate(
-        [near, np.array(KV, F32), rng.uniform(-140, 140, 3000), rng.standard_normal(500) * 1e-30,
-         [0.0, -0.0, 1e-45, -1e-45, 1e30, -1e30, np.inf, -np.inf, np.nan, 300, -300, 151, -151]]
+        [
+            near,
+            np.array(KV, F32),
+            rng.uniform(-140, 140, 3000),
+            rng.standard_normal(500) * 1e-30,
+            [0.0, -0.0, 1e-45, -1e-45, 1e30, -1e30, np.inf, -np.inf, np.nan, 300, -300, 151, -151],
+        ]
     ).astype(F32)
     pad = (-len(xs)) % 32
     xs = np.concatenate([xs, np.zeros(pad, F32)])

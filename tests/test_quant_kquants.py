@@ -9,18 +9,12 @@ import pytest
 
 libgguf = pytest.importorskip("libgguf")
 
-import loraq.quant.kquants as kq
+import loraq.kernels.kquants as kq
+from loraq.kernels import quantize, read_f32
 from oracle import F32, assert_same, oracle, random_imatrix  # noqa: E402,F401
-from loraq.quant import quantize
 
 KTYPES = ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
 IDS = {"q2_K": 10, "q3_K": 11, "q4_K": 12, "q5_K": 13, "q6_K": 14}
-
-
-
-
-
-
 
 
 # ------------------------------------------------------------------ random and real rows
@@ -67,10 +61,10 @@ def test_shapes_and_chunking(qtype, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ffn_down(smollm2_q4_1) -> np.ndarray:
-    from loraq.gguf import open_gguf
+    from loraq.gguf_io import open_gguf
 
     f = open_gguf(smollm2_q4_1)
-    return np.concatenate([f.read_f32(f.tensor(f"blk.{i}.ffn_down.weight")) for i in (0, 17)])  # 1152 x 1536
+    return np.concatenate([read_f32(f, f.tensor(f"blk.{i}.ffn_down.weight")) for i in (0, 17)])  # 1152 x 1536
 
 
 @pytest.mark.real

@@ -15,10 +15,13 @@ import pytest
 
 libgguf = pytest.importorskip("libgguf")
 
-from oracle import F32, assert_same, oracle, random_imatrix  # noqa: E402,F401
-from loraq.quant import quantize  # noqa: E402
-from loraq.quant import fp  # noqa: E402
-from loraq.quant.numeric import c_roundf  # noqa: E402
+from loraq.kernels import (  # noqa: E402
+    fp,
+    quantize,
+    read_f32,
+)
+from loraq.kernels.numeric import c_roundf  # noqa: E402
+from oracle import F32, assert_same, oracle, random_imatrix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGACY = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
@@ -40,21 +43,15 @@ def smol_path() -> Path:
 
 @pytest.fixture(scope="session")
 def real_rows(smol_path) -> dict[str, np.ndarray]:
-    from loraq.gguf import open_gguf
+    from loraq.gguf_io import open_gguf
 
     f = open_gguf(smol_path)
     return {
-        "attn_q.0": f.read_f32(f.tensor("blk.0.attn_q.weight")),  # 576 x 576
-        "attn_k.7": f.read_f32(f.tensor("blk.7.attn_k.weight")),  # 192 x 576
-        "ffn_down.3": f.read_f32(f.tensor("blk.3.ffn_down.weight")),  # 576 x 1536, > 1 chunk
-        "token_embd": f.read_f32(f.tensor("token_embd.weight"))[:384],  # q8_0 source grid
+        "attn_q.0": read_f32(f, f.tensor("blk.0.attn_q.weight")),  # 576 x 576
+        "attn_k.7": read_f32(f, f.tensor("blk.7.attn_k.weight")),  # 192 x 576
+        "ffn_down.3": read_f32(f, f.tensor("blk.3.ffn_down.weight")),  # 576 x 1536, > 1 chunk
+        "token_embd": read_f32(f, f.tensor("token_embd.weight"))[:384],  # q8_0 source grid
     }
-
-
-
-
-
-
 
 
 # ------------------------------------------------------------------ random and real rows
@@ -207,9 +204,34 @@ def test_c_roundf_exact():
 SPECIALS = np.concatenate(
     [
         np.array(
-            [0.0, -0.0, 1.0, -1.0, 65504, -65504, 65519.99, 65520, 1e9, -1e9, np.inf, -np.inf, np.nan,
-             -np.nan, 6.1035156e-05, 5.9604645e-08, 2.9802322e-08, 2.98023259e-08, 1e-30, -1e-45,
-             1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8, 1 + 3 * 2**-8, 3.3895314e38, 3.4028235e38],
+            [
+                0.0,
+                -0.0,
+                1.0,
+                -1.0,
+                65504,
+                -65504,
+                65519.99,
+                65520,
+                1e9,
+                -1e9,
+                np.inf,
+                -np.inf,
+                np.nan,
+                -np.nan,
+                6.1035156e-05,
+                5.9604645e-08,
+                2.9802322e-08,
+                2.98023259e-08,
+                1e-30,
+                -1e-45,
+                1 + 2**-11,
+                1 + 3 * 2**-11,
+                1 + 2**-8,
+                1 + 3 * 2**-8,
+                3.3895314e38,
+                3.4028235e38,
+            ],
             dtype=np.float64,
         ).astype(F32),
         np.array([0x7F800001, 0xFFC12345, 0x7FBFFFFF, 0x7FFFFFFF, 0x00000001, 0x807FFFFF], np.uint32).view(F32),

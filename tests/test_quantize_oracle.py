@@ -12,10 +12,10 @@ import libgguf
 import numpy as np
 import pytest
 
-from loraq.gguf import open_gguf
-from loraq.quant import can_quantize
-from loraq.quantize.driver import QuantizeOptions, quantize_model, plan_quantize
 from loraq.ggml_types import file_type
+from loraq.gguf_io import open_gguf
+from loraq.kernels import can_quantize
+from loraq.quantize.driver import QuantizeOptions, plan_quantize, quantize_model
 
 
 def _rows(reader: gguf.GGUFReader, name: str) -> np.ndarray:

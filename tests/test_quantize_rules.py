@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from loraq.gguf import open_gguf
-from loraq.quantize.driver import QuantizeOptions, plan_quantize
 from loraq.ggml_types import file_type
+from loraq.gguf_io import open_gguf
+from loraq.quantize.driver import QuantizeOptions, plan_quantize
 from loraq.quantize.rules import iteration_order, use_more_bits
 
 UMB30 = {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29}
@@ -22,7 +22,11 @@ def test_use_more_bits_matches_reference_example():
 def test_iteration_order_is_layer_then_bytes():
     names = ["blk.10.attn_q.weight", "token_embd.weight", "blk.2.ffn_up.weight", "blk.2.attn_k.weight", "output_norm.weight"]
     assert iteration_order(names) == [
-        "output_norm.weight", "token_embd.weight", "blk.2.attn_k.weight", "blk.2.ffn_up.weight", "blk.10.attn_q.weight",
+        "output_norm.weight",
+        "token_embd.weight",
+        "blk.2.attn_k.weight",
+        "blk.2.ffn_up.weight",
+        "blk.10.attn_q.weight",
     ]
 
 
@@ -53,14 +57,8 @@ def _smol_expect(ftype: str, name: str) -> str:
             "attn_v": "q5_1" if layer < 2 else "q5_0",
             "ffn_down": "q5_K" if layer < 30 // 16 else "q4_K",
         }.get(kind, "q4_0"),
-        "Q4_K_M": lambda: {
-            "attn_v": "q8_0" if umb else "q5_0",
-            "ffn_down": "q6_K" if umb else "q4_K",
-        }.get(kind, "q5_0"),
-        "Q5_K_M": lambda: {
-            "attn_v": "q8_0" if umb else "q5_1",
-            "ffn_down": "q6_K" if umb else "q5_K",
-        }.get(kind, "q5_1"),
+        "Q4_K_M": lambda: {"attn_v": "q8_0" if umb else "q5_0", "ffn_down": "q6_K" if umb else "q4_K"}.get(kind, "q5_0"),
+        "Q5_K_M": lambda: {"attn_v": "q8_0" if umb else "q5_1", "ffn_down": "q6_K" if umb else "q5_K"}.get(kind, "q5_1"),
         "Q6_K": lambda: "q6_K" if kind == "ffn_down" else "q8_0",
         "IQ4_NL": lambda: ("q5_K" if layer < 3 else "iq4_nl") if kind == "ffn_down" else "iq4_nl",
         "IQ4_XS": lambda: ("q5_K" if layer < 3 else "iq4_xs") if kind == "ffn_down" else "iq4_nl",
@@ -68,7 +66,9 @@ def _smol_expect(ftype: str, name: str) -> str:
     return table[ftype]()
 
 
-@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize(
+    "ftype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"]
+)
 def test_smollm2_plan_matches_llama_quantize(smollm2_f16, ftype):
     plan = _plan(smollm2_f16, ftype)
     assert len(plan) == 272

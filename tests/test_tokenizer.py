@@ -1,4 +1,4 @@
-"""loraq.compare.tokenizer against llama.cpp's llama_tokenize.
+"""loraq.llama.tokenizer against llama.cpp's llama_tokenize.
 
 Interop tests (marker `interop`, llama-cpp-python) compare token ids on the real SmolLM2 vocabulary
 (byte-level BPE, pre-tokenizer "smollm"), on vocab-only GGUFs that reuse SmolLM2's tokens and
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from loraq.compare.tokenizer import PRE_TOKENIZERS, Tokenizer, pre_tokenize
 from loraq.errors import BadInput
+from loraq.llama.tokenizer import PRE_TOKENIZERS, Tokenizer, pre_tokenize
 
 SMOLLM2 = Path.home() / ".cache" / "loraq" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
@@ -72,11 +72,42 @@ def _write_vocab(path: Path, *, model: str, tokens, token_types, scores=None, me
 # -- a tiny SentencePiece vocabulary -----------------------------------------------------------
 
 SPM_PIECES = {  # piece -> score (higher merges first)
-    "▁": -1.0, "▁t": -2.0, "he": -2.5, "▁the": -1.5, "▁a": -3.0, "ab": -3.0, "bc": -3.0, "abc": -2.0,
-    "▁h": -3.0, "▁he": -2.8, "▁hel": -2.6, "▁hell": -2.4, "▁hello": -1.0, "ll": -4.0, "lo": -4.0,
-    "▁w": -3.5, "or": -3.2, "ld": -3.3, "▁wor": -2.2, "▁world": -1.2, "▁▁": -2.0, "▁▁▁▁": -1.9,
-    "aa": -3.0, "aaa": -3.0, "e": -5.0, "h": -5.0, "l": -5.0, "o": -5.0, "t": -5.0, "a": -5.0,
-    "b": -5.0, "c": -5.0, "w": -5.0, "r": -5.0, "d": -5.0, "é": -6.0,
+    "▁": -1.0,
+    "▁t": -2.0,
+    "he": -2.5,
+    "▁the": -1.5,
+    "▁a": -3.0,
+    "ab": -3.0,
+    "bc": -3.0,
+    "abc": -2.0,
+    "▁h": -3.0,
+    "▁he": -2.8,
+    "▁hel": -2.6,
+    "▁hell": -2.4,
+    "▁hello": -1.0,
+    "ll": -4.0,
+    "lo": -4.0,
+    "▁w": -3.5,
+    "or": -3.2,
+    "ld": -3.3,
+    "▁wor": -2.2,
+    "▁world": -1.2,
+    "▁▁": -2.0,
+    "▁▁▁▁": -1.9,
+    "aa": -3.0,
+    "aaa": -3.0,
+    "e": -5.0,
+    "h": -5.0,
+    "l": -5.0,
+    "o": -5.0,
+    "t": -5.0,
+    "a": -5.0,
+    "b": -5.0,
+    "c": -5.0,
+    "w": -5.0,
+    "r": -5.0,
+    "d": -5.0,
+    "é": -6.0,
 }
 
 
@@ -98,26 +129,50 @@ def _spm_vocab():
 
 def _spm_tokenizer() -> Tokenizer:
     tokens, types, scores = _spm_vocab()
-    return Tokenizer(model="llama", pre="", tokens=tokens, token_types=types, scores=scores, merges=None,
-                     bos_id=1, eos_id=2, add_bos=None, add_eos=None, add_space_prefix=None)
+    return Tokenizer(
+        model="llama",
+        pre="",
+        tokens=tokens,
+        token_types=types,
+        scores=scores,
+        merges=None,
+        bos_id=1,
+        eos_id=2,
+        add_bos=None,
+        add_eos=None,
+        add_space_prefix=None,
+    )
 
 
 # -- a tiny byte-level BPE vocabulary ------------------------------------------------------------
 
+
 def _bpe_tokenizer(pre: str = "smollm") -> Tokenizer:
-    from loraq.compare.tokenizer import _BYTE_TO_CHAR
+    from loraq.llama.tokenizer import _BYTE_TO_CHAR
 
     merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ in", "Ġ a", "Ġa n", "Ġan d", "e r", "Ġ Ġ", "ĠĠ ĠĠ", "Ċ Ċ"]
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + list(_BYTE_TO_CHAR)
     tokens += ["".join(m.split(" ")) for m in merges]
     types = [3, 3, 3] + [1] * (len(tokens) - 3)
-    return Tokenizer(model="gpt2", pre=pre, tokens=tokens, token_types=types, scores=None, merges=merges,
-                     bos_id=1, eos_id=2, add_bos=False, add_eos=None, add_space_prefix=False)
+    return Tokenizer(
+        model="gpt2",
+        pre=pre,
+        tokens=tokens,
+        token_types=types,
+        scores=None,
+        merges=merges,
+        bos_id=1,
+        eos_id=2,
+        add_bos=False,
+        add_eos=None,
+        add_space_prefix=False,
+    )
 
 
 # ================================================================================================
 # Unit tests (no llama.cpp, no real model)
 # ================================================================================================
+
 
 @pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "qwen2", "gpt-2", "default"])
 def test_byte_level_roundtrip(pre):
@@ -151,12 +206,11 @@ def test_pre_tokenizer_splits():
 
 def test_unicode_15_code_points_are_classed():
     # U+1E030 (Cyrillic Extended-D, Unicode 15.0) is a letter whatever Python's unicodedata says
-    assert pre_tokenize(" a\U0001E030b", "gpt-2") == [" a\U0001E030b"]
+    assert pre_tokenize(" a\U0001e030b", "gpt-2") == [" a\U0001e030b"]
 
 
 def test_unsupported_pre_tokenizer(tmp_path):
-    path = _write_vocab(tmp_path / "v.gguf", model="gpt2", pre="tekken", tokens=["a", "b", "ab"],
-                        token_types=[1, 1, 1], merges=["a b"])
+    path = _write_vocab(tmp_path / "v.gguf", model="gpt2", pre="tekken", tokens=["a", "b", "ab"], token_types=[1, 1, 1], merges=["a b"])
     with pytest.raises(BadInput) as e:
         Tokenizer.from_gguf(path)
     msg = str(e.value)
@@ -199,6 +253,7 @@ def test_spm_behaviour_by_hand():
 # Interop: token ids equal llama.cpp's
 # ================================================================================================
 
+
 def _llama(path: Path):
     llama_cpp = pytest.importorskip("llama_cpp")
     return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
@@ -209,9 +264,11 @@ def _assert_same(tk: Tokenizer, llm, text: str, *, add_special: bool, parse_spec
     theirs = llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
     if ours != theirs:
         i = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-        pytest.fail(f"{text[:40]!r} (add_special={add_special}, parse_special={parse_special}): first "
-                    f"difference at token {i}: ours {ours[max(0, i - 2):i + 4]} llama.cpp {theirs[max(0, i - 2):i + 4]} "
-                    f"(lengths {len(ours)} / {len(theirs)})")
+        pytest.fail(
+            f"{text[:40]!r} (add_special={add_special}, parse_special={parse_special}): first "
+            f"difference at token {i}: ours {ours[max(0, i - 2) : i + 4]} llama.cpp {theirs[max(0, i - 2) : i + 4]} "
+            f"(lengths {len(ours)} / {len(theirs)})"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +321,7 @@ def test_smollm2_decode_matches_llama_cpp(smollm2):
 def smollm2_vocab():
     if not SMOLLM2.exists():
         pytest.skip(f"SmolLM2 not cached at {SMOLLM2}; run scripts/fetch_smollm2.py")
-    from loraq.gguf.reader import open_gguf
+    from loraq.gguf_io.reader import open_gguf
 
     g = open_gguf(SMOLLM2)
     return {k: g.get(f"tokenizer.ggml.{k}") for k in ("tokens", "token_type", "merges")}
@@ -275,12 +332,24 @@ def smollm2_vocab():
 def test_other_bpe_pre_tokenizers(pre, smollm2_vocab, tmp_path):
     """SmolLM2's tokens and merges under another pre-tokenizer: the word splits are what differs."""
     v = smollm2_vocab
-    path = _write_vocab(tmp_path / f"vocab-{pre}.gguf", model="gpt2", pre=pre, tokens=v["tokens"],
-                        token_types=v["token_type"], merges=v["merges"])
+    path = _write_vocab(
+        tmp_path / f"vocab-{pre}.gguf", model="gpt2", pre=pre, tokens=v["tokens"], token_types=v["token_type"], merges=v["merges"]
+    )
     llm = _llama(path)
-    tk = Tokenizer(model="gpt2", pre=pre, tokens=v["tokens"], token_types=v["token_type"], scores=None,
-                   merges=v["merges"], bos_id=None, eos_id=None, add_bos=None, add_eos=None,
-                   add_space_prefix=None, source=str(path))
+    tk = Tokenizer(
+        model="gpt2",
+        pre=pre,
+        tokens=v["tokens"],
+        token_types=v["token_type"],
+        scores=None,
+        merges=v["merges"],
+        bos_id=None,
+        eos_id=None,
+        add_bos=None,
+        add_eos=None,
+        add_space_prefix=None,
+        source=str(path),
+    )
     texts = [MIXED, CHAT] + _fuzz_texts(150, seed=2)
     if GPL3.exists():
         texts.append(GPL3.read_text(encoding="utf-8"))
@@ -295,8 +364,19 @@ def test_spm_synthetic_vocab(tmp_path):
     path = _write_vocab(tmp_path / "spm.gguf", model="llama", tokens=tokens, token_types=types, scores=scores)
     llm = _llama(path)
     tk = Tokenizer.from_gguf(path)
-    texts = ["hello world", "the abc", " the  a    b", "aaaa aaaaa", "", " ", "é你😀\n\tq",
-             "x<tool>y <tool> z<|im_start|>the", "<tool>hello<tool>", "hello <|im_start|>world", MIXED]
+    texts = [
+        "hello world",
+        "the abc",
+        " the  a    b",
+        "aaaa aaaaa",
+        "",
+        " ",
+        "é你😀\n\tq",
+        "x<tool>y <tool> z<|im_start|>the",
+        "<tool>hello<tool>",
+        "hello <|im_start|>world",
+        MIXED,
+    ]
     rng = random.Random(4)
     alphabet = "abcdehlortw \n\té你😀<>stoolim_|"
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 25))) for _ in range(300)]

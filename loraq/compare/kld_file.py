@@ -51,7 +51,7 @@ def file_size(n_ctx: int, n_vocab: int, n_chunk: int) -> int:
     return HEADER_BYTES + 4 * n_ctx * n_chunk + n_chunk * n_scored(n_ctx) * record_u16(n_vocab) * 2
 
 
-def _block_rows(n_vocab: int) -> int:
+def block_rows(n_vocab: int) -> int:
     return max(1, _BLOCK_ELEMENTS // max(1, n_vocab))
 
 
@@ -116,13 +116,9 @@ class ReferenceWriter:
     they are in the text (without llama-perplexity's BOS substitution at each chunk start). Feed
     every chunk's logits (n_ctx, n_vocab) with `add_chunk(i, logits)` in any order, then `close()`
     (or leave the `with` block): the file is renamed into place. An exception inside the `with`
-    block, or `abort()`, removes the temporary file and leaves any previous file untouched.
-
-    `perplexity` accumulates the reference's own PPL over the scored positions as a side effect."""
+    block, or `abort()`, removes the temporary file and leaves any previous file untouched."""
 
     def __init__(self, path: Path | str, n_ctx: int, n_vocab: int, tokens: np.ndarray):
-        from .metrics import PerplexityAccumulator
-
         if n_ctx < 4 or n_vocab < 1:
             raise ValueError(f"n_ctx must be >= 4 and n_vocab >= 1 (got {n_ctx}, {n_vocab})")
         tok = np.asarray(tokens)
@@ -134,7 +130,6 @@ class ReferenceWriter:
         self.path = Path(path)
         self.n_ctx, self.n_vocab, self.n_chunk = n_ctx, n_vocab, tok.shape[0]
         self.tokens = tok
-        self.perplexity = PerplexityAccumulator(n_ctx, tok)
         self._done = np.zeros(self.n_chunk, dtype=bool)
         self._chunk_bytes = n_scored(n_ctx) * record_u16(n_vocab) * 2
         self._data_offset = HEADER_BYTES + 4 * tok.size
@@ -160,13 +155,12 @@ class ReferenceWriter:
         x = scored_rows(logits, self.n_ctx, self.n_vocab, f"reference logits, chunk {i}")
         V, nv = self.n_vocab, record_u16(self.n_vocab)
         out = np.zeros((x.shape[0], nv), dtype="<u2")
-        step = _block_rows(V)
+        step = block_rows(V)
         for r in range(0, x.shape[0], step):
             scale, mlp, codes = encode_rows(x[r : r + step])
             head = np.stack([scale, mlp], axis=1).astype("<f4")
             out[r : r + step, :4] = head.view("<u2")
             out[r : r + step, 4 : 4 + V] = codes
-        self.perplexity.add_chunk(i, x)
         try:
             self._f.seek(self._data_offset + i * self._chunk_bytes)
             self._f.write(out.tobytes())
@@ -208,7 +202,7 @@ class ReferenceWriter:
         with contextlib.suppress(_Abort):
             self._stack.__exit__(_Abort, _Abort(), None)
 
-    def __enter__(self) -> ReferenceWriter:  # noqa: PYI034
+    def __enter__(self) -> ReferenceWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -254,9 +248,7 @@ class ReferenceFile:
         self.n_scored = n_scored(self.n_ctx)
         self.record_u16 = record_u16(self.n_vocab)
         ntok = self.n_chunk * self.n_ctx
-        self.tokens = np.frombuffer(self._mm, dtype="<i4", count=ntok, offset=HEADER_BYTES).reshape(
-            self.n_chunk, self.n_ctx
-        )
+        self.tokens = np.frombuffer(self._mm, dtype="<i4", count=ntok, offset=HEADER_BYTES).reshape(self.n_chunk, self.n_ctx)
         self._records = np.frombuffer(self._mm, dtype="<u2", offset=HEADER_BYTES + 4 * ntok).reshape(
             self.n_chunk, self.n_scored, self.record_u16
         )
@@ -286,7 +278,7 @@ class ReferenceFile:
                 self._mm.close()
             self._mm = None
 
-    def __enter__(self) -> ReferenceFile:  # noqa: PYI034
+    def __enter__(self) -> ReferenceFile:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,14 +21,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .kld_file import (
-    ReferenceFile,
-    _block_rows,
-    decode_rows,
-    first_scored,
-    n_scored,
-    scored_rows,
-)
+from ..errors import BadInput
+from .kld_file import ReferenceFile, block_rows, decode_rows, first_scored, n_scored, scored_rows
 
 KLD_CUTOFF = -16.0  # base log-probs at or below this are left out of the KLD sum
 
@@ -184,7 +178,7 @@ class KLDAccumulator:
         x32 = scored_rows(logits, ref.n_ctx, ref.n_vocab, f"candidate logits, chunk {i}")
         scale, mlp, codes = ref.chunk(i)
         tgt = ref.targets(i)
-        step = _block_rows(ref.n_vocab)
+        step = block_rows(ref.n_vocab)
         klds, dps = [], []
         for r in range(0, x32.shape[0], step):
             sl = slice(r, r + step)
@@ -321,10 +315,8 @@ class PerplexityAccumulator:
         x32 = scored_rows(a, self.n_ctx, self.n_vocab or 0, f"logits, chunk {i}")
         tgt = np.asarray(self.tokens[i, first_scored(self.n_ctx) + 1 :], dtype=np.int64)
         if tgt.min() < 0 or tgt.max() >= x32.shape[1]:
-            from ..errors import BadInput
-
             raise BadInput(f"token ids outside the vocabulary [0, {x32.shape[1]}); tokenizer and model do not match")
-        step = _block_rows(x32.shape[1])
+        step = block_rows(x32.shape[1])
         for r in range(0, x32.shape[0], step):
             xb32 = x32[r : r + step]
             x, norm = _log_softmax_parts(xb32)

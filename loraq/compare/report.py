@@ -189,7 +189,8 @@ def raise_if_failed(report: Mapping) -> None:
         return
     names = {f.split(":", 1)[0] for f in failures}
     raise GateFailed(
-        f"quality gate failed for {len(names)} variant(s): " + "; ".join(failures)
+        f"quality gate failed for {len(names)} variant(s): "
+        + "; ".join(failures)
         + " (see report.md; choose a larger type or relax compare.gates)"
     )
 
@@ -250,10 +251,7 @@ def _summary_lines(report: Mapping) -> list[str]:
             f"({scored} scored positions: the second half of each chunk, as llama-perplexity)."
         ),
         f"Reference **{r['name']}**: PPL {ppl}.",
-        (
-            f"Adapter effect, KLD(reference ‖ base without adapter): {akld}. "
-            "*effect kept* = 1 − KLD(reference ‖ variant) / adapter effect."
-        ),
+        (f"Adapter effect, KLD(reference ‖ base without adapter): {akld}. *effect kept* = 1 − KLD(reference ‖ variant) / adapter effect."),
     ]
 
 
@@ -370,8 +368,7 @@ def _text_plot(report: Mapping, width: int = 60, height: int = 14) -> list[str]:
     left, right = f"{xlo:.1f}", f"{xhi:.1f} MiB"
     lines.append(" " * 11 + left + " " * max(1, width - len(left) - len(right)) + right)
     lines.append("")
-    lines.append("y: KLD mean (log scale); x: file size. UPPER case = merged, lower case = runtime LoRA, "
-                 "* = overlapping points.")
+    lines.append("y: KLD mean (log scale); x: file size. UPPER case = merged, lower case = runtime LoRA, * = overlapping points.")
     for i, t in enumerate(types):
         lines.append(f"  {letters[i % 26]}/{letters[i % 26].lower()} = {t}")
     for i, b in enumerate(bases):
@@ -416,7 +413,9 @@ def _marker(kind: str, x: float, y: float, name: str, tip: str) -> str:
     if kind == "runtime_lora":
         pts = f"{x:.1f},{y - 7:.1f} {x + 6.5:.1f},{y + 5:.1f} {x - 6.5:.1f},{y + 5:.1f}"
         return f'<polygon {attrs} points="{pts}" fill="{c}" stroke="#fff" stroke-width="1.5">{t}</polygon>'
-    return f'<rect {attrs} x="{x - 5.5:.1f}" y="{y - 5.5:.1f}" width="11" height="11" fill="{c}" stroke="#fff" stroke-width="1.5">{t}</rect>'
+    return (
+        f'<rect {attrs} x="{x - 5.5:.1f}" y="{y - 5.5:.1f}" width="11" height="11" fill="{c}" stroke="#fff" stroke-width="1.5">{t}</rect>'
+    )
 
 
 def _legend_marker(kind: str, x: float, y: float) -> str:
@@ -474,6 +473,7 @@ def render_svg(report: Mapping, gates: Any = None, width: int = 820, height: int
         f'<text transform="translate(18 {mt + ph / 2}) rotate(-90)" text-anchor="middle" font-size="13" fill="#222">'
         "KLD mean vs reference (log scale)</text>"
     )
+
     def clashes(box, boxes) -> int:
         return sum(not (box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3]) for b in boxes)
 
@@ -496,7 +496,9 @@ def render_svg(report: Mapping, gates: Any = None, width: int = 820, height: int
     corners = [(ml + pw - lw - 8, mt + 8), (ml + 8, mt + 8), (ml + pw - lw - 8, mt + ph - lh - 8), (ml + 8, mt + ph - lh - 8)]
     lx, ly = min(corners, key=lambda c: clashes((c[0] - 12, c[1] - 12, c[0] + lw + 12, c[1] + lh + 12), placed))
     placed.append((lx - 4, ly - 4, lx + lw + 4, ly + lh + 4))
-    legend = [f'<g class="legend"><rect x="{lx}" y="{ly}" width="{lw}" height="{lh}" fill="#fff" fill-opacity="0.92" stroke="#ccc" rx="4"/>']
+    legend = [
+        f'<g class="legend"><rect x="{lx}" y="{ly}" width="{lw}" height="{lh}" fill="#fff" fill-opacity="0.92" stroke="#ccc" rx="4"/>'
+    ]
     for i, k in enumerate(kinds):
         yy = ly + 16 + 20 * i
         legend.append(_legend_marker(k, lx + 16, yy))

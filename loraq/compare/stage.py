@@ -12,20 +12,21 @@ Metrics follow llama-perplexity (reference §8); effect_retention = 1 − KLD(ca
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..atomic import atomic_output, check_readable
 from ..errors import BadArguments, BadInput
-from ..gguf import open_gguf
-from .engine import Engine, chunk_tokens
+from ..gguf_io import open_gguf
+from ..llama.engine import Engine, chunk_tokens
+from ..llama.tokenizer import Tokenizer
 from .kld_file import ReferenceFile, ReferenceWriter, first_scored
-from .metrics import KLDAccumulator
+from .metrics import KLDAccumulator, PerplexityAccumulator
 from .report import VariantScore, build_report, write_reports
-from .tokenizer import Tokenizer
 
 Adapters = Sequence[tuple[Path, float]]
 
@@ -67,16 +68,31 @@ def evaluation_tokens(model: Path, text: Path, ctx: int, chunks: int) -> tuple[n
     return stored, evaluated, len(ids)
 
 
-def build_reference(base: Path, adapters: Adapters, text: Path, ctx: int, chunks: int, out: Path,
-                    threads: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def build_reference(
+    base: Path,
+    adapters: Adapters,
+    text: Path,
+    ctx: int,
+    chunks: int,
+    out: Path,
+    threads: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Evaluate base + adapters and write `out` (.kld) plus `out.json` (PPL, token counts)."""
     stored, evaluated, n_text = evaluation_tokens(base, text, ctx, chunks)
     eng = Engine(base, adapters=list(adapters), threads=threads)
+    ppl_acc = PerplexityAccumulator(ctx, stored)  # the reference's own PPL, as llama-perplexity prints it
+
+    def chunk_done(i: int, logits: np.ndarray) -> None:
+        w.add_chunk(i, logits)
+        ppl_acc.add_chunk(i, logits)
+        if progress:
+            progress(f"reference chunk {i + 1}/{len(evaluated)}")
+
     with ReferenceWriter(out, ctx, eng.n_vocab, stored) as w:
-        eng.run(evaluated, lambda i, logits: (w.add_chunk(i, logits), progress and progress(f"reference chunk {i + 1}/{len(evaluated)}")),
-                rows=scored(ctx))
-        ppl = w.perplexity.result()
-    meta = {"ppl": float(ppl.ppl), "text_tokens": n_text, "ctx": ctx, "chunks": int(len(stored))}
+        eng.run(evaluated, chunk_done, rows=scored(ctx))
+    ppl = ppl_acc.result()
+    meta = {"ppl": float(ppl.ppl), "text_tokens": n_text, "ctx": ctx, "chunks": len(stored)}
     with atomic_output(meta_path(out)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
@@ -111,9 +127,15 @@ def _n_weights(model: Path) -> int:
         return sum(t.n_elements for t in g.tensors)
 
 
-def compare_models(reference: Path, candidates: Sequence[Candidate], text: Path, workdir: Path,
-                   gates: Any = None, threads: int = 0,
-                   on_variant: Callable[[str], None] | None = None) -> dict:
+def compare_models(
+    reference: Path,
+    candidates: Sequence[Candidate],
+    text: Path,
+    workdir: Path,
+    gates: Any = None,
+    threads: int = 0,
+    on_variant: Callable[[str], None] | None = None,
+) -> dict:
     """Score every candidate against `reference` (.kld) and write report.json/.md/.html.
 
     Returns the report; its "gates" entry says whether every gate passed (the caller decides
@@ -134,9 +156,16 @@ def compare_models(reference: Path, candidates: Sequence[Candidate], text: Path,
         n_chunk, n_ctx = ref.n_chunk, ref.n_ctx
         ref_ppl = meta.get("ppl", scores[0].stats.ppl_base if scores else float("nan"))
     report = build_report(
-        text_path=text, text_tokens=int(meta.get("text_tokens", n_chunk * n_ctx)), ctx=n_ctx, chunks=n_chunk,
-        reference_name="f16+lora", reference_ppl=ref_ppl, adapter_effect=adapter_effect,
-        variants=scores, gates=gates, workdir=workdir,
+        text_path=text,
+        text_tokens=int(meta.get("text_tokens", n_chunk * n_ctx)),
+        ctx=n_ctx,
+        chunks=n_chunk,
+        reference_name="f16+lora",
+        reference_ppl=ref_ppl,
+        adapter_effect=adapter_effect,
+        variants=scores,
+        gates=gates,
+        workdir=workdir,
     )
     write_reports(report, workdir, gates)
     return report

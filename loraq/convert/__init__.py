@@ -3,4 +3,4 @@
 from .lora_gguf import OUTTYPES, ConvertResult, convert_adapter
 from .peft import LoraModule, PeftAdapter, load_peft_adapter
 
-__all__ = ["OUTTYPES", "ConvertResult", "convert_adapter", "LoraModule", "PeftAdapter", "load_peft_adapter"]
+__all__ = ["OUTTYPES", "ConvertResult", "LoraModule", "PeftAdapter", "convert_adapter", "load_peft_adapter"]

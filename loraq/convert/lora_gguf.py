@@ -37,9 +37,9 @@ from gguf import GGUFValueType
 
 from ..errors import BadArguments, BadInput
 from ..ggml_types import GGMLType, ggml_type
-from ..gguf import GGUFFile, GGUFStreamWriter, KVList, open_gguf
-from ..gguf.writer import OutTensor
-from ..quant import quantize
+from ..gguf_io import GGUFFile, GGUFStreamWriter, KVList, open_gguf
+from ..gguf_io.writer import OutTensor
+from ..kernels import quantize
 from .peft import MERGE_HINT, LoraModule, PeftAdapter, load_peft_adapter
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -47,15 +47,13 @@ F16_MAX = 65504.0
 
 # Architectures whose convert_hf_to_gguf.py model class permutes q_proj/k_proj rows
 # (LlamaModel.undo_permute = True and the classes that inherit or copy it).
-PERMUTE_QK = frozenset({
-    "llama", "arcee", "smollm3", "llama-embed", "granite", "granitemoe", "granitehybrid",
-    "deci", "minicpm", "nanbeige", "llada",
-})
+PERMUTE_QK = frozenset(
+    {"llama", "arcee", "smollm3", "llama-embed", "granite", "granitemoe", "granitehybrid", "deci", "minicpm", "nanbeige", "llada"}
+)
 # Architectures known to store q/k rows in HF order (no permutation).
-NO_PERMUTE_QK = frozenset({
-    "qwen2", "qwen2moe", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "llama4", "apertus",
-    "phi3", "starcoder2", "olmo2", "stablelm",
-})
+NO_PERMUTE_QK = frozenset(
+    {"qwen2", "qwen2moe", "qwen3", "qwen3moe", "gemma", "gemma2", "gemma3", "llama4", "apertus", "phi3", "starcoder2", "olmo2", "stablelm"}
+)
 
 
 @dataclass
@@ -181,9 +179,7 @@ def _plan(peft: PeftAdapter, g: GGUFFile, otype: GGMLType) -> tuple[float, list[
             )
         t = g.tensor(target)
         if len(t.shape) != 2:
-            raise BadInput(
-                f"adapter tensor `{key}` targets `{target}` with ne {list(t.ne)}; loraq converts LoRA on 2-D weights only"
-            )
+            raise BadInput(f"adapter tensor `{key}` targets `{target}` with ne {list(t.ne)}; loraq converts LoRA on 2-D weights only")
         is_embd = gname == "token_embd"
         if m.embedding != is_embd:
             kind = "an Embedding LoRA (lora_embedding_A/B)" if m.embedding else "a Linear LoRA"
@@ -203,9 +199,7 @@ def _plan(peft: PeftAdapter, g: GGUFFile, otype: GGMLType) -> tuple[float, list[
             h = n_head if gname.endswith(".attn_q") else n_head_kv
             if arch in PERMUTE_QK:
                 if not h or wb % (2 * h):
-                    raise BadInput(
-                        f"{g.path.name}: cannot apply {arch}'s q/k row permutation to `{m.key_b}` ({wb} rows, {h} heads)"
-                    )
+                    raise BadInput(f"{g.path.name}: cannot apply {arch}'s q/k row permutation to `{m.key_b}` ({wb} rows, {h} heads)")
                 heads = h
             elif arch not in NO_PERMUTE_QK:
                 raise BadInput(
@@ -229,7 +223,11 @@ def _plan(peft: PeftAdapter, g: GGUFFile, otype: GGMLType) -> tuple[float, list[
         a_ne = (r, wa) if is_embd else (wa, r)  # token_embd lora_a is transposed: ne [r, n_vocab]
         plan.append(
             _Planned(
-                m, target, heads, factor, tuple(reasons),
+                m,
+                target,
+                heads,
+                factor,
+                tuple(reasons),
                 OutTensor(f"{target}.lora_a", a_ne, ta, 2),
                 OutTensor(f"{target}.lora_b", (r, wb), tb, 2),
             )
@@ -267,9 +265,7 @@ def _notes(peft: PeftAdapter, plan: list[_Planned], alpha: float, arch: str, oty
         )
     n_rs = sum("rslora" in p.reasons for p in plan)
     if n_rs:
-        notes.append(
-            f"rsLoRA with mixed ranks ({', '.join(map(str, ranks))}): PEFT's alpha/√r folded into lora_b of {n_rs} modules"
-        )
+        notes.append(f"rsLoRA with mixed ranks ({', '.join(map(str, ranks))}): PEFT's alpha/√r folded into lora_b of {n_rs} modules")
     n_ap = sum("alpha_pattern" in p.reasons for p in plan)
     if n_ap:
         notes.append(f"alpha_pattern: per-module alpha folded into lora_b of {n_ap} modules (a GGUF LoRA stores one alpha)")

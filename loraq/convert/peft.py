@@ -66,7 +66,7 @@ class PeftAdapter:
     use_rslora: bool
     modules: list[LoraModule]  # in safetensors key order (lexicographic HF names)
     skipped: list[str] = field(default_factory=list)  # `.base_layer.weight` copies, ignored as the reference does
-    _file: "_Safetensors | None" = field(default=None, repr=False)
+    _file: _Safetensors | None = field(default=None, repr=False)
 
     def read(self, key: str) -> np.ndarray:
         """A tensor as float32 (float64 if stored as F64); NaN/Inf is a BadInput naming it."""
@@ -144,7 +144,7 @@ def load_peft_adapter(path: Path | str) -> PeftAdapter:
             else:
                 refused.setdefault(_refusal_kind(key), []).append(key)
             continue
-        name = mod[len(PREFIX):] if mod.startswith(PREFIX) else mod
+        name = mod[len(PREFIX) :] if mod.startswith(PREFIX) else mod
         if name not in a_keys and name not in b_keys:
             order.append(name)
         side[name] = (key, emb)
@@ -170,9 +170,7 @@ def load_peft_adapter(path: Path | str) -> PeftAdapter:
             )
         key = pattern_key(alpha_pattern, name)
         alpha = float(alpha_pattern[key]) if key is not None else lora_alpha
-        modules.append(
-            LoraModule(name, ka, kb, emb_a, (sa[0], sa[1]), (sb[0], sb[1]), alpha, peft_scale(alpha, sa[0], use_rslora))
-        )
+        modules.append(LoraModule(name, ka, kb, emb_a, (sa[0], sa[1]), (sb[0], sb[1]), alpha, peft_scale(alpha, sa[0], use_rslora)))
     if not modules:
         raise BadInput(f"{weights} holds no lora_A/lora_B tensors")
     return PeftAdapter(d, config, lora_alpha, use_rslora, modules, skipped, st)

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..convert import convert_adapter
 from ..errors import BadArguments, BadInput
-from ..gguf import GGUFFile, open_gguf
+from ..gguf_io import GGUFFile, open_gguf
+from ..kernels import read_f32
 
 
 @dataclass
@@ -50,8 +52,6 @@ def load_adapter(path: Path | str, base: GGUFFile) -> LoraAdapter:
     """A GGUF LoRA file, or a PEFT adapter folder (converted against `base` first)."""
     path = Path(path)
     if path.is_dir():
-        from ..convert import convert_adapter
-
         with tempfile.TemporaryDirectory(prefix="loraq-") as tmp:
             gguf_path = Path(tmp) / "adapter-f32.gguf"
             convert_adapter(path, base.path, gguf_path, outtype="f32")
@@ -64,7 +64,9 @@ def load_adapter(path: Path | str, base: GGUFFile) -> LoraAdapter:
 def _read_gguf_adapter(path: Path, base: GGUFFile, shown: Path) -> LoraAdapter:
     with open_gguf(path) as f:
         if f.get("general.type") != "adapter" or f.get("adapter.type") != "lora":
-            raise BadInput(f"{shown} is not a GGUF LoRA adapter (general.type={f.get('general.type')!r}); convert a PEFT folder with 'loraq convert'")
+            raise BadInput(
+                f"{shown} is not a GGUF LoRA adapter (general.type={f.get('general.type')!r}); convert a PEFT folder with 'loraq convert'"
+            )
         if f.arch != base.arch:
             raise BadInput(f"{shown} is a LoRA for architecture '{f.arch}', but the base is '{base.arch}'")
         alpha = float(f.get("adapter.lora.alpha", 0.0))
@@ -75,7 +77,7 @@ def _read_gguf_adapter(path: Path, base: GGUFFile, shown: Path) -> LoraAdapter:
             stem, dot, part = t.name.rpartition(".")
             if not dot or part not in ("lora_a", "lora_b"):
                 raise BadInput(f"{shown}: tensor '{t.name}' has an unexpected suffix (expected .lora_a or .lora_b)")
-            x = f.read_f32(t)
+            x = read_f32(f, t)
             if not np.isfinite(x).all():
                 raise BadInput(f"{shown}: tensor {t.name} contains NaN or Inf")
             halves.setdefault(stem, {})[part] = x

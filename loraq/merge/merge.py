@@ -7,18 +7,19 @@ the exactly rounded value by one F16 ulp on a few elements per million (referenc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from gguf import GGUFValueType
 
 from ..errors import BadArguments, BadInput
 from ..ggml_types import FTYPES, GGMLType, ggml_type
-from ..gguf import KVList, open_gguf
-from ..gguf.writer import GGUFStreamWriter, OutTensor
-from ..quant.fp import f64_to_bf16, f64_to_f16, f64_to_f32
+from ..gguf_io import KVList, open_gguf
+from ..gguf_io.writer import GGUFStreamWriter, OutTensor
+from ..kernels import read_f32
+from ..kernels.fp import f64_to_bf16, f64_to_f16, f64_to_f32
 from .lora_file import LoraAdapter, load_adapter
 
 _OUT = {"f16": ("F16", f64_to_f16), "bf16": ("BF16", f64_to_bf16), "f32": ("F32", f64_to_f32)}
@@ -67,7 +68,9 @@ def merge_model(
                 "or pass --allow-requantize to dequantize it (the result will be quantized twice)"
             )
         if quantized:
-            result.warnings.append(f"the base is quantized: {len(quantized)} tensors were dequantized, so quantizing the merge quantizes them twice")
+            result.warnings.append(
+                f"the base is quantized: {len(quantized)} tensors were dequantized, so quantizing the merge quantizes them twice"
+            )
         loras: list[tuple[LoraAdapter, float]] = [(load_adapter(a.path, src), a.scale) for a in adapters]
         for lora, _ in loras:
             for name in lora.pairs:
@@ -87,12 +90,14 @@ def merge_model(
                 if not hits and ot.type == t.type:
                     w.write(t.name, src.read_raw(t))
                 else:
-                    x = src.read_f32(t).astype(np.float64)
+                    x = read_f32(src, t).astype(np.float64)
                     for lora, s in hits:
                         x += lora.scale(t.name, s) * lora.delta(t.name)
                     bits = round_to(x)
                     if not np.isfinite(_back(bits, out_type)).all():
-                        raise BadInput(f"merging {t.name} gives values outside the range of {outtype}; lower the adapter scale or use --outtype f32")
+                        raise BadInput(
+                            f"merging {t.name} gives values outside the range of {outtype}; lower the adapter scale or use --outtype f32"
+                        )
                     w.write(t.name, bits)
                     if hits:
                         result.merged.append(t.name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -41,8 +41,8 @@ class ImatrixConfig(_Strict):
 
 class QuantizeConfig(_Strict):
     types: list[str] = Field(default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q8_0"], min_length=1)
-    output_tensor_type: Optional[str] = None
-    token_embedding_type: Optional[str] = None
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
     tensor_types: dict[str, str] = Field(default_factory=dict)
     pure: bool = False
     leave_output_tensor: bool = False
@@ -60,7 +60,7 @@ class QuantizeConfig(_Strict):
 
     @field_validator("output_tensor_type", "token_embedding_type")
     @classmethod
-    def _tt(cls, v: Optional[str]) -> Optional[str]:
+    def _tt(cls, v: str | None) -> str | None:
         return None if v is None else _check(lambda: ggml_type(v).name)
 
     @field_validator("tensor_types")
@@ -70,9 +70,9 @@ class QuantizeConfig(_Strict):
 
 
 class Gates(_Strict):
-    max_kld_mean: Optional[float] = None
-    min_same_top: Optional[float] = Field(None, ge=0, le=1)
-    min_effect_retention: Optional[float] = None
+    max_kld_mean: float | None = None
+    min_same_top: float | None = Field(None, ge=0, le=1)
+    min_effect_retention: float | None = None
 
 
 class CompareConfig(_Strict):
@@ -91,9 +91,9 @@ class Config(_Strict):
     adapters: list[AdapterConfig] = Field(min_length=1)
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
-    imatrix: Optional[ImatrixConfig] = None
+    imatrix: ImatrixConfig | None = None
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
-    compare: Optional[CompareConfig] = None
+    compare: CompareConfig | None = None
 
     # Filled in by load_config: the folder relative paths resolve against.
     root: Path = Field(default=Path("."), exclude=True)

@@ -7,10 +7,13 @@ so an interrupted run resumes at the first unfinished stage."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from ..atomic import io_error
+from ..compare.stage import Candidate, build_reference, compare_models, meta_path
 from ..convert import convert_adapter
 from ..errors import BadArguments
 from ..merge import AdapterSpec, merge_model
@@ -34,7 +37,7 @@ class Stage:
     # Stages with the same batch key that are due together run as one call (quantize: the F16 is
     # read once for every type); batch_run receives every due stage of the batch, one or more.
     batch_key: str | None = None
-    batch_run: Callable[[list["Stage"]], None] | None = None
+    batch_run: Callable[[list[Stage]], None] | None = None
 
 
 @dataclass
@@ -65,7 +68,16 @@ def build_stages(cfg: Config) -> list[Stage]:
             for i, p in peft:
                 convert_adapter(p, base, outs[i], outtype=ct)
 
-        stages.append(Stage("convert", "convert", {"outtype": ct}, {"base": base, **{_aname(i, adapters): p for i, p in peft}}, list(outs.values()), do_convert))
+        stages.append(
+            Stage(
+                "convert",
+                "convert",
+                {"outtype": ct},
+                {"base": base, **{_aname(i, adapters): p for i, p in peft}},
+                list(outs.values()),
+                do_convert,
+            )
+        )
 
     merged = wd / f"merged-{cfg.merge.outtype}.gguf"
 
@@ -74,10 +86,12 @@ def build_stages(cfg: Config) -> list[Stage]:
 
     stages.append(
         Stage(
-            "merge", "merge",
+            "merge",
+            "merge",
             {"outtype": cfg.merge.outtype, "scales": [s for _, s in adapters], "allow_requantize": cfg.allow_requantized_base},
             {"base": base, **{_aname(i, adapters): p for i, (p, _) in enumerate(adapters)}},
-            [merged], do_merge,
+            [merged],
+            do_merge,
         )
     )
 
@@ -103,11 +117,19 @@ def build_stages(cfg: Config) -> list[Stage]:
 
         for t in q.types:
             out = wd / f"{prefix}-{t}.gguf"
-            stages.append(Stage(
-                f"{kind}:{t}", kind, {"type": t, **qsettings}, {"base" if prefix == "base" else merged.stem: src}, [out],
-                None, after=list(after),
-                batch_key=f"quantize:{prefix}", batch_run=run_batch,
-            ))
+            stages.append(
+                Stage(
+                    f"{kind}:{t}",
+                    kind,
+                    {"type": t, **qsettings},
+                    {"base" if prefix == "base" else merged.stem: src},
+                    [out],
+                    None,
+                    after=list(after),
+                    batch_key=f"quantize:{prefix}",
+                    batch_run=run_batch,
+                )
+            )
 
     if c is not None:
         stages += _compare_stages(cfg, base, adapters, merged, stages)
@@ -115,8 +137,6 @@ def build_stages(cfg: Config) -> list[Stage]:
 
 
 def _compare_stages(cfg: Config, base: Path, adapters: list[tuple[Path, float]], merged: Path, before: list[Stage]) -> list[Stage]:
-    from ..compare.stage import Candidate, build_reference, compare_models, meta_path
-
     c = cfg.compare
     wd = cfg.workdir_path
     text = cfg.resolve(c.text)
@@ -124,8 +144,12 @@ def _compare_stages(cfg: Config, base: Path, adapters: list[tuple[Path, float]],
     ref = wd / "reference.kld"
     ref_inputs = {"base": base, "text": text, **{_aname(i, adapters): p for i, (p, _) in enumerate(adapters)}}
     reference = Stage(
-        "reference", "reference", {"ctx": c.ctx, "chunks": c.chunks, "scales": [s for _, s in adapters]}, ref_inputs,
-        [ref, meta_path(ref)], lambda: build_reference(base, adapters, text, c.ctx, c.chunks, ref, threads) and None,
+        "reference",
+        "reference",
+        {"ctx": c.ctx, "chunks": c.chunks, "scales": [s for _, s in adapters]},
+        ref_inputs,
+        [ref, meta_path(ref)],
+        lambda: build_reference(base, adapters, text, c.ctx, c.chunks, ref, threads) and None,
     )
     convert = next((s for s in before if s.kind == "convert"), None)
     # Runtime candidates use the adapter a user deploys: the converted GGUF where there is one.
@@ -140,13 +164,20 @@ def _compare_stages(cfg: Config, base: Path, adapters: list[tuple[Path, float]],
         if s.kind == "quantize":
             cands.append(Candidate(f"merged-{t}", "merged", t, s.outputs[0]))
         elif s.kind == "quantize-base":
-            cands.append(Candidate(f"runtime-{t}", "runtime_lora", t, s.outputs[0], deployed,
-                                   [s.outputs[0], *(p for p, _ in deployed)]))
-    inputs = {"reference": ref, **{x.name: x.model for x in cands if x.kind != "base"}, "base": base,
-              **{f"deployed{k}": p for k, (p, _) in enumerate(deployed)}}
+            cands.append(Candidate(f"runtime-{t}", "runtime_lora", t, s.outputs[0], deployed, [s.outputs[0], *(p for p, _ in deployed)]))
+    inputs = {
+        "reference": ref,
+        **{x.name: x.model for x in cands if x.kind != "base"},
+        "base": base,
+        **{f"deployed{k}": p for k, (p, _) in enumerate(deployed)},
+    }
     report = [wd / "report.json", wd / "report.md", wd / "report.html"]
     compare = Stage(
-        "compare", "compare", {"variants": [x.name for x in cands]}, inputs, report,
+        "compare",
+        "compare",
+        {"variants": [x.name for x in cands]},
+        inputs,
+        report,
         lambda: compare_models(ref, cands, text, wd, c.gates, threads) and None,
         after=["reference"] + [s.name for s in before if s.kind in ("quantize", "quantize-base", "convert")],
     )
@@ -212,7 +243,9 @@ def stage_status(cfg: Config) -> list[StageReport]:
     return reports
 
 
-def run_pipeline(cfg: Config, force: str | None = None, until: str | None = None, on_event: Callable[[Event], None] | None = None) -> list[StageReport]:
+def run_pipeline(
+    cfg: Config, force: str | None = None, until: str | None = None, on_event: Callable[[Event], None] | None = None
+) -> list[StageReport]:
     emit = on_event or (lambda e: None)
     stages = build_stages(cfg)
     forced = _select(stages, force, "--force")
@@ -221,8 +254,6 @@ def run_pipeline(cfg: Config, force: str | None = None, until: str | None = None
     try:
         wd.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        from ..atomic import io_error
-
         raise io_error(exc, wd, "create workdir") from exc
     m = Manifest(wd)
     reports: list[StageReport] = []
@@ -256,8 +287,14 @@ def run_pipeline(cfg: Config, force: str | None = None, until: str | None = None
             record_stage(m, b.name, b.kind, b.settings, inputs, b.outputs, dt)
             m.save()
             done.add(b.name)
-            emit({"event": "stage_done", "stage": b.name, "seconds": round(dt, 3),
-                  "outputs": [{"path": str(o), "size_bytes": o.stat().st_size} for o in b.outputs]})
+            emit(
+                {
+                    "event": "stage_done",
+                    "stage": b.name,
+                    "seconds": round(dt, 3),
+                    "outputs": [{"path": str(o), "size_bytes": o.stat().st_size} for o in b.outputs],
+                }
+            )
             reports.append(StageReport(b.name, "ran", reason, b.outputs, dt))
     m.save()
     order = {x.name: i for i, x in enumerate(stages)}

@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from gguf import GGUFValueType
 
 from ..errors import BadArguments, BadInput
 from ..ggml_types import FileType, GGMLType, file_type
-from ..gguf import GGUFFile, KVList, open_gguf
-from ..gguf.reader import read_exact
-from ..gguf.writer import GGUFStreamWriter, OutTensor
-from ..quant import can_quantize, dequantize, quantize
+from ..gguf_io import GGUFFile, KVList, open_gguf
+from ..gguf_io.reader import read_exact
+from ..gguf_io.writer import GGUFStreamWriter, OutTensor
+from ..kernels import can_quantize, dequantize, quantize
 from .rules import ModelFacts, TypeOptions, TypePlanner, category, iteration_order, requires_imatrix
 
 CHUNK_ELEMENTS = 1 << 21  # rows per work item ≈ 2M weights: bounded temporaries
@@ -154,10 +154,7 @@ def quantize_model(
 
 
 def quantize_many(
-    inp: Path | str,
-    jobs: list[tuple[str, Path]],
-    opts: QuantizeOptions | None = None,
-    on_tensor: Callable[[PlanEntry], None] | None = None,
+    inp: Path | str, jobs: list[tuple[str, Path]], opts: QuantizeOptions | None = None, on_tensor: Callable[[PlanEntry], None] | None = None
 ) -> list[QuantizeResult]:
     """Write one output per (ftype, path), reading and dequantizing each input tensor once.
 
@@ -200,7 +197,9 @@ def _pool(stack: ExitStack, threads: int, plans: list) -> Executor | None:
     return stack.enter_context(ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn")))
 
 
-def _quantize_chunk(chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs: list[tuple[GGMLType, np.ndarray | None]]) -> list[np.ndarray]:
+def _quantize_chunk(
+    chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs: list[tuple[GGMLType, np.ndarray | None]]
+) -> list[np.ndarray]:
     """One chunk of stored rows -> one buffer per output: its blocks, or the chunk itself where
     the output keeps the input type (job type None)."""
     _check_finite(name, chunk, src)
@@ -216,8 +215,9 @@ def _quantize_chunk(chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs:
     return out
 
 
-def _quantize_from_file(path: Path, offset: int, n_rows: int, row_bytes: int, name: str, src: GGMLType, ne0: int,
-                        jobs: list[tuple[GGMLType, np.ndarray | None]]) -> list[np.ndarray]:
+def _quantize_from_file(
+    path: Path, offset: int, n_rows: int, row_bytes: int, name: str, src: GGMLType, ne0: int, jobs: list[tuple[GGMLType, np.ndarray | None]]
+) -> list[np.ndarray]:
     """_quantize_chunk in a worker process, which reads its rows itself: the parent then moves only
     the (smaller) blocks, not the input, between processes."""
     fd = os.open(path, os.O_RDONLY)
@@ -251,13 +251,16 @@ def _work_items(src: GGUFFile, per_tensor: list[list[PlanEntry]], opts: Quantize
         while start < info.n_rows:
             stop = min(start + step, (start // per_expert + 1) * per_expert)
             expert = start // per_expert
-            jobs = [(None if e.dst == e.src else e.dst, None if w is None else w[expert * ne0 : (expert + 1) * ne0])
-                    for e, w in zip(entries, imats)]
+            jobs = [
+                (None if e.dst == e.src else e.dst, None if w is None else w[expert * ne0 : (expert + 1) * ne0])
+                for e, w in zip(entries, imats)
+            ]
             if pool is None:
                 work = _quantize_chunk(rows[start:stop], info.name, info.type, ne0, jobs)
             else:
-                work = pool.submit(_quantize_from_file, src.path, info.offset + start * row_bytes, stop - start,
-                                   row_bytes, info.name, info.type, ne0, jobs)
+                work = pool.submit(
+                    _quantize_from_file, src.path, info.offset + start * row_bytes, stop - start, row_bytes, info.name, info.type, ne0, jobs
+                )
             yield entries, start == 0, stop == info.n_rows, work
             start = stop
 

@@ -16,16 +16,29 @@ _BLK = re.compile(r"^blk\.(\d+)\.")
 
 # Substrings / exact names that llama-quantize never quantizes (tensor_allows_quantization).
 _NEVER_SUBSTR = (
-    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
-    "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
-    "indexer.q_proj.weight", "attn_rel_b.weight", ".position_embd", "sam.pos_embd", "sam.neck.",
-    "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd",
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    "attn_rel_b.weight",
+    ".position_embd",
+    "sam.pos_embd",
+    "sam.neck.",
+    "sam.net_",
+    ".rel_pos",
+    ".patch_embd",
+    ".patch_merger",
+    "a.rvq.codebook",
+    "mm.a.code_embd",
 )
 _NEVER_EXACT = ("position_embd.weight", "token_types.weight")
-_RWKV = tuple(
-    f"time_mix_{s}.weight"
-    for s in "first w0 w1 w2 v0 v1 v2 a0 a1 a2 g1 g2 decay_w1 decay_w2 lerp_fused".split()
-)
+_RWKV = tuple(f"time_mix_{s}.weight" for s in ["first", "w0", "w1", "w2", "v0", "v1", "v2", "a0", "a1", "a2", "g1", "g2", "decay_w1", "decay_w2", "lerp_fused"])
 # Target types that need an importance matrix (tensor_requires_imatrix).
 _NEEDS_IMATRIX = {"iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m", "iq1_s"}
 # Shape fallback (tensor_type_fallback) when ne[0] is not a multiple of the block size.
@@ -69,9 +82,15 @@ def category(name: str) -> str:
     if name in ("token_embd.weight", "per_layer_token_embd.weight"):
         return "token_embd"
     for key, cat in (
-        ("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"), ("attn_v.weight", "attn_v"),
-        ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
-        ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down"),
+        ("attn_qkv.weight", "attn_v"),
+        ("attn_kv_b.weight", "attn_v"),
+        ("attn_v.weight", "attn_v"),
+        ("attn_k.weight", "attn_k"),
+        ("attn_q.weight", "attn_q"),
+        ("attn_output.weight", "attn_output"),
+        ("ffn_up", "ffn_up"),
+        ("ffn_gate", "ffn_gate"),
+        ("ffn_down", "ffn_down"),
     ):
         if key in name:
             return cat
@@ -184,9 +203,7 @@ class TypePlanner:
                 new = T("q4_K")
             elif f == "Q3_K_M":
                 new = T("q5_K") if i < 2 else T("q4_K")
-            elif f == "Q3_K_L":
-                new = T("q5_K")
-            elif f in ("IQ4_NL", "IQ4_XS") and fx.n_gqa >= 4:
+            elif f == "Q3_K_L" or (f in ("IQ4_NL", "IQ4_XS") and fx.n_gqa >= 4):
                 new = T("q5_K")
             elif f in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
                 new = T("q6_K")

@@ -85,7 +85,7 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     huge values from a subnormal block range, NaN from 0*inf) the C bit trick yields other
     numbers (inf -> -4194304, the default NaN -> 0); those rare arrays take the exact path."""
     r = np.rint(v)
-    if r.size and not (-NI_MAX <= r.min() and r.max() <= NI_MAX):  # NaN fails both
+    if r.size and not (r.min() >= -NI_MAX and r.max() <= NI_MAX):  # NaN fails both
         with np.errstate(invalid="ignore", over="ignore"):
             val = (v + MAGIC).astype(F32)
         r = ((val.view(np.int32) & 0x7FFFFF) - 0x400000).astype(F32)
@@ -156,9 +156,7 @@ def c_trunc_u8(v: np.ndarray, suspect: np.ndarray | None = None) -> np.ndarray:
     return v.astype(np.uint8)
 
 
-def make_qx_quants(
-    x: np.ndarray, nmax: int, w: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def make_qx_quants(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) over T-layout blocks.
 
     x, w: (G, n, K) float32 (w None -> x*x, as rmse_type 1 without qw). Returns (scale (G, K),
@@ -200,13 +198,7 @@ def make_qx_quants(
 
 
 def make_qkx3_quants(
-    x: np.ndarray,
-    nmax: int,
-    w: np.ndarray | None,
-    rmin: float,
-    rdelta: float,
-    nstep: int,
-    use_mad: bool,
+    x: np.ndarray, nmax: int, w: np.ndarray | None, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qkx3_quants over T-layout blocks (asymmetric, min <= 0).
 

@@ -7,7 +7,7 @@ build_lora_mm / build_inp_embd) and ggml's CPU ops (rms_norm with a double sum, 
 theta recurrence, soft_max_ext with scale then mask, SwiGLU as silu(gate)·up).
 
 Streaming (design.md ground rule 2): `Engine.run` embeds every chunk (dequantizing only the
-token_embd rows it needs), then loads ONE layer's weights (float32, through `GGUFFile.read_f32`),
+token_embd rows it needs), then loads ONE layer's weights (float32, through `kernels.read_f32`),
 pushes all chunks' hidden states through it chunk by chunk, frees it and moves on; the output
 matrix comes last and is applied per chunk. Peak memory is the hidden states (n_chunks·n_ctx·n_embd
 floats) plus the largest of one layer's float32 weights and the float32 output matrix (plus one
@@ -51,16 +51,32 @@ import numpy as np
 
 from ..errors import BadArguments, BadInput
 from ..ggml_types import GGMLType
-from ..gguf import GGUFFile, open_gguf
-from ..quant import dequantize
+from ..gguf_io import GGUFFile, open_gguf
+from ..kernels import dequantize, read_f32
+from ..merge.lora_file import load_adapter
 
 ARCHS = ("llama", "qwen2", "qwen3")
 _NEOX = ("qwen2", "qwen3")  # llama.cpp's llama_model_rope_type: NEOX; llama is NORM (adjacent pairs)
 
 # ggml-cpu type_traits_cpu[type].vec_dot_type: how activations are converted before a mul_mat
 _Q8_0_DOT = {"q4_0", "q5_0", "q8_0", "iq4_nl", "q4_1", "q5_1", "q8_1", "mxfp4"}
-_Q8_K_DOT = {"q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "iq2_xxs", "iq2_xs", "iq3_xxs", "iq1_s", "iq3_s", "iq2_s",
-             "iq4_xs", "iq1_m", "tq1_0", "tq2_0"}
+_Q8_K_DOT = {
+    "q2_K",
+    "q3_K",
+    "q4_K",
+    "q5_K",
+    "q6_K",
+    "iq2_xxs",
+    "iq2_xs",
+    "iq3_xxs",
+    "iq1_s",
+    "iq3_s",
+    "iq2_s",
+    "iq4_xs",
+    "iq1_m",
+    "tq1_0",
+    "tq2_0",
+}
 
 
 def vec_dot_kind(t: GGMLType) -> str:
@@ -281,8 +297,6 @@ class Engine:
 
     # -- adapters -------------------------------------------------------------------------------
     def _load_adapters(self, g: GGUFFile, adapters: Sequence[tuple[Path | str, float]]) -> dict[str, list[_Lora]]:
-        from ..merge.lora_file import load_adapter
-
         used = {"token_embd.weight", "output.weight" if not self.tied else "token_embd.weight"}
         for i in range(self.hp.n_layer):
             for n in ("attn_qkv", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
@@ -320,24 +334,21 @@ class Engine:
         if not g.has_tensor(name):
             raise BadInput(f"{self.path}: missing tensor {name}")
         t = g.tensor(name)
-        w = g.read_f32(t)
+        w = read_f32(g, t)
         if w.ndim != 2:
             raise BadInput(f"{self.path}: tensor {name} is {w.ndim}-D; the engine handles dense 2-D weights only (no MoE)")
         bias_name = name[: -len(".weight")] + ".bias"
-        bias = g.read_f32(g.tensor(bias_name)).reshape(-1) if g.has_tensor(bias_name) else None
+        bias = read_f32(g, g.tensor(bias_name)).reshape(-1) if g.has_tensor(bias_name) else None
         return _Linear(w, vec_dot_kind(t.type), bias, self._loras.get(name, []))
 
     def _vector(self, g: GGUFFile, name: str) -> np.ndarray:
         if not g.has_tensor(name):
             raise BadInput(f"{self.path}: missing tensor {name}")
-        return g.read_f32(g.tensor(name)).reshape(-1)
+        return read_f32(g, g.tensor(name)).reshape(-1)
 
     def _layer(self, g: GGUFFile, il: int) -> dict[str, object]:
         p = f"blk.{il}."
-        lw: dict[str, object] = {
-            "attn_norm": self._vector(g, p + "attn_norm.weight"),
-            "ffn_norm": self._vector(g, p + "ffn_norm.weight"),
-        }
+        lw: dict[str, object] = {"attn_norm": self._vector(g, p + "attn_norm.weight"), "ffn_norm": self._vector(g, p + "ffn_norm.weight")}
         fused = g.has_tensor(p + "attn_qkv.weight")  # build_qkv's fused path: one matmul, then views
         for n in ("attn_qkv",) if fused else ("attn_q", "attn_k", "attn_v"):
             lw[n] = self._linear(g, p + n + ".weight")

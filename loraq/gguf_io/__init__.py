@@ -4,4 +4,4 @@ the exact layout llama.cpp's C writer produces (reference §4.8, §9)."""
 from .reader import GGUFFile, TensorInfo, open_gguf
 from .writer import GGUFStreamWriter, KVList, encode_kv
 
-__all__ = ["GGUFFile", "TensorInfo", "open_gguf", "GGUFStreamWriter", "KVList", "encode_kv"]
+__all__ = ["GGUFFile", "GGUFStreamWriter", "KVList", "TensorInfo", "encode_kv", "open_gguf"]

@@ -31,14 +31,7 @@ import numpy as np
 
 from . import register
 from .fp import to_f16
-from .numeric import (
-    F32,
-    GROUP_MAX_EPS,
-    nearest_int,
-    safe_inv,
-    signed_absmax,
-    to_tlayout,
-)
+from .numeric import F32, GROUP_MAX_EPS, nearest_int, safe_inv, signed_absmax, to_tlayout
 from .numeric import pack_blocks as _pack
 
 QK = 32

@@ -8,6 +8,7 @@ about 0.05 s. gguf-py stays the oracle: tests/test_gguf_io.py checks both agree 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,72 @@ import numpy as np
 from gguf import GGUFValueType as V
 
 from ..errors import BadInput
-from ..ggml_types import BY_ID
+from ..ggml_types import BY_ID, GGMLType
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ne: tuple[int, ...]  # ggml order: ne[0] is the row length
+    type: GGMLType
+    offset: int  # absolute offset in the file
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy shape (slowest first), in elements."""
+        return tuple(reversed(self.ne))
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.ne, dtype=np.int64))
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_elements // self.ne[0]
+
+    @property
+    def n_dims(self) -> int:
+        """ggml_n_dims: trailing size-1 dimensions do not count (minimum 1)."""
+        n = len(self.ne)
+        while n > 1 and self.ne[n - 1] == 1:
+            n -= 1
+        return n
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    vtype: int  # GGUFValueType of the value
+    raw: bytes  # the whole record as stored (key, type, value), for verbatim copies
+    value: Any
+
 
 _SCALAR = {
-    V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
-    V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d",
+    V.UINT8: "<B",
+    V.INT8: "<b",
+    V.UINT16: "<H",
+    V.INT16: "<h",
+    V.UINT32: "<I",
+    V.INT32: "<i",
+    V.FLOAT32: "<f",
+    V.BOOL: "<?",
+    V.UINT64: "<Q",
+    V.INT64: "<q",
+    V.FLOAT64: "<d",
 }
 _NP = {
-    V.UINT8: "<u1", V.INT8: "<i1", V.UINT16: "<u2", V.INT16: "<i2", V.UINT32: "<u4", V.INT32: "<i4",
-    V.FLOAT32: "<f4", V.BOOL: "?", V.UINT64: "<u8", V.INT64: "<i8", V.FLOAT64: "<f8",
+    V.UINT8: "<u1",
+    V.INT8: "<i1",
+    V.UINT16: "<u2",
+    V.INT16: "<i2",
+    V.UINT32: "<u4",
+    V.INT32: "<i4",
+    V.FLOAT32: "<f4",
+    V.BOOL: "?",
+    V.UINT64: "<u8",
+    V.INT64: "<i8",
+    V.FLOAT64: "<f8",
 }
 
 
@@ -65,8 +123,6 @@ class _Cursor:
 
 
 def _parse(buf: bytes) -> tuple[list, list, int]:
-    from .reader import KV
-
     c = _Cursor(memoryview(buf))
     c.pos = 4
     version = c.take("<I")
@@ -92,8 +148,6 @@ def _parse(buf: bytes) -> tuple[list, list, int]:
 
 def parse_header(path: Path, file_size: int) -> tuple[list, list]:
     """([(key, vtype, raw, value)], [(name, ne, GGMLType, absolute offset, nbytes)])."""
-    from .reader import TensorInfo
-
     if file_size < 24:
         raise BadInput(f"{path} is too short to be a GGUF file")
     want = min(file_size, 8 << 20)  # headers are a few MB at most; read more only if needed
@@ -109,7 +163,9 @@ def parse_header(path: Path, file_size: int) -> tuple[list, list]:
             if want < file_size:
                 want = min(file_size, want * 4)
                 continue
-            raise BadInput(f"{path} is not a readable GGUF file ({exc}); it is truncated, corrupt or not a GGUF: re-download or regenerate it") from None
+            raise BadInput(
+                f"{path} is not a readable GGUF file ({exc}); it is truncated, corrupt or not a GGUF: re-download or regenerate it"
+            ) from None
     align = next((int(kv.value) for kv in kvs if kv.key == "general.alignment"), 32)
     data = (end + align - 1) // align * align
     tensors = []

@@ -11,9 +11,10 @@ at a time; the file appears under its final name only once every tensor has been
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from gguf import GGUFValueType
@@ -139,7 +140,7 @@ class GGUFStreamWriter:
         head = b"".join(parts)
         return head + b"\0" * (_pad(len(head)) - len(head))
 
-    def __enter__(self) -> "GGUFStreamWriter":
+    def __enter__(self) -> GGUFStreamWriter:
         self._ctx = atomic_output(self.path)
         tmp = self._ctx.__enter__()
         try:

@@ -6,7 +6,6 @@ tensors already processed do not stay resident: peak RSS follows the largest ten
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -15,45 +14,7 @@ import numpy as np
 
 from ..atomic import check_readable, io_error
 from ..errors import BadInput
-from ..ggml_types import GGMLType
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    ne: tuple[int, ...]  # ggml order: ne[0] is the row length
-    type: GGMLType
-    offset: int  # absolute offset in the file
-    nbytes: int
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """numpy shape (slowest first), in elements."""
-        return tuple(reversed(self.ne))
-
-    @property
-    def n_elements(self) -> int:
-        return int(np.prod(self.ne, dtype=np.int64))
-
-    @property
-    def n_rows(self) -> int:
-        return self.n_elements // self.ne[0]
-
-    @property
-    def n_dims(self) -> int:
-        """ggml_n_dims: trailing size-1 dimensions do not count (minimum 1)."""
-        n = len(self.ne)
-        while n > 1 and self.ne[n - 1] == 1:
-            n -= 1
-        return n
-
-
-@dataclass(frozen=True)
-class KV:
-    key: str
-    vtype: int  # GGUFValueType of the value
-    raw: bytes  # the whole record as stored (key, type, value), for verbatim copies
-    value: Any
+from .header import KV, TensorInfo, parse_header
 
 
 class GGUFFile:
@@ -95,18 +56,12 @@ class GGUFFile:
             self._fd = os.open(self.path, os.O_RDONLY)
         return read_exact(self._fd, self.path, t.offset, t.nbytes, t.name)
 
-    def read_f32(self, t: TensorInfo) -> np.ndarray:
-        """The tensor dequantized to float32, numpy shape (…, ne[0])."""
-        from ..quant import dequantize
-
-        return dequantize(self.read_raw(t), t.type, t.shape)
-
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "GGUFFile":
+    def __enter__(self) -> GGUFFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -136,8 +91,6 @@ _HEADERS_MAX = 8
 
 
 def _parse_header(path: Path) -> tuple[dict[str, KV], list[TensorInfo]]:
-    from .header import parse_header
-
     try:
         st = path.stat()
     except OSError as exc:

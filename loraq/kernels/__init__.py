@@ -7,12 +7,13 @@ slot in the same way."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from ..errors import BadArguments
 from ..ggml_types import GGMLType, ggml_type
+from ..gguf_io import GGUFFile, TensorInfo
 
 # qtype name -> fn(rows float32 (n, k), imatrix float32 (k,) | None) -> uint8 (n, row_bytes);
 # `quantize` has already checked both shapes.
@@ -64,9 +65,14 @@ def dequantize(raw: np.ndarray, qtype: GGMLType | str, shape: tuple[int, ...]) -
     return gguf_dequantize(flat, GGMLQuantizationType(t.id)).astype(np.float32, copy=False).reshape(shape)
 
 
+def read_f32(f: GGUFFile, t: TensorInfo) -> np.ndarray:
+    """A tensor of an open GGUF dequantized to float32, numpy shape (…, ne[0])."""
+    return dequantize(f.read_raw(t), t.type, t.shape)
+
+
 # Register the kernels (import for side effects).
 from . import fp as _fp  # noqa: E402,F401
-from . import legacy as _legacy  # noqa: E402,F401
 from . import iquants as _iquants  # noqa: E402,F401
-from . import ternary as _ternary  # noqa: E402,F401
 from . import kquants as _kquants  # noqa: E402,F401
+from . import legacy as _legacy  # noqa: E402,F401
+from . import ternary as _ternary  # noqa: E402,F401

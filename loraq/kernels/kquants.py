@@ -18,25 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .numeric import to_tlayout
-
 from . import register
-from .knumeric import (
-    F32,
-    I32,
-    MAGIC,
-    Q3Quants,
-    QkxResult,
-    QxResult,
-    blend,
-    fp16_round,
-    make_qp_quants,
-    ni_int,
-    rsum,
-    signed_absmax,
-    work,
-)
-from .numeric import GROUP_MAX_EPS
+from .knumeric import F32, I32, MAGIC, Q3Quants, QkxResult, QxResult, blend, fp16_round, make_qp_quants, ni_int, rsum, signed_absmax, work
+from .numeric import GROUP_MAX_EPS, to_tlayout
 from .numeric import pack_blocks as _pack
 
 QK_K = 256
@@ -440,9 +424,7 @@ register("q4_K")(
 )
 register("q5_K")(
     _quantizer(
-        Kernel(lambda t, qw: _q45_ref(t, 31, -0.5, 0.1, 15, True)),
-        _imat_kernel(32, 31, True, 63, lambda s: _q45_imat_p3(s, 31, True)),
-        176,
+        Kernel(lambda t, qw: _q45_ref(t, 31, -0.5, 0.1, 15, True)), _imat_kernel(32, 31, True, 63, lambda s: _q45_imat_p3(s, 31, True)), 176
     )
 )
 register("q6_K")(_quantizer(Kernel(_q6), Kernel(_q6), 210))

@@ -20,17 +20,7 @@ import numpy as np
 
 from . import register
 from .fp import to_f16
-from .numeric import (
-    F32,
-    c_roundf,
-    c_trunc_u8,
-    first_min,
-    make_qkx3_quants,
-    make_qx_quants,
-    safe_inv,
-    signed_absmax,
-    to_tlayout,
-)
+from .numeric import F32, c_roundf, c_trunc_u8, first_min, make_qkx3_quants, make_qx_quants, safe_inv, signed_absmax, to_tlayout
 from .numeric import pack_blocks as _pack
 
 QK = 32

@@ -21,10 +21,11 @@ from __future__ import annotations
 import heapq
 import unicodedata
 from bisect import bisect_right
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from ..errors import BadInput
+from ..gguf_io import GGUFFile, open_gguf
 
 # ---------------------------------------------------------------------------------------------
 # Unicode classes, as llama.cpp's unicode_cpt_flags (one bit per general category + whitespace)
@@ -36,25 +37,59 @@ _CAT = {"C": _CTRL, "L": _LET, "M": _MARK, "N": _NUM, "P": _PUNCT, "S": _SYM, "Z
 
 # Unicode's White_Space property (llama.cpp's \s; note: not U+001C..U+001F, unlike str.isspace).
 _WHITESPACE = frozenset(
-    map(chr, (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
-              0x2028, 0x2029, 0x202F, 0x205F, 0x3000))
+    map(chr, (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000))
 )
 
 # Code points assigned in Unicode 15.0 and 15.1 (first, last, major category), which Python < 3.12
 # reports as unassigned; llama.cpp's tables are built from Unicode 15.1.
 _UNICODE_15 = (
-    (0x00CF3, 0x00CF3, "M"), (0x00ECE, 0x00ECE, "M"), (0x02FFC, 0x02FFF, "S"), (0x031EF, 0x031EF, "S"),
-    (0x10EFD, 0x10EFF, "M"), (0x1123F, 0x11240, "L"), (0x11241, 0x11241, "M"), (0x11B00, 0x11B09, "P"),
-    (0x11F00, 0x11F01, "M"), (0x11F02, 0x11F02, "L"), (0x11F03, 0x11F03, "M"), (0x11F04, 0x11F10, "L"),
-    (0x11F12, 0x11F33, "L"), (0x11F34, 0x11F3A, "M"), (0x11F3E, 0x11F42, "M"), (0x11F43, 0x11F4F, "P"),
-    (0x11F50, 0x11F59, "N"), (0x1342F, 0x1342F, "L"), (0x13439, 0x1343F, "C"), (0x13440, 0x13440, "M"),
-    (0x13441, 0x13446, "L"), (0x13447, 0x13455, "M"), (0x1B132, 0x1B132, "L"), (0x1B155, 0x1B155, "L"),
-    (0x1D2C0, 0x1D2D3, "N"), (0x1DF25, 0x1DF2A, "L"), (0x1E030, 0x1E06D, "L"), (0x1E08F, 0x1E08F, "M"),
-    (0x1E4D0, 0x1E4EB, "L"), (0x1E4EC, 0x1E4EF, "M"), (0x1E4F0, 0x1E4F9, "N"), (0x1F6DC, 0x1F6DC, "S"),
-    (0x1F774, 0x1F776, "S"), (0x1F77B, 0x1F77F, "S"), (0x1F7D9, 0x1F7D9, "S"), (0x1FA75, 0x1FA77, "S"),
-    (0x1FA87, 0x1FA88, "S"), (0x1FAAD, 0x1FAAF, "S"), (0x1FABB, 0x1FABD, "S"), (0x1FABF, 0x1FABF, "S"),
-    (0x1FACE, 0x1FACF, "S"), (0x1FADA, 0x1FADB, "S"), (0x1FAE8, 0x1FAE8, "S"), (0x1FAF7, 0x1FAF8, "S"),
-    (0x2B739, 0x2B739, "L"), (0x2EBF0, 0x2EE5D, "L"), (0x31350, 0x323AF, "L"),
+    (0x00CF3, 0x00CF3, "M"),
+    (0x00ECE, 0x00ECE, "M"),
+    (0x02FFC, 0x02FFF, "S"),
+    (0x031EF, 0x031EF, "S"),
+    (0x10EFD, 0x10EFF, "M"),
+    (0x1123F, 0x11240, "L"),
+    (0x11241, 0x11241, "M"),
+    (0x11B00, 0x11B09, "P"),
+    (0x11F00, 0x11F01, "M"),
+    (0x11F02, 0x11F02, "L"),
+    (0x11F03, 0x11F03, "M"),
+    (0x11F04, 0x11F10, "L"),
+    (0x11F12, 0x11F33, "L"),
+    (0x11F34, 0x11F3A, "M"),
+    (0x11F3E, 0x11F42, "M"),
+    (0x11F43, 0x11F4F, "P"),
+    (0x11F50, 0x11F59, "N"),
+    (0x1342F, 0x1342F, "L"),
+    (0x13439, 0x1343F, "C"),
+    (0x13440, 0x13440, "M"),
+    (0x13441, 0x13446, "L"),
+    (0x13447, 0x13455, "M"),
+    (0x1B132, 0x1B132, "L"),
+    (0x1B155, 0x1B155, "L"),
+    (0x1D2C0, 0x1D2D3, "N"),
+    (0x1DF25, 0x1DF2A, "L"),
+    (0x1E030, 0x1E06D, "L"),
+    (0x1E08F, 0x1E08F, "M"),
+    (0x1E4D0, 0x1E4EB, "L"),
+    (0x1E4EC, 0x1E4EF, "M"),
+    (0x1E4F0, 0x1E4F9, "N"),
+    (0x1F6DC, 0x1F6DC, "S"),
+    (0x1F774, 0x1F776, "S"),
+    (0x1F77B, 0x1F77F, "S"),
+    (0x1F7D9, 0x1F7D9, "S"),
+    (0x1FA75, 0x1FA77, "S"),
+    (0x1FA87, 0x1FA88, "S"),
+    (0x1FAAD, 0x1FAAF, "S"),
+    (0x1FABB, 0x1FABD, "S"),
+    (0x1FABF, 0x1FABF, "S"),
+    (0x1FACE, 0x1FACF, "S"),
+    (0x1FADA, 0x1FADB, "S"),
+    (0x1FAE8, 0x1FAE8, "S"),
+    (0x1FAF7, 0x1FAF8, "S"),
+    (0x2B739, 0x2B739, "L"),
+    (0x2EBF0, 0x2EE5D, "L"),
+    (0x31350, 0x323AF, "L"),
 )
 _U15_STARTS = [r[0] for r in _UNICODE_15]
 
@@ -319,13 +354,13 @@ _PRE_QWEN2 = (_split_qwen2,)
 PRE_TOKENIZERS: dict[str, tuple[tuple[Splitter, ...], bool, bool]] = {
     "default": (_PRE_DEFAULT, False, False),
     **{n: (_PRE_GPT2, False, False) for n in ("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4")},
-    **{n: (_PRE_SMOLLM, False, False) for n in (
-        "smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2")},
-    **{n: (_PRE_LLAMA3, True, True) for n in (
-        "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")},
+    **{
+        n: (_PRE_SMOLLM, False, False)
+        for n in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2")
+    },
+    **{n: (_PRE_LLAMA3, True, True) for n in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")},
     **{n: (_PRE_LLAMA3, False, False) for n in ("dbrx", "smaug-bpe")},
-    **{n: (_PRE_QWEN2, False, False) for n in (
-        "qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2")},
+    **{n: (_PRE_QWEN2, False, False) for n in ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2")},
 }
 
 
@@ -368,20 +403,46 @@ A_LSTRIP, A_RSTRIP = 128, 256
 # tokenizer.ggml.token_type -> attr (UNDEFINED=0, NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, UNUSED=5, BYTE=6)
 _TYPE_TO_ATTR = {0: 0, 1: A_NORMAL, 2: A_UNKNOWN, 3: A_CONTROL, 4: A_USER_DEFINED, 5: A_UNUSED, 6: A_BYTE}
 
-_EOG_TEXTS = frozenset((
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<｜end▁of▁sentence｜>", "[e~[",
-))
+_EOG_TEXTS = frozenset(
+    (
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<|flush|>",
+        "<|calls|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "</s>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "[EOT]",
+        "[EOS]",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+        "<eos>",
+        "<turn|>",
+        "<|tool_response>",
+        "<｜end▁of▁sentence｜>",
+        "[e~[",
+    )
+)
 # FIM tokens found by text when the GGUF does not name them: (keys naming it, texts)
 _FIM_TEXTS = (
-    (("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id"),
-     ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>")),
-    (("tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.suffix_token_id"),
-     ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>")),
-    (("tokenizer.ggml.fim_mid_token_id", "tokenizer.ggml.middle_token_id"),
-     ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>")),
+    (
+        ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id"),
+        ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>"),
+    ),
+    (
+        ("tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.suffix_token_id"),
+        ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>"),
+    ),
+    (
+        ("tokenizer.ggml.fim_mid_token_id", "tokenizer.ggml.middle_token_id"),
+        ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>"),
+    ),
     (("tokenizer.ggml.fim_pad_token_id",), ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]")),
     (("tokenizer.ggml.fim_rep_token_id",), ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>")),
     (("tokenizer.ggml.fim_sep_token_id",), ("<|file_sep|>",)),
@@ -392,11 +453,24 @@ _C_SPACE = frozenset(" \t\n\v\f\r")  # C isspace()
 class Tokenizer:
     """llama.cpp's tokenizer for one GGUF vocabulary. Build with `Tokenizer.from_gguf`."""
 
-    def __init__(self, *, model: str, pre: str, tokens: Sequence[str], token_types: Sequence[int] | None,
-                 scores: Sequence[float] | None, merges: Sequence[str] | None, bos_id: int | None,
-                 eos_id: int | None, add_bos: bool | None, add_eos: bool | None,
-                 add_space_prefix: bool | None, model_name: str = "", fim_named: Iterable[str] = (),
-                 source: str = "vocabulary"):
+    def __init__(
+        self,
+        *,
+        model: str,
+        pre: str,
+        tokens: Sequence[str],
+        token_types: Sequence[int] | None,
+        scores: Sequence[float] | None,
+        merges: Sequence[str] | None,
+        bos_id: int | None,
+        eos_id: int | None,
+        add_bos: bool | None,
+        add_eos: bool | None,
+        add_space_prefix: bool | None,
+        model_name: str = "",
+        fim_named: Iterable[str] = (),
+        source: str = "vocabulary",
+    ):
         self.model = model
         self.pre = pre
         n = len(tokens)
@@ -406,7 +480,8 @@ class Tokenizer:
             if spec is None:
                 raise BadInput(
                     f"{source}: pre-tokenizer {pre!r} is not supported (supported: "
-                    f"{', '.join(sorted(PRE_TOKENIZERS))}); use a model with one of these tokenizers")
+                    f"{', '.join(sorted(PRE_TOKENIZERS))}); use a model with one of these tokenizers"
+                )
             self._splitters, self._ignore_merges, default_add_bos = spec
             default_bos, default_eos = 11, 11
             default_add_eos = False
@@ -463,10 +538,8 @@ class Tokenizer:
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def from_gguf(cls, src) -> "Tokenizer":
-        """From a GGUF path or an open `loraq.gguf.reader.GGUFFile`."""
-        from ..gguf.reader import GGUFFile, open_gguf
-
+    def from_gguf(cls, src) -> Tokenizer:
+        """From a GGUF path or an open `loraq.gguf_io.reader.GGUFFile`."""
         g = src if isinstance(src, GGUFFile) else open_gguf(Path(src))
         model = g.get("tokenizer.ggml.model")
         if model is None:
@@ -476,13 +549,21 @@ class Tokenizer:
             raise BadInput(f"{g.path}: no tokenizer.ggml.tokens in the metadata; use a GGUF that carries its vocabulary")
         fim_named = [k for keys, _ in _FIM_TEXTS for k in keys if g.get(k) is not None]
         return cls(
-            model=str(model), pre=str(g.get("tokenizer.ggml.pre", "") or ""), tokens=tokens,
-            token_types=g.get("tokenizer.ggml.token_type"), scores=g.get("tokenizer.ggml.scores"),
-            merges=g.get("tokenizer.ggml.merges"), bos_id=g.get("tokenizer.ggml.bos_token_id"),
-            eos_id=g.get("tokenizer.ggml.eos_token_id"), add_bos=g.get("tokenizer.ggml.add_bos_token"),
+            model=str(model),
+            pre=str(g.get("tokenizer.ggml.pre", "") or ""),
+            tokens=tokens,
+            token_types=g.get("tokenizer.ggml.token_type"),
+            scores=g.get("tokenizer.ggml.scores"),
+            merges=g.get("tokenizer.ggml.merges"),
+            bos_id=g.get("tokenizer.ggml.bos_token_id"),
+            eos_id=g.get("tokenizer.ggml.eos_token_id"),
+            add_bos=g.get("tokenizer.ggml.add_bos_token"),
             add_eos=g.get("tokenizer.ggml.add_eos_token"),
             add_space_prefix=g.get("tokenizer.ggml.add_space_prefix"),
-            model_name=str(g.get("general.name", "") or ""), fim_named=fim_named, source=str(g.path))
+            model_name=str(g.get("general.name", "") or ""),
+            fim_named=fim_named,
+            source=str(g.path),
+        )
 
     def _fix_attrs(self, fim_named: set[str]) -> None:
         """The text-based attribute fix-ups of llama_vocab::impl::load that change which tokens are
@@ -503,8 +584,9 @@ class Tokenizer:
             if t in tok:
                 attrs[tok[t]] = A_USER_DEFINED
         present = {t for t in _EOG_TEXTS if t in tok}
-        if "<|end|>" in present and (("<|return|>" in present and "<|call|>" in present)
-                                     or ("<|calls|>" in present and "<|flush|>" in present)):
+        if "<|end|>" in present and (
+            ("<|return|>" in present and "<|call|>" in present) or ("<|calls|>" in present and "<|flush|>" in present)
+        ):
             attrs[tok["<|end|>"]] = A_USER_DEFINED
         if "</s>" in present and "<|tool_response>" in present:
             attrs[tok["</s>"]] = A_NORMAL
@@ -709,8 +791,7 @@ class Tokenizer:
         if t is None and b < 0x80:
             t = self._tok.get(chr(b))
         if t is None:
-            raise BadInput(f"the vocabulary has no byte token <0x{b:02X}> for a character of the text; "
-                           "llama.cpp cannot tokenize it either")
+            raise BadInput(f"the vocabulary has no byte token <0x{b:02X}> for a character of the text; llama.cpp cannot tokenize it either")
         return t
 
     # -- decode --------------------------------------------------------------------------------
