@@ -7,7 +7,7 @@ export LORAQ_CACHE := $(CACHE)
 SMOL := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO := runs/demo-inputs
 
-.PHONY: setup demo test test-interop bench clean
+.PHONY: setup demo test lint test-interop bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,12 @@ demo: $(DEMO)/adapter/adapter_model.safetensors $(DEMO)/eval.txt
 
 test: $(VENV)/.installed $(SMOL)
 	$(BIN)/pytest -q
+
+# ruff (lint + format check) and mypy, configured in pyproject.toml.
+lint: $(VENV)/.installed
+	$(BIN)/ruff check loraq tests scripts
+	$(BIN)/ruff format --check loraq tests scripts
+	$(BIN)/mypy
 
 $(VENV)/.interop: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev,interop]'

@@ -8,15 +8,26 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import LoraqError
+from .compare.report import check_gates
+from .compare.stage import Candidate, build_reference, compare_models
+from .convert import convert_adapter
+from .errors import BadArguments, GateFailed, LoraqError
+from .ggml_types import file_type
+from .gguf_io import open_gguf
+from .inspect import describe
+from .merge import AdapterSpec, merge_model
+from .pipeline.checkpoint import cpu_threads
+from .pipeline.config import Gates, load_config
+from .pipeline.runner import Event, gate_failures, run_pipeline, stage_status
+from .quantize.driver import QuantizeOptions, QuantizeResult, quantize_model
 
 app = typer.Typer(
     add_completion=False,
@@ -24,45 +35,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="LoRA fine-tune -> llama.cpp GGUF files, with proof the fine-tune survived.",
 )
-err = Console(stderr=True, highlight=False)
+# markup=False everywhere: paths and messages are data, and "[run]" in a path is not a style tag.
+err = Console(stderr=True, highlight=False, markup=False)
 # Tables are data: when stdout is not a terminal, do not squeeze them into 80 columns.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-_state = {"verbose": False}
-R = TypeVar("R")
+out = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 160)
+_verbose = False
 
 
-def _call(fn: Callable[[], R]) -> R:
-    """Run a core call; turn errors into one line and the documented exit code."""
-    try:
-        return fn()
-    except LoraqError as exc:
-        if _state["verbose"]:
-            traceback.print_exc()
-        err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("interrupted; finished outputs are kept, partial ones were removed")
-        raise typer.Exit(130) from None
-    except Exception as exc:
-        if _state["verbose"]:
-            traceback.print_exc()
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        err.print(f"[red]unexpected error:[/red] {type(exc).__name__}: {cause} (run with -v for the traceback)", soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
-def _progress(total: int, label: str):
-    """A rich progress bar on stderr when it is a terminal; otherwise a no-op."""
+@contextmanager
+def _progress(total: int, label: str) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr when it is a terminal; otherwise a no-op tick."""
     if not err.is_terminal:
-        return None, (lambda *_: None)
+        yield lambda *_: None
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
-    task = p.add_task(label, total=total)
-    return p, (lambda *_: p.advance(task))
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+    ) as p:
+        task = p.add_task(label, total=total)
+        yield lambda *_: p.advance(task)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -72,7 +67,8 @@ def _size(n: int) -> str:
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors.")) -> None:
-    _state["verbose"] = verbose
+    global _verbose
+    _verbose = verbose
 
 
 @app.command()
@@ -83,9 +79,7 @@ def convert(
     outtype: str = typer.Option("f16", "--outtype", help="f32, f16, bf16 or q8_0."),
 ) -> None:
     """PEFT adapter -> GGUF LoRA adapter (convert_lora_to_gguf.py, with rsLoRA and alpha_pattern right)."""
-    from .convert import convert_adapter
-
-    res = _call(lambda: convert_adapter(adapter, base, output, outtype=outtype))
+    res = convert_adapter(adapter, base, output, outtype=outtype)
     out.print(f"wrote {res.out} ({res.n_tensors} tensors, alpha {res.alpha:g})")
     for note in res.notes:
         err.print(f"note: {note}")
@@ -100,8 +94,7 @@ def _parse_scaled(values: list[str]) -> list[tuple[Path, float]]:
         except ValueError:
             sep = ""
         if not sep:
-            err.print(f"[red]error:[/red] --lora-scaled expects PATH:SCALE, got '{v}'")
-            raise typer.Exit(2)
+            raise BadArguments(f"--lora-scaled expects PATH:SCALE, got '{v}'")
     return pairs
 
 
@@ -117,26 +110,12 @@ def merge(
     ),
 ) -> None:
     """W + scale·(alpha/r)·B·A into one GGUF (llama-export-lora, rounded once from float64)."""
-    from .merge import AdapterSpec, merge_model
-
     specs = [AdapterSpec(p, 1.0) for p in lora] + [AdapterSpec(p, s) for p, s in _parse_scaled(lora_scaled)]
-    from .gguf_io import open_gguf
-
-    n = _call(lambda: len(open_gguf(base).tensors))
-    prog, tick = _progress(n, "merge")
-    with prog or _null():
-        res = _call(lambda: merge_model(base, specs, output, outtype, allow_requantize, on_tensor=tick))
+    with _progress(len(open_gguf(base).tensors), "merge") as tick:
+        res = merge_model(base, specs, output, outtype, allow_requantize, on_tensor=tick)
     for w in res.warnings:
         err.print(f"warning: {w}")
     out.print(f"wrote {res.out}: {len(res.merged)} tensors merged")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @app.command()
@@ -155,46 +134,31 @@ def quantize(
     threads: int = typer.Option(0, "--threads", "-t", help="Worker threads (0: all cores)."),
 ) -> None:
     """Quantize a GGUF with llama-quantize's per-tensor type rules; byte-identical blocks."""
-    from .ggml_types import file_type
-    from .pipeline.checkpoint import cpu_threads
-    from .quantize.driver import QuantizeOptions, quantize_model
-
     if len(args) not in (2, 3):
-        err.print("[red]error:[/red] usage: loraq quantize IN [OUT] TYPE")
-        raise typer.Exit(2)
-    inp, ftype = Path(args[0]), args[-1]
-    fobj = _call(lambda: file_type(ftype))
+        raise BadArguments("usage: loraq quantize IN [OUT] TYPE")
+    inp, fobj = Path(args[0]), file_type(args[-1])
     dest = Path(args[1]) if len(args) == 3 else inp.parent / f"ggml-model-{fobj.name}.gguf"
-    if include_weights and exclude_weights:
-        err.print("[red]error:[/red] --include-weights and --exclude-weights cannot be combined")
-        raise typer.Exit(2)
-    if imatrix is not None:
-        err.print("[red]error:[/red] --imatrix arrives with the imatrix stage; it is not supported yet")
-        raise typer.Exit(2)
+    # Both select which tensors use imatrix data, so they act only with --imatrix (as in llama-quantize).
+    if imatrix is not None or include_weights or exclude_weights:
+        raise BadArguments("--imatrix, --include-weights and --exclude-weights arrive with the imatrix stage; not supported yet")
     tts = []
     for spec in tensor_type:
         pat, sep, t = spec.partition("=")
         if not sep or not pat or not t:
-            err.print(f"[red]error:[/red] --tensor-type expects PATTERN=TYPE, got '{spec}'")
-            raise typer.Exit(2)
+            raise BadArguments(f"--tensor-type expects PATTERN=TYPE, got '{spec}'")
         tts.append((pat, t))
     opts = QuantizeOptions(
         output_tensor_type, token_embedding_type, tts, pure, leave_output_tensor, allow_requantize, None, cpu_threads(threads)
     )
     if dry_run:
-        res = _call(lambda: quantize_model(inp, None, fobj.name, opts, dry_run=True))
-        _print_plan(res)
+        _print_plan(quantize_model(inp, None, fobj.name, opts, dry_run=True))
         return
-    from .gguf_io import open_gguf
-
-    n = _call(lambda: len(open_gguf(inp).tensors))
-    prog, tick = _progress(n, f"quantize {fobj.name}")
-    with prog or _null():
-        res = _call(lambda: quantize_model(inp, dest, fobj.name, opts, on_tensor=tick))
+    with _progress(len(open_gguf(inp).tensors), f"quantize {fobj.name}") as tick:
+        res = quantize_model(inp, dest, fobj.name, opts, on_tensor=tick)
     out.print(f"wrote {dest}: {_size(res.size_bytes)}, {res.bpw:.2f} bpw, {res.n_fallback} shape fallbacks")
 
 
-def _print_plan(res) -> None:
+def _print_plan(res: QuantizeResult) -> None:
     t = Table(title=f"plan for {res.ftype.name}", show_lines=False)
     for c in ("tensor", "shape (ne)", "from", "to", "why"):
         t.add_column(c)
@@ -220,16 +184,11 @@ def compare(
     threads: int = typer.Option(0, "--threads", "-t"),
 ) -> None:
     """KL divergence of each file against base + adapter (llama-perplexity --kl-divergence, many at once)."""
-    from .compare.report import check_gates
-    from .compare.stage import Candidate, build_reference, compare_models
-    from .pipeline.config import Gates
-
     adapters = [(p, 1.0) for p in lora] + _parse_scaled(lora_scaled)
     if not adapters:
-        err.print("[red]error:[/red] give the adapter with --lora or --lora-scaled")
-        raise typer.Exit(2)
+        raise BadArguments("give the adapter with --lora or --lora-scaled")
     ref = workdir / "reference.kld"
-    _call(lambda: build_reference(base, adapters, text, ctx, chunks, ref, threads))
+    build_reference(base, adapters, text, ctx, chunks, ref, threads)
     cands = [Candidate("base", "base", "F16", base)]
     cands += [
         Candidate(p.stem if p.stem.startswith("merged") else f"merged-{p.stem}", "merged", p.stem.rsplit("-", 1)[-1], p) for p in merged
@@ -246,19 +205,15 @@ def compare(
         for p in runtime
     ]
     gates = Gates(max_kld_mean=max_kld_mean, min_same_top=min_same_top)
-    report = _call(lambda: compare_models(ref, cands, text, workdir, gates, threads))
-    from types import SimpleNamespace
-
-    _print_report(SimpleNamespace(compare=True, workdir_path=workdir))
+    report = compare_models(ref, cands, text, workdir, gates, threads)
+    _print_report(workdir)
     _fail_gates(check_gates(report, gates))
 
 
 @app.command()
 def inspect(file: Path = typer.Argument(..., help="A GGUF file.")) -> None:
     """Metadata, tensor table, type histogram and bits per weight of a GGUF."""
-    from .inspect import describe
-
-    info = _call(lambda: describe(file))
+    info = describe(file)
     kv = Table(title=str(file), show_header=True)
     kv.add_column("key")
     kv.add_column("value", overflow="fold")
@@ -283,24 +238,21 @@ def run(
     json_events: bool = typer.Option(False, "--json", help="One JSON object per event on stdout."),
 ) -> None:
     """The whole chain, skipping stages that are up to date."""
-    from .pipeline.config import load_config
-    from .pipeline.runner import gate_failures, run_pipeline
+    cfg = load_config(config)
 
-    cfg = _call(lambda: load_config(config))
-
-    def on_event(e: dict) -> None:
+    def on_event(e: Event) -> None:
         if json_events:
             sys.stdout.write(json.dumps(e) + "\n")
             sys.stdout.flush()
         elif not err.is_terminal:
             return  # the summary table on stdout says what ran and why; stderr stays for errors
         elif e["event"] == "stage_skipped":
-            err.print(f"[dim]skip[/dim] {e['stage']}: {e['reason']}")
+            err.print(f"skip {e['stage']}: {e['reason']}", style="dim")
         elif e["event"] == "stage_started":
-            err.print(f"[bold]run[/bold]  {e['stage']} ({e['reason']})")
+            err.print(f"run  {e['stage']} ({e['reason']})", style="bold")
 
-    reports = _call(lambda: run_pipeline(cfg, force=force, until=until, on_event=on_event))
-    failures = _call(lambda: gate_failures(cfg))
+    reports = run_pipeline(cfg, force=force, until=until, on_event=on_event)
+    failures = gate_failures(cfg)
     if json_events:
         sys.stdout.write(
             json.dumps(
@@ -339,13 +291,14 @@ def run(
                 size,
             )
     out.print(t)
-    _print_report(cfg)
+    if cfg.compare is not None:
+        _print_report(cfg.workdir_path)
     _fail_gates(failures)
 
 
-def _print_report(cfg) -> None:
-    report = cfg.workdir_path / "report.json"
-    if cfg.compare is None or not report.exists():
+def _print_report(workdir: Path) -> None:
+    report = workdir / "report.json"
+    if not report.exists():
         return
     rep = json.loads(report.read_text())
     t = Table(
@@ -368,25 +321,19 @@ def _print_report(cfg) -> None:
             pct(v["effect_retention"]),
         )
     out.print(t)
-    out.print(f"report: {cfg.workdir_path / 'report.html'}")
+    out.print(f"report: {workdir / 'report.html'}")
 
 
 def _fail_gates(failures: list[str]) -> None:
     if failures:
-        from .errors import GateFailed
-
-        err.print(f"[red]error:[/red] quality gate failed: {'; '.join(failures)} (see report.md)", soft_wrap=True)
-        raise typer.Exit(GateFailed.exit_code)
+        raise GateFailed(f"quality gate failed: {'; '.join(failures)} (see report.md)")
 
 
 @app.command()
 def status(config: Path = typer.Argument(..., help="The pipeline's YAML config.")) -> None:
     """Each stage: up to date or not, and why."""
-    from .pipeline.config import load_config
-    from .pipeline.runner import stage_status
-
-    cfg = _call(lambda: load_config(config))
-    reports = _call(lambda: stage_status(cfg))
+    cfg = load_config(config)
+    reports = stage_status(cfg)
     t = Table(title=f"{cfg.name}: {cfg.workdir_path}")
     for c in ("stage", "status", "reason"):
         t.add_column(c)
@@ -395,8 +342,37 @@ def status(config: Path = typer.Argument(..., help="The pipeline's YAML config."
     out.print(t)
 
 
+def _fail(label: str, message: str, code: int) -> int:
+    if _verbose:
+        traceback.print_exc()
+    # Plain write, not rich: a message is data and may hold "[", "]" or "[/x]".
+    sys.stderr.write(f"{label}: {message}\n")
+    return code
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """The one error edge: every failure becomes one stderr line and the documented exit code."""
+    try:
+        app(args=argv, prog_name="loraq")  # typer prints usage errors itself and exits 2
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        if code == 130:  # typer turns Ctrl-C into exit 130
+            sys.stderr.write("interrupted; finished outputs are kept, partial ones were removed\n")
+        return code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; finished outputs are kept, partial ones were removed\n")
+        return 130
+    except LoraqError as exc:
+        return _fail("error", str(exc), exc.exit_code)
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        cause = lines[0] if lines else type(exc).__name__
+        return _fail("unexpected error", f"{type(exc).__name__}: {cause} (run with -v for the traceback)", 1)
+    return 0
+
+
 def main() -> None:
-    app()
+    sys.exit(run_cli())
 
 
 if __name__ == "__main__":

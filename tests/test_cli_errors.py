@@ -1,7 +1,7 @@
 """Bad inputs through the real command line: the documented exit code, one line on stderr, no
 traceback, and nothing written (design.md: exit codes; ground rule 3, nothing half-written).
 
-Each case runs `python -m loraq.cli …` in a subprocess whose working folder holds the shared
+Each case runs `python -m loraq …` in a subprocess whose working folder holds the shared
 inputs; outputs are relative names in that folder. Before and after every case the folder (and
 the folders of the session's model fixtures) is snapshotted — size, mtime and a content hash of
 every file — and must not change: no output, no temporary file, no touched input."""
@@ -74,6 +74,14 @@ CASES = [
     ("config-missing", ["run", "no-such-config.yaml"], BAD_ARGS, "config not found"),
     ("config-unwritable-workdir", ["run", "c-workdir.yaml", "--json"], IO, "afile"),
     ("config-nan-adapter", ["run", "c-nan.yaml", "--json"], BAD_INPUT, "nan"),
+    # settings that do not work yet are refused, never accepted and ignored
+    ("config-imatrix", ["run", "c-imatrix.yaml"], BAD_ARGS, "imatrix: the imatrix stage is not available yet"),
+    ("quantize-imatrix", ["quantize", "{f16}", "out.gguf", "Q4_K_M", "--imatrix", "afile"], BAD_ARGS, "not supported yet"),
+    ("quantize-include-weights", ["quantize", "{f16}", "out.gguf", "Q4_K_M", "--include-weights", "attn_v"], BAD_ARGS, "not supported yet"),
+    ("quantize-exclude-weights", ["quantize", "{f16}", "out.gguf", "Q4_K_M", "--exclude-weights", "attn_v"], BAD_ARGS, "not supported yet"),
+    # messages are plain text: brackets in a path are not markup, and "[/x]" does not break the edge
+    ("path-with-brackets", ["quantize", "br[run]/stub.gguf", "out.gguf", "Q8_0"], BAD_INPUT, "br[run]/stub.gguf"),
+    ("path-with-markup-close", ["inspect", "m[/x]/y.gguf"], BAD_ARGS, "m[/x]/y.gguf"),
 ]
 
 
@@ -91,6 +99,7 @@ CONFIGS = {
     "c-missing.yaml": _config(base="missing.gguf"),
     "c-workdir.yaml": _config(workdir="afile/sub"),
     "c-nan.yaml": _config(adapters="  - path: nan\n"),
+    "c-imatrix.yaml": _config() + "imatrix: {text: afile}\n",
 }
 
 
@@ -154,6 +163,8 @@ def work(smollm2_q4_1: Path, smollm2_f16: Path, synth256: Path, tmp_path_factory
     data = smollm2_q4_1.read_bytes()
     (w / "trunc.gguf").write_bytes(data[: len(data) // 2])
     (w / "stub.gguf").write_bytes(data[:1000])
+    (w / "br[run]").mkdir()
+    (w / "br[run]" / "stub.gguf").write_bytes(data[:1000])
     del data
     (w / "notes.gguf").write_text("these are my notes, not a model\n")
     (w / "afile").write_text("a regular file where a folder is expected\n")
@@ -216,7 +227,7 @@ def test_bad_input(work: dict, argv: list[str], code: int, fragment: str) -> Non
         args.append(a)
     env = dict(os.environ, COLUMNS="80", PYTHONPATH=str(ROOT))  # a narrow console must not wrap the line
     before = snapshot(work["watch"])
-    proc = subprocess.run([sys.executable, "-m", "loraq.cli", *args], cwd=work["dir"], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "loraq", *args], cwd=work["dir"], env=env, capture_output=True, text=True, timeout=120)
     after = snapshot(work["watch"])
     shown = f"loraq {' '.join(args)}\n--- stdout:\n{proc.stdout}--- stderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stdout + proc.stderr, shown

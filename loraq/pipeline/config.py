@@ -33,12 +33,6 @@ class MergeConfig(_Strict):
     outtype: Literal["f16", "bf16", "f32"] = "f16"
 
 
-class ImatrixConfig(_Strict):
-    text: str
-    ctx: int = Field(512, gt=0)
-    chunks: int = Field(32, gt=0)
-
-
 class QuantizeConfig(_Strict):
     types: list[str] = Field(default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q8_0"], min_length=1)
     output_tensor_type: str | None = None
@@ -91,9 +85,15 @@ class Config(_Strict):
     adapters: list[AdapterConfig] = Field(min_length=1)
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
-    imatrix: ImatrixConfig | None = None
+    imatrix: object = None  # refused below until the imatrix stage exists
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     compare: CompareConfig | None = None
+
+    @field_validator("imatrix")
+    @classmethod
+    def _imatrix(cls, v: object) -> None:
+        if v is not None:
+            raise ValueError("the imatrix stage is not available yet; remove this key (quantizing without one is what runs)")
 
     # Filled in by load_config: the folder relative paths resolve against.
     root: Path = Field(default=Path("."), exclude=True)
@@ -174,8 +174,6 @@ def load_config(path: Path | str) -> Config:
     for i, a in enumerate(cfg.adapters):
         if not cfg.resolve(a.path).exists():
             missing.append(f"adapters.{i}.path: not found: {a.path}")
-    if cfg.imatrix and not cfg.resolve(cfg.imatrix.text).exists():
-        missing.append(f"imatrix.text: file not found: {cfg.imatrix.text}")
     if cfg.compare and not cfg.resolve(cfg.compare.text).exists():
         missing.append(f"compare.text: file not found: {cfg.compare.text}")
     if missing:
