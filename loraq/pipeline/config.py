@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from ..errors import BadArguments
-from ..ggml_types import file_type, ggml_type
+from ..ggml_types import FileType, GGMLType, file_type, ggml_type
 
 
 class _Strict(BaseModel):
@@ -47,7 +49,7 @@ class QuantizeConfig(_Strict):
     def _types(cls, v: list[str]) -> list[str]:
         names = []
         for t in v:
-            names.append(_check(lambda: file_type(t).name))
+            names.append(_type_name(file_type, t))
         if len(set(names)) != len(names):
             raise ValueError("a type is listed twice")
         return names
@@ -55,12 +57,12 @@ class QuantizeConfig(_Strict):
     @field_validator("output_tensor_type", "token_embedding_type")
     @classmethod
     def _tt(cls, v: str | None) -> str | None:
-        return None if v is None else _check(lambda: ggml_type(v).name)
+        return None if v is None else _type_name(ggml_type, v)
 
     @field_validator("tensor_types")
     @classmethod
     def _tts(cls, v: dict[str, str]) -> dict[str, str]:
-        return {k: _check(lambda t=t: ggml_type(t).name) for k, t in v.items()}
+        return {k: _type_name(ggml_type, t) for k, t in v.items()}
 
 
 class Gates(_Strict):
@@ -107,9 +109,10 @@ class Config(_Strict):
         return self.resolve(self.workdir)
 
 
-def _check(fn):
+def _type_name(parse: Callable[[str], FileType | GGMLType], name: str) -> str:
+    """The canonical type name; pydantic reports a ValueError at the key's location."""
     try:
-        return fn()
+        return parse(name).name
     except BadArguments as exc:
         raise ValueError(str(exc)) from None
 
@@ -134,7 +137,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return m
 
 
-def _format(err: dict) -> str:
+def _format(err: ErrorDetails) -> str:
     loc = tuple(err["loc"])
     where = ".".join(str(x) for x in loc) or "(top level)"
     if err["type"] == "extra_forbidden":

@@ -19,7 +19,7 @@ from ..errors import BadArguments
 from ..merge import AdapterSpec, merge_model
 from ..quantize.driver import QuantizeOptions, quantize_many
 from .checkpoint import Manifest, Verdict, check_stage, cpu_threads, record_stage
-from .config import Config
+from .config import CompareConfig, Config
 
 Event = dict[str, Any]
 STAGE_KINDS = ("convert", "merge", "quantize")
@@ -32,7 +32,7 @@ class Stage:
     settings: dict[str, Any]  # only what changes the output bytes
     inputs: dict[str, Path]
     outputs: list[Path]
-    action: Callable[[], None] | None  # None for batched stages: batch_run runs them
+    action: Callable[[], object] | None  # None for batched stages: batch_run runs them
     after: list[str] = field(default_factory=list)  # upstream stages whose outputs are inputs here
     # Stages with the same batch key that are due together run as one call (quantize: the F16 is
     # read once for every type); batch_run receives every due stage of the batch, one or more.
@@ -132,12 +132,11 @@ def build_stages(cfg: Config) -> list[Stage]:
             )
 
     if c is not None:
-        stages += _compare_stages(cfg, base, adapters, merged, stages)
+        stages += _compare_stages(cfg, c, base, adapters, stages)
     return stages
 
 
-def _compare_stages(cfg: Config, base: Path, adapters: list[tuple[Path, float]], merged: Path, before: list[Stage]) -> list[Stage]:
-    c = cfg.compare
+def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tuple[Path, float]], before: list[Stage]) -> list[Stage]:
     wd = cfg.workdir_path
     text = cfg.resolve(c.text)
     threads = cpu_threads(cfg.quantize.threads)
@@ -149,7 +148,7 @@ def _compare_stages(cfg: Config, base: Path, adapters: list[tuple[Path, float]],
         {"ctx": c.ctx, "chunks": c.chunks, "scales": [s for _, s in adapters]},
         ref_inputs,
         [ref, meta_path(ref)],
-        lambda: build_reference(base, adapters, text, c.ctx, c.chunks, ref, threads) and None,
+        lambda: build_reference(base, adapters, text, c.ctx, c.chunks, ref, threads),
     )
     convert = next((s for s in before if s.kind == "convert"), None)
     # Runtime candidates use the adapter a user deploys: the converted GGUF where there is one.
@@ -160,7 +159,7 @@ def _compare_stages(cfg: Config, base: Path, adapters: list[tuple[Path, float]],
             deployed[k] = (convert.outputs[j], adapters[k][1])
     cands = [Candidate("base", "base", "F16", base)]
     for s in before:
-        t = s.settings.get("type")
+        t = str(s.settings.get("type"))
         if s.kind == "quantize":
             cands.append(Candidate(f"merged-{t}", "merged", t, s.outputs[0]))
         elif s.kind == "quantize-base":
@@ -178,7 +177,7 @@ def _compare_stages(cfg: Config, base: Path, adapters: list[tuple[Path, float]],
         {"variants": [x.name for x in cands]},
         inputs,
         report,
-        lambda: compare_models(ref, cands, text, wd, c.gates, threads) and None,
+        lambda: compare_models(ref, cands, text, wd, c.gates, threads),
         after=["reference"] + [s.name for s in before if s.kind in ("quantize", "quantize-base", "convert")],
     )
     return [reference, compare]
@@ -279,7 +278,7 @@ def run_pipeline(
         t0 = time.perf_counter()
         if s.batch_run is not None:
             s.batch_run([b for b, _ in batch])
-        else:
+        elif s.action is not None:
             s.action()
         dt = (time.perf_counter() - t0) / len(batch)  # a batch's time is shared evenly
         for b, reason in batch:
