@@ -20,14 +20,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 $(SMOL): | $(BIN)/python
-	$(BIN)/python scripts/fetch_smollm2.py
+	$(BIN)/python -m scripts.fetch_smollm2
 
 # The demo's inputs: an F16 base made from the Q4_1 SmolLM2 with loraq itself, and a PEFT adapter.
 $(DEMO)/smollm2-f16.gguf: $(SMOL) $(VENV)/.installed
 	$(BIN)/loraq quantize $(SMOL) $@ F16 --allow-requantize
 
 $(DEMO)/adapter/adapter_model.safetensors: $(DEMO)/smollm2-f16.gguf scripts/make_demo_adapter.py
-	$(BIN)/python scripts/make_demo_adapter.py $(DEMO)/smollm2-f16.gguf $(DEMO)/adapter
+	$(BIN)/python -m scripts.make_demo_adapter $(DEMO)/smollm2-f16.gguf $(DEMO)/adapter
 
 # Evaluation text: the GPL v3 (Debian's base-files ships it); elsewhere, Python's own license.
 $(DEMO)/eval.txt: | $(BIN)/python
@@ -55,7 +55,7 @@ test-interop: $(VENV)/.interop $(SMOL)
 	$(BIN)/pytest -q -m interop
 
 bench: $(VENV)/.interop $(SMOL)
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python -m scripts.bench
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,6 +1,6 @@
 """The command line: parse, call one core function, render, map errors to exit codes.
 
-Exit codes (design.md): 0 ok, 1 unexpected error, 2 bad arguments or config, 3 quality gate
+Exit codes (docs/design.md): 0 ok, 1 unexpected error, 2 bad arguments or config, 3 quality gate
 failed, 4 bad input data, 5 I/O. Errors print one line; `-v` shows the traceback."""
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .compare.report import check_gates
+from .compare.gates import enforce_gates, gate_failed
 from .compare.stage import Candidate, build_reference, compare_models
 from .convert import convert_adapter
-from .errors import BadArguments, GateFailed, LoraqError
+from .errors import BadArguments, LoraqError
 from .ggml_types import file_type
 from .gguf_io import open_gguf
 from .inspect import describe
 from .merge import AdapterSpec, merge_model
 from .pipeline.checkpoint import cpu_threads
 from .pipeline.config import Gates, load_config
-from .pipeline.runner import Event, gate_failures, run_pipeline, stage_status
+from .pipeline.runner import Event, check_run_gates, run_pipeline, stage_status
 from .quantize.driver import QuantizeOptions, QuantizeResult, quantize_model
 
 app = typer.Typer(
@@ -207,7 +207,7 @@ def compare(
     gates = Gates(max_kld_mean=max_kld_mean, min_same_top=min_same_top)
     report = compare_models(ref, cands, text, workdir, gates, threads)
     _print_report(workdir)
-    _fail_gates(check_gates(report, gates))
+    enforce_gates(report, gates)
 
 
 @app.command()
@@ -252,7 +252,7 @@ def run(
             err.print(f"run  {e['stage']} ({e['reason']})", style="bold")
 
     reports = run_pipeline(cfg, force=force, until=until, on_event=on_event)
-    failures = gate_failures(cfg)
+    failures = check_run_gates(cfg)
     if json_events:
         sys.stdout.write(
             json.dumps(
@@ -268,12 +268,13 @@ def run(
                         }
                         for r in reports
                     ],
-                    "gates": {"passed": not failures, "failures": failures},
+                    "gates": {"passed": not failures, "failures": [str(f) for f in failures]},
                 }
             )
             + "\n"
         )
-        _fail_gates(failures)
+        if failures:
+            raise gate_failed(failures)
         return
     t = Table(title=f"{cfg.name}: {cfg.workdir_path}")
     for c in ("stage", "status", "reason", "seconds", "output", "size"):
@@ -293,7 +294,8 @@ def run(
     out.print(t)
     if cfg.compare is not None:
         _print_report(cfg.workdir_path)
-    _fail_gates(failures)
+    if failures:
+        raise gate_failed(failures)
 
 
 def _print_report(workdir: Path) -> None:
@@ -322,11 +324,6 @@ def _print_report(workdir: Path) -> None:
         )
     out.print(t)
     out.print(f"report: {workdir / 'report.html'}")
-
-
-def _fail_gates(failures: list[str]) -> None:
-    if failures:
-        raise GateFailed(f"quality gate failed: {'; '.join(failures)} (see report.md)")
 
 
 @app.command()

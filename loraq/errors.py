@@ -1,7 +1,11 @@
-"""Error types that carry the CLI exit code documented in design.md.
+"""Error types that carry the CLI exit code documented in docs/design.md.
 
 Core code raises these with a one-line message saying what failed and what to do; the CLI prints
 the message and exits with the code. Anything else is an unexpected error (exit 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class LoraqError(Exception):
@@ -15,9 +19,14 @@ class BadArguments(LoraqError):
 
 
 class GateFailed(LoraqError):
-    """A quality gate failed (exit 3)."""
+    """A quality gate failed (exit 3); `failures` holds the message's loraq.compare.gates.GateFailure
+    records (typed `object` here: this module sits below loraq.compare)."""
 
     exit_code = 3
+
+    def __init__(self, message: str, failures: Sequence[object] = ()) -> None:
+        super().__init__(message)
+        self.failures = tuple(failures)
 
 
 class BadInput(LoraqError):

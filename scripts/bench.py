@@ -1,6 +1,6 @@
 """loraq's speed and memory against its peers, measured in one run on the same data (`make bench`).
 
-    python scripts/bench.py [--weights N] [--repeat R] [--skip-large]
+    python -m scripts.bench [--weights N] [--repeat R] [--skip-large]
 
 1. Legacy quantizer throughput (Mweights/s): loraq vs libgguf (ggml's native reference
    quantizers) vs gguf-py (numpy), on the same real SmolLM2 rows (scripts/bench_quant.py), then
@@ -12,7 +12,7 @@
 
 Inputs are cached under $LORAQ_CACHE (default ~/.cache/loraq)/bench so reruns do not rebuild them;
 temporary outputs go to a temporary folder that is removed at the end. No timing is asserted
-(design.md rule 5): the report is numbers and ratios."""
+(docs/design.md rule 5): the report is numbers and ratios."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ os.environ.setdefault("LIBGGUF_NUM_THREADS", "1")
 import argparse
 import datetime
 import hashlib
-import importlib.util
+import importlib
 import json
 import platform
 import shutil
@@ -35,22 +35,18 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from scripts import fetch_smollm2, make_demo_adapter, make_synthetic_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SYNTH = dict(n_embd=1024, n_ff=2816, n_layer=18, n_head=16, n_head_kv=4)
 
 
 def load_script(name: str) -> ModuleType | None:
-    """Import scripts/<name>.py as a module, or None when the file does not exist."""
-    path = ROOT / "scripts" / f"{name}.py"
-    if not path.exists():
+    """The module scripts.<name>, or None when scripts/<name>.py does not exist."""
+    if not (ROOT / "scripts" / f"{name}.py").exists():
         return None
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"scripts.{name}")
 
 
 def section(title: str) -> None:
@@ -115,14 +111,13 @@ def child(setup: str, body: str) -> dict:
 # Inputs, cached
 # ------------------------------------------------------------------------------------------------
 def bench_cache() -> Path:
-    fetch = load_script("fetch_smollm2")
-    d = fetch.cache_dir() / "bench"
+    d = fetch_smollm2.cache_dir() / "bench"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 def smollm2_q4_1() -> Path:
-    return load_script("fetch_smollm2").fetch()
+    return fetch_smollm2.fetch()
 
 
 def demo_inputs(cache: Path) -> tuple[Path, Path]:
@@ -136,7 +131,7 @@ def demo_inputs(cache: Path) -> tuple[Path, Path]:
     if not (adapter / "adapter_model.safetensors").exists():
         tmp = cache / "demo-adapter-r16.part"
         shutil.rmtree(tmp, ignore_errors=True)
-        load_script("make_demo_adapter").make_adapter(base, tmp, rank=16, seed=0)
+        make_demo_adapter.make_adapter(base, tmp, rank=16, seed=0)
         shutil.rmtree(adapter, ignore_errors=True)
         tmp.rename(adapter)
     return base, adapter
@@ -146,7 +141,7 @@ def synthetic_model(cache: Path) -> Path:
     p = cache / "synth-{n_embd}x{n_layer}-ff{n_ff}-f16.gguf".format(**SYNTH)
     if not p.exists():  # make_model writes through a temporary name: a cached file is complete
         t = time.perf_counter()
-        load_script("make_synthetic_model").make_model(p, smollm2_q4_1(), **SYNTH)
+        make_synthetic_model.make_model(p, smollm2_q4_1(), **SYNTH)
         print(f"(built {p.name} in {time.perf_counter() - t:.0f} s; cached for reruns)")
     return p
 

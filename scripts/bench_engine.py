@@ -1,6 +1,6 @@
 """loraq's numpy engine against llama.cpp on the same model and tokens (plain text report).
 
-    python scripts/bench_engine.py [--ctx 256] [--chunks 8] [--threads 2] [--repeat 2]
+    python -m scripts.bench_engine [--ctx 256] [--chunks 8] [--threads 2] [--repeat 2]
 
 1. Throughput (tokens/s) on SmolLM2-135M F16 (made from the Q4_1 with loraq, cached under
    $LORAQ_CACHE/bench like scripts/bench.py's inputs): loraq's Engine vs llama.cpp
@@ -11,13 +11,12 @@
 3. Peak RSS of loraq's engine on synthetic models (n_embd 256, n_ff 768) with 4 and 8 layers,
    each in a fresh child process (getrusage ru_maxrss and VmHWM).
 
-No timing is asserted (design.md rule 5)."""
+No timing is asserted (docs/design.md rule 5)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -26,10 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from scripts import fetch_smollm2, make_synthetic_model
+
 ROOT = Path(__file__).resolve().parents[1]
 # real English text that does not change while the repo does: these stdlib modules' docstrings
 STDLIB_TEXT = ("re", "argparse", "subprocess", "pickle", "tarfile", "decimal", "typing", "logging")
-sys.path.insert(0, str(ROOT))
 
 _CHILD = """
 import json, os, resource, sys, time
@@ -95,20 +95,12 @@ def child(body: str, **args) -> dict:
     return json.loads(line.removeprefix("@@RESULT "))
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_engine_{name}", ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def smollm2_f16(cache: Path) -> Path:
     from loraq.quantize.driver import QuantizeOptions, quantize_model
 
     base = cache / "smollm2-f16.gguf"
     if not base.exists():
-        q41 = load_script("fetch_smollm2").fetch()
+        q41 = fetch_smollm2.fetch()
         quantize_model(q41, base, "F16", QuantizeOptions(allow_requantize=True, threads=2))
     return base
 
@@ -158,7 +150,7 @@ def main() -> None:
 
     from loraq.llama.engine import chunk_tokens
 
-    cache = load_script("fetch_smollm2").cache_dir() / "bench"
+    cache = fetch_smollm2.cache_dir() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     print(
         f"loraq engine bench — {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}, numpy {np.__version__}"
@@ -185,12 +177,11 @@ def main() -> None:
         print(agreement(tmp / "llama.npy", tmp / "loraq.npy"))
 
         print("\n== peak RSS of loraq's engine: synthetic n_embd 256, n_ff 768, tied, F16; 2 chunks × 64 tokens")
-        mk = load_script("make_synthetic_model")
-        q41 = load_script("fetch_smollm2").fetch()
+        q41 = fetch_smollm2.fetch()
         small = np.random.default_rng(0).integers(0, 49152, size=(2, 64)).astype(np.int32)
         np.save(tmp / "small.npy", small)
         for n_layer in (4, 8):
-            m = mk.make_model(tmp / f"synth-{n_layer}.gguf", q41, n_embd=256, n_ff=768, n_layer=n_layer)
+            m = make_synthetic_model.make_model(tmp / f"synth-{n_layer}.gguf", q41, n_embd=256, n_ff=768, n_layer=n_layer)
             r = child(_LORAQ, tokens=str(tmp / "small.npy"), model=str(m), threads=a.threads, repeat=1)
             print(
                 f"{n_layer} layers: peak RSS {r['maxrss_kib'] / 1024:7.1f} MiB (VmHWM {r['vmhwm_kib'] / 1024:.1f} MiB), {r['seconds']:.2f} s"

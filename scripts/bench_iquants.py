@@ -9,14 +9,10 @@ Usage: python scripts/bench_iquants.py [--weights N] [--repeat R]"""
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchlib import ROOT, best_time, smollm2  # noqa: F401
+from scripts.benchlib import best_time, smollm2
 
 CASES = [("iq4_nl", False), ("iq4_nl", True), ("iq4_xs", False), ("iq4_xs", True), ("tq1_0", False), ("tq2_0", False)]
 
@@ -56,8 +52,8 @@ def main() -> None:
     for q, use_im in CASES:
         qid = ggml_type(q).id
         im = imatrix if use_im else None
-        t_l, a = best_time(lambda: quantize(rows, q, im), args.repeat)
-        t_c, b = best_time(lambda: libgguf.quantize_rows(rows, qid, im), args.repeat)
+        t_l, a = best_time(lambda q=q, im=im: quantize(rows, q, im), args.repeat)
+        t_c, b = best_time(lambda qid=qid, im=im: libgguf.quantize_rows(rows, qid, im), args.repeat)
         same = np.array_equal(np.asarray(a).reshape(-1), np.asarray(b).view(np.uint8).reshape(-1))
         ml, mc = n / t_l / 1e6, n / t_c / 1e6
         print(f"{q:8} {'yes' if use_im else 'no':7} {ml:8.1f} {mc:8.1f} {ml / mc:6.2f}x  {'identical' if same else 'DIFFER'}")

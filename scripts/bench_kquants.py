@@ -17,15 +17,11 @@ import os
 os.environ["LIBGGUF_NUM_THREADS"] = "1"  # before libgguf is imported: one native thread
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchlib import ROOT, best_time, smollm2  # noqa: F401
+from scripts.benchlib import smollm2
 
 TYPES = ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
 

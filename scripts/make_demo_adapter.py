@@ -1,6 +1,6 @@
 """Write a PEFT-format LoRA adapter for a llama-arch GGUF base, for demos and tests.
 
-    python scripts/make_demo_adapter.py BASE.gguf OUTDIR [--rank 16] [--seed 0] [--rslora]
+    python -m scripts.make_demo_adapter BASE.gguf OUTDIR [--rank 16] [--seed 0] [--rslora]
         [--alpha 32] [--dtype float32|float16|bfloat16] [--targets q_proj,k_proj,...] [--layers 0,1]
 
 The adapter looks exactly like PEFT's save_pretrained output: adapter_config.json with the keys
@@ -10,8 +10,9 @@ and value types a PEFT LoraConfig writes (sorted, indent 2) and adapter_model.sa
 for each module, W read from the base GGUF. The base stores q/k rows permuted for RoPE while the
 adapter is in HF orientation; B@A is random, so for a demo that does not matter.
 
-Importable: `make_adapter(base, outdir, ...)` builds variants for tests (rsLoRA, alpha_pattern,
-rank_pattern, bf16, extra tensors such as DoRA magnitude vectors, config overrides)."""
+Importable (`from scripts import make_demo_adapter`): `make_adapter(base, outdir, ...)` builds
+variants for tests (rsLoRA, alpha_pattern, rank_pattern, bf16, extra tensors such as DoRA
+magnitude vectors, config overrides)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,10 @@ import argparse
 import json
 import re
 import struct
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loraq.gguf_io import open_gguf
 from loraq.kernels import read_f32

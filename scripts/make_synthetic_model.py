@@ -8,13 +8,10 @@ numbers (Student-t, like trained weights' outliers), deterministic for a seed.""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFValueType as V
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loraq.ggml_types import ggml_type
 from loraq.gguf_io import KVList, open_gguf

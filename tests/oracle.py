@@ -1,6 +1,9 @@
-"""The block oracle shared by the kernel tests: libgguf (ggml's own `ggml_quantize_chunk`)."""
+"""The block oracle shared by the kernel tests: libgguf (ggml's own `ggml_quantize_chunk`), and
+the harness around it."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -45,3 +48,24 @@ def random_imatrix(n: int, seed: int, zeros: bool = False, dead: slice | None = 
         if dead is not None and dead.stop <= n:
             im[dead] = 0
     return im
+
+
+def assert_layouts(blocks: list[np.ndarray], qtype: str, imatrices: Callable[[int], list[np.ndarray | None]]) -> None:
+    """Adversarial blocks each in its own row, all in one row, and that row rotated by a third of
+    the blocks (so each block meets other neighbours, chunk edges and imatrix columns);
+    `imatrices(n_per_row)` gives the imatrix cases to try for each."""
+    n, size = len(blocks), blocks[0].size
+    alone = np.stack(blocks)
+    together = np.concatenate(blocks)[None, :]
+    rotated = np.roll(together, -size * (n // 3), axis=1)
+    for rows, what in [(alone, "block per row"), (together, "one row"), (rotated, "rotated row")]:
+        for im in imatrices(rows.shape[1]):
+            assert_same(rows, qtype, im, what)
+
+
+def seq_sum(t: np.ndarray) -> np.ndarray:
+    """The C loop `s = 0; for (i) s += t[i];` over axis 1, one float32 add at a time."""
+    acc = np.zeros_like(t[:, 0])
+    for j in range(t.shape[1]):
+        acc += t[:, j]
+    return acc

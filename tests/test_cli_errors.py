@@ -1,5 +1,5 @@
 """Bad inputs through the real command line: the documented exit code, one line on stderr, no
-traceback, and nothing written (design.md: exit codes; ground rule 3, nothing half-written).
+traceback, and nothing written (docs/design.md: exit codes; ground rule 3, nothing half-written).
 
 Each case runs `python -m loraq …` in a subprocess whose working folder holds the shared
 inputs; outputs are relative names in that folder. Before and after every case the folder (and
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import load_script
+from scripts import make_demo_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def _rename_arch(src: Path, dst: Path, new: bytes) -> None:
 def work(smollm2_q4_1: Path, smollm2_f16: Path, synth256: Path, tmp_path_factory) -> dict:
     from loraq.convert import convert_adapter
 
-    mk = load_script("make_demo_adapter")
+    mk = make_demo_adapter
     w = tmp_path_factory.mktemp("cli_errors")
     ad = mk.make_adapter(smollm2_f16, w / "ad", rank=4, layers=[0, 1], seed=1)
 

@@ -1,7 +1,7 @@
 """compare: the llama-perplexity base-logits file, the KLD/PPL statistics, reports and gates.
 
 Oracles: the file layout is checked byte for byte against bytes assembled by hand with struct from
-reference/llama-cpp.md §8.2; the statistics against a plain per-token float64 Python loop over the
+docs/llama-cpp.md §8.2; the statistics against a plain per-token float64 Python loop over the
 file's bytes (§8.3–8.4), sharing no code with loraq.compare."""
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import struct
 import numpy as np
 import pytest
 
+from loraq.compare.gates import GateFailure, check_gates, enforce_gates
 from loraq.compare.kld_file import ReferenceFile, ReferenceWriter, file_size
 from loraq.compare.metrics import KLDAccumulator, KLDResult, PerplexityAccumulator
-from loraq.compare.report import VariantScore, build_report, check_gates, raise_if_failed, write_reports
+from loraq.compare.render import write_reports
+from loraq.compare.report import VariantScore, build_report
 from loraq.errors import BadInput, GateFailed
 from loraq.pipeline.config import Gates
 
@@ -344,7 +346,7 @@ def test_metrics_match_per_token_oracle(tmp_path, n_vocab, n_ctx, n_chunk):
     cand = [(b + rng.normal(0, 0.7, b.shape)).astype(np.float32) for b in base]
     tokens = rng.integers(0, n_vocab, (n_chunk, n_ctx))
     p = tmp_path / "ref.kld"
-    w = write_ref(p, n_ctx, tokens, base)
+    write_ref(p, n_ctx, tokens, base)
     want = oracle_stats(p.read_bytes(), cand)
     assert want["n_tokens"] > 30 and 0 < want["same_top"] < 1  # the test exercises both outcomes
     assert_matches_oracle(score(p, cand), want)
@@ -486,25 +488,31 @@ def test_gates_pass_and_fail_each_metric(tmp_path):
     assert [v["effect_retention"] for v in r["variants"]] == pytest.approx([0.998, 0.8776, 0.6, 0.0])
     assert r["gates"]["failures"] == ["runtime-Q4_0: effect_retention 0.6 < min_effect_retention 0.7"]
     # A value that rounds to the limit is printed with enough digits to differ from it.
-    assert check_gates({"variants": [{"name": "v", "kind": "merged", "kld_mean": 0.0500001}]}, {"max_kld_mean": 0.05}) == [
-        "v: kld_mean 0.0500001 > max_kld_mean 0.05"
-    ]
+    assert [
+        str(f) for f in check_gates({"variants": [{"name": "v", "kind": "merged", "kld_mean": 0.0500001}]}, {"max_kld_mean": 0.05})
+    ] == ["v: kld_mean 0.0500001 > max_kld_mean 0.05"]
     # No measurable adapter effect: retention is undefined and its gate fails.
     r = report_for(tmp_path, Gates(min_effect_retention=0.7), adapter=0.0)
     assert r["variants"][0]["effect_retention"] is None
     assert len(r["gates"]["failures"]) == 3 and "undefined" in r["gates"]["failures"][0]
 
 
-def test_raise_if_failed(tmp_path):
-    raise_if_failed(report_for(tmp_path, Gates(max_kld_mean=1.0)))
-    r = report_for(tmp_path, Gates(max_kld_mean=0.05, min_same_top=0.9))
+def test_enforce_gates(tmp_path):
+    enforce_gates(report_for(tmp_path, Gates(max_kld_mean=1.0)), Gates(max_kld_mean=1.0))
+    gates = Gates(max_kld_mean=0.05, min_same_top=0.9)
+    r = report_for(tmp_path, gates)
     with pytest.raises(GateFailed) as e:
-        raise_if_failed(r)
+        enforce_gates(r, gates)
     msg = str(e.value)
     assert e.value.exit_code == 3 and "\n" not in msg
     for s in ("merged-Q4_0", "runtime-Q4_0", "kld_mean", "same_top"):
         assert s in msg
     assert "merged-Q8_0" not in msg
+    assert e.value.failures == (
+        GateFailure("merged-Q4_0", "kld_mean", 0.0612, 0.05),
+        GateFailure("merged-Q4_0", "same_top", 0.85, 0.9),
+        GateFailure("runtime-Q4_0", "kld_mean", 0.2, 0.05),
+    )
 
 
 def test_report_files(tmp_path):
@@ -537,3 +545,14 @@ def test_report_files(tmp_path):
     assert sorted(markers) == sorted((v["kind"], v["name"]) for v in doc["variants"])
     assert "file size (MiB)" in svg and "KLD mean" in svg and 'class="legend"' in svg
     assert "<script" not in page and "src=" not in page and "href=" not in page and "@import" not in page
+
+
+def test_report_html_escapes_names(tmp_path):
+    gates = Gates(max_kld_mean=0.05)
+    rep = report_for(tmp_path, gates)
+    evil = '<script>alert("x")</script>'
+    rep["variants"][1]["name"] = evil  # merged-Q4_0, which also fails its gate
+    rep["reference"]["name"] = evil
+    page = write_reports(rep, tmp_path, gates)["html"].read_text()
+    assert "<script" not in page
+    assert page.count("&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;") == 6  # title, summary, table, failure, marker ×2

@@ -1,14 +1,12 @@
-"""Oracle tests for `loraq convert` (PEFT adapter -> GGUF LoRA), reference §1, §3.2, §10.9-10.12.
+"""Oracle tests for `loraq convert` (PEFT adapter -> GGUF LoRA), docs/llama-cpp.md §1, §3.2, §10.9-10.12.
 
 Outputs are read back with gguf-py's own GGUFReader (not loraq's reader); the expected layout,
 permutation and scales are computed here, independently, from the PEFT tensors in float64."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import gguf
@@ -20,14 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from loraq.convert import ConvertResult, convert_adapter, load_peft_adapter
 from loraq.errors import BadArguments, BadInput, LoraqError
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2 = Path.home() / ".cache" / "loraq" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-_spec = importlib.util.spec_from_file_location("make_demo_adapter", ROOT / "scripts" / "make_demo_adapter.py")
-demo = importlib.util.module_from_spec(_spec)
-sys.modules["make_demo_adapter"] = demo
-_spec.loader.exec_module(demo)
+from scripts import make_demo_adapter as demo
 
 # HF projection -> GGUF tensor stem, written out here rather than taken from gguf-py's map
 HF_TO_GGUF = {
@@ -107,10 +98,8 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> Path:
-    if not SMOLLM2.exists():
-        pytest.skip(f"real model not cached at {SMOLLM2}; run scripts/fetch_smollm2.py")
-    return SMOLLM2
+def smollm2(smollm2_q4_1) -> Path:
+    return smollm2_q4_1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +176,7 @@ def assert_llama_cpp_delta_is_peft(adapter: Path, out: Path, n_head: int, n_head
     alpha = dict((k, v) for k, _, v in kvs)["adapter.lora.alpha"]
     for name, d in peft_modules(adapter).items():
         stem = gguf_stem(name) + ".weight"
-        a_ne, _, a = ts[stem + ".lora_a"]
+        _, _, a = ts[stem + ".lora_a"]
         b_ne, _, b = ts[stem + ".lora_b"]
         r = b_ne[0]
         if d["emb"]:
@@ -277,7 +266,7 @@ def test_smollm2_f16_layout(smollm2, smol_adapter, smol_f16):
             assert ne == [base[stem][0], 16], name
         else:
             assert ne == [16, base[stem][1]], name
-    assert ts["blk.0.ffn_down.weight.lora_a"][0] == [1536, 16]  # reference §1.4 [verified]
+    assert ts["blk.0.ffn_down.weight.lora_a"][0] == [1536, 16]  # docs/llama-cpp.md §1.4 [verified]
     assert ts["blk.0.ffn_down.weight.lora_b"][0] == [16, 576]
 
 
@@ -568,10 +557,9 @@ def test_bad_outtype_and_paths(bases, tmp_path):
 
 @pytest.mark.interop
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
-def test_llama_cpp_loads_converted_adapter(smollm2, smol_adapter, tmp_path, outtype):
+def test_llama_cpp_loads_converted_adapter(llama_cpp, smollm2, smol_adapter, tmp_path, outtype):
     """llama.cpp's loader accepts the file (it checks types, ne orientation and names, §3.1) and
     the adapter changes the logits."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     out = tmp_path / f"adapter-{outtype}.gguf"
     convert_adapter(smol_adapter, smollm2, out, outtype)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_script
 from loraq.errors import BadInput
 from loraq.gguf_io import open_gguf
 from loraq.llama.engine import Engine, chunk_tokens, logits_for
+from scripts import make_demo_adapter, make_synthetic_model
 
 STDLIB_TEXT = ("re", "argparse", "subprocess", "pickle", "tarfile", "decimal", "typing", "logging")  # docstrings
 N_CTX, N_CHUNKS = 256, 4  # 1024 positions: one argmax flip is 0.1 %
@@ -103,11 +103,6 @@ def _effect(a: np.ndarray, b: np.ndarray) -> float:
 # fixtures
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def llama_cpp():
-    return pytest.importorskip("llama_cpp")
-
-
-@pytest.fixture(scope="module")
 def smol_tokens(llama_cpp, smollm2_f16) -> np.ndarray:
     """Real English text that does not change under our feet (the docstrings of a few stdlib
     modules, ~2700 tokens), chunked as llama-perplexity does (BOS replaces each chunk's first token)."""
@@ -130,7 +125,7 @@ def smol_adapter(smollm2_f16, tmp_path_factory) -> Path:
     from loraq.convert import convert_adapter
 
     d = tmp_path_factory.mktemp("engine-adapter")
-    load_script("make_demo_adapter").make_adapter(smollm2_f16, d / "peft", rank=16, seed=0)
+    make_demo_adapter.make_adapter(smollm2_f16, d / "peft", rank=16, seed=0)
     convert_adapter(d / "peft", smollm2_f16, d / "adapter-f16.gguf", outtype="f16")
     return d / "adapter-f16.gguf"
 
@@ -250,8 +245,8 @@ def test_architectures_match_llama_cpp(llama_cpp, synth256, rand_tokens, tmp_pat
 def test_untied_embedding_and_output_lora(llama_cpp, smollm2_q4_1, rand_tokens, tmp_path):
     from loraq.convert import convert_adapter
 
-    model = load_script("make_synthetic_model").make_model(tmp_path / "untied.gguf", smollm2_q4_1, n_layer=2, tied=False)
-    load_script("make_demo_adapter").make_adapter(model, tmp_path / "peft", rank=8, seed=1, targets=["embed_tokens", "lm_head", "q_proj"])
+    model = make_synthetic_model.make_model(tmp_path / "untied.gguf", smollm2_q4_1, n_layer=2, tied=False)
+    make_demo_adapter.make_adapter(model, tmp_path / "peft", rank=8, seed=1, targets=["embed_tokens", "lm_head", "q_proj"])
     adapter = tmp_path / "adapter.gguf"
     convert_adapter(tmp_path / "peft", model, adapter, outtype="f16")
     ref = _llama_logits(llama_cpp, model, rand_tokens, lora=adapter, scale=0.7)
@@ -276,7 +271,7 @@ def test_f16_kv_cache_emulation(llama_cpp, synth256, rand_tokens):
 def test_tied_embedding_lora_is_refused(smollm2_f16, tmp_path):
     from loraq.convert import convert_adapter
 
-    load_script("make_demo_adapter").make_adapter(smollm2_f16, tmp_path / "peft", rank=4, targets=["embed_tokens"], layers=[])
+    make_demo_adapter.make_adapter(smollm2_f16, tmp_path / "peft", rank=4, targets=["embed_tokens"], layers=[])
     adapter = tmp_path / "a.gguf"
     convert_adapter(tmp_path / "peft", smollm2_f16, adapter, outtype="f32")
     with pytest.raises(BadInput, match="tied embeddings"):
@@ -286,7 +281,7 @@ def test_tied_embedding_lora_is_refused(smollm2_f16, tmp_path):
 def test_adapter_for_another_model_is_refused(synth256, smollm2_f16, tmp_path):
     from loraq.convert import convert_adapter
 
-    load_script("make_demo_adapter").make_adapter(smollm2_f16, tmp_path / "peft", rank=4, targets=["q_proj"], layers=[0])
+    make_demo_adapter.make_adapter(smollm2_f16, tmp_path / "peft", rank=4, targets=["q_proj"], layers=[0])
     adapter = tmp_path / "a.gguf"
     convert_adapter(tmp_path / "peft", smollm2_f16, adapter, outtype="f32")
     with pytest.raises(BadInput):
@@ -304,11 +299,10 @@ def test_chunks_are_independent(synth256):
 
 
 def test_peak_memory_does_not_grow_with_depth(smollm2_q4_1, tmp_path):
-    mk = load_script("make_synthetic_model")
     toks = np.random.default_rng(3).integers(0, 49152, size=(2, 64)).astype(np.int32)
     peaks = {}
     for n_layer in (4, 8):
-        model = mk.make_model(tmp_path / f"synth-{n_layer}.gguf", smollm2_q4_1, n_embd=256, n_ff=768, n_layer=n_layer)
+        model = make_synthetic_model.make_model(tmp_path / f"synth-{n_layer}.gguf", smollm2_q4_1, n_embd=256, n_ff=768, n_layer=n_layer)
         eng = Engine(model)
         tracemalloc.start()
         try:

@@ -43,7 +43,7 @@ def test_header_matches_gguf_py_on_real_models(smollm2_q4_1, smollm2_f16, synth2
 def test_damaged_files_are_bad_input(smollm2_f16, tmp_path, cut):
     data = smollm2_f16.read_bytes()
     p = tmp_path / "cut.gguf"
-    p.write_bytes(data[:cut] if cut > 0 else data[:cut])
+    p.write_bytes(data[:cut])
     with pytest.raises(BadInput):
         open_gguf(p)
 

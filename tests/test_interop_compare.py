@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_script
 from loraq.compare.kld_file import ReferenceFile
 from loraq.compare.metrics import KLDAccumulator
 from loraq.compare.stage import Candidate, build_reference, compare_models
 from loraq.convert import convert_adapter
 from loraq.merge import AdapterSpec, merge_model
 from loraq.quantize.driver import QuantizeOptions, quantize_many
+from scripts import make_demo_adapter
 
 pytestmark = pytest.mark.interop
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -40,7 +40,7 @@ def test_reported_ppl_and_kld_match_llama_cpp(smollm2_f16, tmp_path):
     if not GPL.exists():
         pytest.skip("the GPL v3 text (Debian base-files) is not installed")
     peft = tmp_path / "adapter"
-    load_script("make_demo_adapter").make_adapter(smollm2_f16, peft, rank=16, seed=0)
+    make_demo_adapter.make_adapter(smollm2_f16, peft, rank=16, seed=0)
     lora = tmp_path / "adapter-f16.gguf"
     convert_adapter(peft, smollm2_f16, lora, outtype="f16")
     merged = tmp_path / "merged-f16.gguf"

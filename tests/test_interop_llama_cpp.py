@@ -10,7 +10,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from conftest import llama_quantize, load_script
+from conftest import llama_quantize
+from scripts import make_demo_adapter
 
 pytestmark = pytest.mark.interop
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -40,9 +41,8 @@ def _sha(p) -> str:
 
 @pytest.fixture(scope="module")
 def demo_adapter(smollm2_f16, tmp_path_factory):
-    mk = load_script("make_demo_adapter")
     d = tmp_path_factory.mktemp("adapter") / "demo"
-    mk.make_adapter(smollm2_f16, d, rank=16, seed=1)
+    make_demo_adapter.make_adapter(smollm2_f16, d, rank=16, seed=1)
     return d
 
 

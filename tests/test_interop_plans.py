@@ -8,15 +8,15 @@ from __future__ import annotations
 import gguf
 import pytest
 
-from conftest import llama_quantize, load_script
+from conftest import llama_quantize
 from loraq.ggml_types import file_type
 from loraq.gguf_io import open_gguf
 from loraq.kernels import can_quantize
 from loraq.quantize.driver import QuantizeOptions, plan_quantize, quantize_model
+from scripts import make_synthetic_model as mk_model
 
 pytestmark = pytest.mark.interop
 llama_cpp = pytest.importorskip("llama_cpp")
-mk_model = load_script("make_synthetic_model")
 
 FTYPES = [
     "Q8_0",

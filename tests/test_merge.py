@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import load_script
 from loraq.convert import convert_adapter
 from loraq.merge import AdapterSpec, merge_model
-
-mk_adapter = load_script("make_demo_adapter")
-mk_model = load_script("make_synthetic_model")
+from scripts import make_demo_adapter as mk_adapter
+from scripts import make_synthetic_model as mk_model
 
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:

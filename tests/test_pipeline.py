@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import load_script
 from loraq.pipeline.config import load_config
 from loraq.pipeline.runner import run_pipeline, stage_status
-
-mk_adapter = load_script("make_demo_adapter")
-mk_model = load_script("make_synthetic_model")
+from scripts import make_demo_adapter as mk_adapter
+from scripts import make_synthetic_model as mk_model
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +163,7 @@ def test_compare_stage_report_and_gate_exit_3(project):
         quantize={"types": ["Q8_0"]},
         compare={"text": "eval.txt", "ctx": 32, "chunks": 2, "gates": {"max_kld_mean": 1e-12}},
     )
-    for attempt in range(2):
+    for _ in range(2):
         out = subprocess.run([sys.executable, "-m", "loraq.cli", "run", str(cfgp)], capture_output=True, text=True)
         assert out.returncode == 3, out.stderr
         err = [line for line in out.stderr.splitlines() if line.strip()]

@@ -7,20 +7,22 @@ loraq's vectorized pieces with plain transcriptions of the C loops."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 libgguf = pytest.importorskip("libgguf")
 
 from loraq.ggml_types import ggml_type  # noqa: E402
-from loraq.kernels import iquants, read_f32  # noqa: E402
-from loraq.kernels.numeric import seq_sum  # noqa: E402
-from oracle import F32, assert_same, oracle, random_imatrix  # noqa: E402,F401
+from loraq.kernels import iquants, numeric, read_f32  # noqa: E402
+from oracle import F32, assert_layouts, assert_same, oracle, random_imatrix, seq_sum  # noqa: E402,F401
 
 IQ4 = ["iq4_nl", "iq4_xs"]
 TERNARY = ["tq1_0", "tq2_0"]
 ALL = IQ4 + TERNARY
 KV = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+_rim = partial(random_imatrix, dead=slice(64, 96))
 
 
 # ------------------------------------------------------------------ helpers
@@ -147,14 +149,7 @@ def _superblocks() -> list[np.ndarray]:
 
 @pytest.mark.parametrize("qtype", ALL)
 def test_adversarial_blocks(qtype):
-    blocks = _superblocks()
-    n = len(blocks)
-    alone = np.stack(blocks)  # each super-block its own row
-    together = np.concatenate(blocks)[None, :]  # one long row, and rotated
-    rotated = np.roll(together, -256 * (n // 3), axis=1)
-    for rows, what in [(alone, "block per row"), (together, "one row"), (rotated, "rotated row")]:
-        for im in imatrix_cases(qtype, rows.shape[1], 5):
-            assert_same(rows, qtype, im, what)
+    assert_layouts(_superblocks(), qtype, lambda k: imatrix_cases(qtype, k, 5))
 
 
 @pytest.mark.parametrize("qtype", IQ4)
@@ -223,7 +218,7 @@ def test_best_index_lookup_matches_c_loop():
     pad = (-len(xs)) % 32
     xs = np.concatenate([xs, np.zeros(pad, F32)])
     t = xs.reshape(-1, 32).T[None]  # (1, 32, n) T layout, id = 1
-    got = iquants._best_index(t, np.ones((1, t.shape[2]), F32), iquants._Work(t.shape))[0].T.reshape(-1)
+    got = iquants._best_index(t, np.ones((1, t.shape[2]), F32))[0].T.reshape(-1)
     want = np.array([_best_index_c(v) for v in xs])
     bad = np.nonzero(got != want)[0]
     assert len(bad) == 0, f"x={xs[bad[:5]].tolist()} got {got[bad[:5]].tolist()} want {want[bad[:5]].tolist()}"
@@ -231,11 +226,7 @@ def test_best_index_lookup_matches_c_loop():
 
 @pytest.mark.parametrize("shape", [(1, 32, 16), (3, 32, 17), (32, 32, 256), (2, 256, 16), (1, 32, 2)])
 def test_rsum_is_sequential(shape):
-    """iquants sums blocks with np.add.reduce over axis 1; that must be the C left-to-right sum."""
+    """The kernels sum blocks with np.add.reduce over axis 1; that must be the C left-to-right sum."""
     rng = np.random.default_rng(shape[2])
     t = (rng.standard_normal(shape) * np.exp2(rng.integers(-24, 24, shape))).astype(F32)
-    np.testing.assert_array_equal(iquants._rsum(t).view(np.uint32), seq_sum(t).view(np.uint32))
-
-
-def _rim(n: int, seed: int, zeros: bool = False) -> np.ndarray:
-    return random_imatrix(n, seed, zeros, dead=slice(64, 96))
+    np.testing.assert_array_equal(numeric.rsum(t).view(np.uint32), seq_sum(t).view(np.uint32))

@@ -4,14 +4,18 @@ byte-identical. loraq is never compared with itself."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 libgguf = pytest.importorskip("libgguf")
 
-import loraq.kernels.kquants as kq
-from loraq.kernels import quantize, read_f32
-from oracle import F32, assert_same, oracle, random_imatrix  # noqa: E402,F401
+import loraq.kernels as kernels  # noqa: E402
+from loraq.kernels import quantize, read_f32  # noqa: E402
+from oracle import F32, assert_layouts, assert_same, oracle, random_imatrix  # noqa: E402,F401
+
+_rim = partial(random_imatrix, dead=slice(256, 512))
 
 KTYPES = ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K"]
 IDS = {"q2_K": 10, "q3_K": 11, "q4_K": 12, "q5_K": 13, "q6_K": 14}
@@ -52,8 +56,8 @@ def test_shapes_and_chunking(qtype, monkeypatch):
         x = rng.standard_normal(shape).astype(F32)
         assert_same(x, qtype, None, f"{shape}")
         assert_same(x, qtype, _rim(shape[1], 1), f"{shape}")
-    monkeypatch.setattr(kq, "CHUNK", 256 * 24)
-    monkeypatch.setattr(kq, "SUPER", 3)
+    monkeypatch.setattr(kernels, "CHUNK", 256 * 24)
+    monkeypatch.setattr(kernels, "SUPER", 3)
     x = rng.standard_normal((37, 512)).astype(F32) * F32(0.1)
     assert_same(x, qtype, None, "small chunks")
     assert_same(x, qtype, _rim(512, 2, zeros=True), "small chunks")
@@ -149,14 +153,7 @@ def _blocks() -> list[np.ndarray]:
 @pytest.mark.parametrize("qtype", KTYPES)
 @pytest.mark.parametrize("with_imatrix", [False, True])
 def test_adversarial_blocks(qtype, with_imatrix):
-    blocks = _blocks()
-    nblk = len(blocks)
-    alone = np.stack(blocks)  # each super-block its own row
-    together = np.concatenate(blocks)[None, :]  # all in one row, and rotated by a few blocks
-    rotated = np.roll(together, -256 * (nblk // 3), axis=1)
-    for rows, what in [(alone, "block per row"), (together, "one row"), (rotated, "rotated row")]:
-        im = _rim(rows.shape[1], 5, zeros=True) if with_imatrix else None
-        assert_same(rows, qtype, im, what)
+    assert_layouts(_blocks(), qtype, lambda k: [_rim(k, 5, zeros=True) if with_imatrix else None])
 
 
 @pytest.mark.parametrize("qtype", KTYPES)
@@ -182,7 +179,3 @@ def test_shapes_rejected():
         quantize(np.zeros((2, 100), F32), "q4_K")
     with pytest.raises(ValueError):
         quantize(np.zeros((2, 512), F32), "q4_K", np.ones(256, F32))
-
-
-def _rim(n: int, seed: int, zeros: bool = False) -> np.ndarray:
-    return random_imatrix(n, seed, zeros, dead=slice(256, 512))

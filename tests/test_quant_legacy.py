@@ -5,7 +5,6 @@ checked against an exact table/Fraction reference. loraq is never compared with 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -15,13 +14,9 @@ import pytest
 
 libgguf = pytest.importorskip("libgguf")
 
-from loraq.kernels import (  # noqa: E402
-    fp,
-    quantize,
-    read_f32,
-)
+from loraq.kernels import fp, quantize, read_f32  # noqa: E402
 from loraq.kernels.numeric import c_roundf  # noqa: E402
-from oracle import F32, assert_same, oracle, random_imatrix  # noqa: E402
+from oracle import F32, assert_layouts, assert_same, oracle, random_imatrix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGACY = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
@@ -31,21 +26,10 @@ LEGACY = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 
 
 @pytest.fixture(scope="session")
-def smol_path() -> Path:
-    spec = importlib.util.spec_from_file_location("fetch_smollm2_ql", ROOT / "scripts" / "fetch_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    p = mod.smollm2_path()
-    if not p.exists():
-        pytest.skip(f"SmolLM2 not cached at {p}; run scripts/fetch_smollm2.py first")
-    return p
-
-
-@pytest.fixture(scope="session")
-def real_rows(smol_path) -> dict[str, np.ndarray]:
+def real_rows(smollm2_q4_1: Path) -> dict[str, np.ndarray]:
     from loraq.gguf_io import open_gguf
 
-    f = open_gguf(smol_path)
+    f = open_gguf(smollm2_q4_1)
     return {
         "attn_q.0": read_f32(f, f.tensor("blk.0.attn_q.weight")),  # 576 x 576
         "attn_k.7": read_f32(f, f.tensor("blk.7.attn_k.weight")),  # 192 x 576
@@ -167,14 +151,8 @@ def _blocks() -> list[np.ndarray]:
 @pytest.mark.parametrize("qtype", LEGACY)
 @pytest.mark.parametrize("with_imatrix", [False, True])
 def test_adversarial_blocks(qtype, with_imatrix):
-    blocks = _blocks()
-    n = len(blocks)
-    alone = np.stack(blocks)  # each block its own row: σ² (imatrix path) is per row
-    together = np.concatenate(blocks)[None, :]  # all in one row, and rotated by a few blocks
-    rotated = np.roll(together, -32 * (n // 3), axis=1)
-    for rows, what in [(alone, "block per row"), (together, "one row"), (rotated, "rotated row")]:
-        im = random_imatrix(rows.shape[1], 5, zeros=True) if with_imatrix else None
-        assert_same(rows, qtype, im, what)
+    # one block per row matters for the imatrix path: σ² is per row
+    assert_layouts(_blocks(), qtype, lambda k: [random_imatrix(k, 5, zeros=True) if with_imatrix else None])
 
 
 @pytest.mark.parametrize("qtype", ["q4_1", "q5_1"])

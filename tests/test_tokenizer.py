@@ -15,7 +15,6 @@ import pytest
 from loraq.errors import BadInput
 from loraq.llama.tokenizer import PRE_TOKENIZERS, Tokenizer, pre_tokenize
 
-SMOLLM2 = Path.home() / ".cache" / "loraq" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 
 CHAT = (
@@ -272,10 +271,8 @@ def _assert_same(tk: Tokenizer, llm, text: str, *, add_special: bool, parse_spec
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    if not SMOLLM2.exists():
-        pytest.skip(f"SmolLM2 not cached at {SMOLLM2}; run scripts/fetch_smollm2.py")
-    return Tokenizer.from_gguf(SMOLLM2), _llama(SMOLLM2)
+def smollm2(smollm2_q4_1):
+    return Tokenizer.from_gguf(smollm2_q4_1), _llama(smollm2_q4_1)
 
 
 @pytest.mark.interop
@@ -318,12 +315,10 @@ def test_smollm2_decode_matches_llama_cpp(smollm2):
 
 
 @pytest.fixture(scope="module")
-def smollm2_vocab():
-    if not SMOLLM2.exists():
-        pytest.skip(f"SmolLM2 not cached at {SMOLLM2}; run scripts/fetch_smollm2.py")
+def smollm2_vocab(smollm2_q4_1):
     from loraq.gguf_io.reader import open_gguf
 
-    g = open_gguf(SMOLLM2)
+    g = open_gguf(smollm2_q4_1)
     return {k: g.get(f"tokenizer.ggml.{k}") for k in ("tokens", "token_type", "merges")}
 
 

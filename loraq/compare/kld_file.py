@@ -1,4 +1,4 @@
-"""llama-perplexity's `--kl-divergence-base` file (reference/llama-cpp.md §8.2), byte for byte.
+"""llama-perplexity's `--kl-divergence-base` file (docs/llama-cpp.md §8.2), byte for byte.
 
 The reference model's log-probabilities are stored once, uint16-coded, for the scored positions
 of every chunk (the second half: `first = n_ctx/2 … n_ctx−2`, each predicting the next token).
@@ -242,7 +242,7 @@ class ReferenceFile:
                     f"{self.path}: {size} bytes, but its header (n_ctx={n_ctx}, n_vocab={n_vocab}, "
                     f"n_chunk={n_chunk}) needs {want}; the file is truncated or corrupt, recreate it"
                 )
-            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm: mmap.mmap | None = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         self.n_ctx, self.n_vocab, self.n_chunk = int(n_ctx), int(n_vocab), int(n_chunk)
         self.first = first_scored(self.n_ctx)
         self.n_scored = n_scored(self.n_ctx)
@@ -273,7 +273,7 @@ class ReferenceFile:
 
     def close(self) -> None:
         if self._mm is not None:
-            self.tokens = self._records = None  # drop the views before unmapping
+            del self.tokens, self._records  # drop the views before unmapping
             with contextlib.suppress(BufferError):
                 self._mm.close()
             self._mm = None

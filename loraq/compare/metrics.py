@@ -1,4 +1,4 @@
-"""llama-perplexity's KL-divergence and perplexity statistics (reference/llama-cpp.md §8.3–8.4).
+"""llama-perplexity's KL-divergence and perplexity statistics (docs/llama-cpp.md §8.3–8.4).
 
 Per scored token (the second half of each chunk, predicting the next token), against the decoded
 uint16 base log-probs of a ReferenceFile:
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 
@@ -233,8 +234,8 @@ class KLDAccumulator:
         same = self._n_same / n if n else math.nan
         kv = np.sort(np.concatenate(self._kld)) if self._kld else np.zeros(0)
         dv = np.sort(np.concatenate(self._dp)) if self._dp else np.zeros(0)
-        kp = lambda f: percentile(kv, f)
-        dq = lambda f: percentile(dv, f)
+        kp = partial(percentile, kv)
+        dq = partial(percentile, dv)
         return KLDResult(
             n_tokens=n,
             n_chunks=int(self._done.sum()),

@@ -7,7 +7,7 @@ against that file chunk by chunk:
   merged-<TYPE>   the merged model quantized to TYPE;
   runtime-<TYPE>  the base quantized to TYPE, with the adapter applied at runtime;
   base            the base without the adapter: KLD(reference ‖ base) is the adapter's effect size.
-Metrics follow llama-perplexity (reference §8); effect_retention = 1 − KLD(cand)/KLD(base)."""
+Metrics follow llama-perplexity (docs/llama-cpp.md §8); effect_retention = 1 − KLD(cand)/KLD(base)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 
@@ -24,11 +24,23 @@ from ..errors import BadArguments, BadInput
 from ..gguf_io import open_gguf
 from ..llama.engine import Engine, chunk_tokens
 from ..llama.tokenizer import Tokenizer
+from .gates import GateLimits
 from .kld_file import ReferenceFile, ReferenceWriter, first_scored
-from .metrics import KLDAccumulator, PerplexityAccumulator
-from .report import VariantScore, build_report, write_reports
+from .metrics import KLDAccumulator, KLDResult, PerplexityAccumulator
+from .render import write_reports
+from .report import VariantScore, build_report
+from .schema import Report
 
 Adapters = Sequence[tuple[Path, float]]
+
+
+class ReferenceMeta(TypedDict):
+    """reference.json, beside reference.kld."""
+
+    ppl: float
+    text_tokens: int
+    ctx: int
+    chunks: int
 
 
 @dataclass
@@ -47,15 +59,13 @@ def evaluation_tokens(model: Path, text: Path, ctx: int, chunks: int) -> tuple[n
     The text is tokenized with the model's own vocabulary (a `.json` file may hold token ids
     instead); each chunk's first token becomes BOS when the vocabulary adds one (§8.1)."""
     check_readable(text, "evaluation text")
+    tok = Tokenizer.from_gguf(model)
     if text.suffix == ".json":
         try:
-            ids = json.loads(text.read_text())
-            ids = [int(i) for i in ids]
+            ids = [int(i) for i in json.loads(text.read_text())]
         except (ValueError, TypeError) as exc:
             raise BadInput(f"{text}: expected a JSON list of token ids ({exc})") from exc
-        tok = Tokenizer.from_gguf(model)
     else:
-        tok = Tokenizer.from_gguf(model)
         try:
             body = text.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
@@ -77,7 +87,7 @@ def build_reference(
     out: Path,
     threads: int = 0,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> ReferenceMeta:
     """Evaluate base + adapters and write `out` (.kld) plus `out.json` (PPL, token counts)."""
     stored, evaluated, n_text = evaluation_tokens(base, text, ctx, chunks)
     eng = Engine(base, adapters=list(adapters), threads=threads)
@@ -92,7 +102,7 @@ def build_reference(
     with ReferenceWriter(out, ctx, eng.n_vocab, stored) as w:
         eng.run(evaluated, chunk_done, rows=scored(ctx))
     ppl = ppl_acc.result()
-    meta = {"ppl": float(ppl.ppl), "text_tokens": n_text, "ctx": ctx, "chunks": len(stored)}
+    meta: ReferenceMeta = {"ppl": float(ppl.ppl), "text_tokens": n_text, "ctx": ctx, "chunks": len(stored)}
     with atomic_output(meta_path(out)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
@@ -102,7 +112,7 @@ def meta_path(kld: Path) -> Path:
     return kld.with_suffix(".json")
 
 
-def score(ref: ReferenceFile, cand: Candidate, threads: int = 0) -> Any:
+def score(ref: ReferenceFile, cand: Candidate, threads: int = 0) -> KLDResult:
     eng = Engine(cand.model, adapters=cand.adapters, threads=threads)
     if eng.n_vocab != ref.n_vocab:
         raise BadInput(f"{cand.model} has {eng.n_vocab} tokens in its vocabulary, the reference {ref.n_vocab}")
@@ -132,17 +142,18 @@ def compare_models(
     candidates: Sequence[Candidate],
     text: Path,
     workdir: Path,
-    gates: Any = None,
+    gates: GateLimits = None,
     threads: int = 0,
     on_variant: Callable[[str], None] | None = None,
-) -> dict:
+) -> Report:
     """Score every candidate against `reference` (.kld) and write report.json/.md/.html.
 
     Returns the report; its "gates" entry says whether every gate passed (the caller decides
-    how to fail)."""
-    meta = json.loads(meta_path(reference).read_text()) if meta_path(reference).exists() else {}
-    scores = []
-    adapter_effect = None
+    how to fail: gates.enforce_gates)."""
+    # A reference.kld made by llama-perplexity has no reference.json: fall back to what the .kld says.
+    meta: ReferenceMeta | None = json.loads(meta_path(reference).read_text()) if meta_path(reference).exists() else None
+    scores: list[VariantScore] = []
+    adapter_effect: KLDResult | None = None
     with ReferenceFile(reference) as ref:
         for c in candidates:
             if on_variant:
@@ -154,10 +165,10 @@ def compare_models(
                 adapter_effect = stats
             scores.append(VariantScore(c.name, c.kind, c.type, c.model, size, bpw, stats))
         n_chunk, n_ctx = ref.n_chunk, ref.n_ctx
-        ref_ppl = meta.get("ppl", scores[0].stats.ppl_base if scores else float("nan"))
+        ref_ppl = meta["ppl"] if meta else scores[0].stats.ppl_base if scores else float("nan")
     report = build_report(
         text_path=text,
-        text_tokens=int(meta.get("text_tokens", n_chunk * n_ctx)),
+        text_tokens=int(meta["text_tokens"] if meta else n_chunk * n_ctx),
         ctx=n_ctx,
         chunks=n_chunk,
         reference_name="f16+lora",

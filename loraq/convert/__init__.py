@@ -1,4 +1,4 @@
-"""`loraq convert`: PEFT LoRA adapter folder -> llama.cpp GGUF LoRA adapter (reference §1)."""
+"""`loraq convert`: PEFT LoRA adapter folder -> llama.cpp GGUF LoRA adapter (docs/llama-cpp.md §1)."""
 
 from .lora_gguf import OUTTYPES, ConvertResult, convert_adapter
 from .peft import LoraModule, PeftAdapter, load_peft_adapter

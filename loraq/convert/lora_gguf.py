@@ -1,6 +1,6 @@
 """PEFT LoRA adapter -> llama.cpp GGUF LoRA adapter (what convert_lora_to_gguf.py does, done right).
 
-Layout (reference §1.4-1.6): for each adapted base tensor `X.weight` the file holds
+Layout (docs/llama-cpp.md §1.4-1.6): for each adapted base tensor `X.weight` the file holds
 `X.weight.lora_a` (ne [in, r]) and `X.weight.lora_b` (ne [r, out]); token_embd's lora_a is stored
 transposed (ne [r, n_vocab]). For archs whose converter permutes q/k rows for RoPE (llama and its
 relatives), B's rows get the same permutation as the base weight (n_head for q, n_head_kv for k);
@@ -206,7 +206,7 @@ def _plan(peft: PeftAdapter, g: GGUFFile, otype: GGMLType) -> tuple[float, list[
                     f"adapter tensor `{key}` adapts q/k of a {arch} model, and loraq does not know whether {arch} "
                     f"stores q/k rows permuted for RoPE; supported: {', '.join(sorted(PERMUTE_QK | NO_PERMUTE_QK))}"
                 )
-        llama_scale = alpha / r if alpha != 0 else 1.0  # reference §3.2, alpha 0 means no 1/r
+        llama_scale = alpha / r if alpha != 0 else 1.0  # docs/llama-cpp.md §3.2, alpha 0 means no 1/r
         factor = m.scale / llama_scale
         reasons: list[str] = []
         if abs(factor - 1.0) <= 1e-6:  # float32 rounding of alpha only, below B's own precision

@@ -7,7 +7,7 @@ read from the raw bytes (safetensors' numpy API cannot load it) and widened to f
 
 Anything loraq cannot represent as a llama.cpp LoRA (DoRA, modules_to_save full weights, LoRA
 biases, unknown tensors, a pickle `adapter_model.bin`) is refused with a one-line message that
-names the tensor and the way out; it is never silently dropped (reference §1.3, §10.12)."""
+names the tensor and the way out; it is never silently dropped (docs/llama-cpp.md §1.3, §10.12)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import math
 import os
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,7 +34,7 @@ PREFIX = "base_model.model."
 MERGE_HINT = "merge it with PEFT's merge_and_unload and convert the merged model"
 
 # safetensors dtype -> numpy dtype it is read as (BF16 is widened by hand)
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": np.dtype("<u2")}
+_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": np.dtype("<u2")}
 
 _A = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_A\.weight|lora_embedding_A)$")
 _B = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_B\.weight|lora_embedding_B)$")
@@ -74,7 +75,7 @@ class PeftAdapter:
         return self._file.read(key)
 
 
-def pattern_key(patterns: Any, name: str) -> str | None:
+def pattern_key(patterns: Iterable[str], name: str) -> str | None:
     """The first key of `patterns` that PEFT's get_pattern_key matches against module `name`."""
     for key in patterns:
         try:
@@ -168,8 +169,8 @@ def load_peft_adapter(path: Path | str) -> PeftAdapter:
                 f"`{ka}` {list(sa)} and `{kb}` {list(sb)} are not a LoRA pair (A must be (r, in), B (out, r)); "
                 "re-save the adapter with PEFT"
             )
-        key = pattern_key(alpha_pattern, name)
-        alpha = float(alpha_pattern[key]) if key is not None else lora_alpha
+        pkey = pattern_key(alpha_pattern, name)
+        alpha = float(alpha_pattern[pkey]) if pkey is not None else lora_alpha
         modules.append(LoraModule(name, ka, kb, emb_a, (sa[0], sa[1]), (sb[0], sb[1]), alpha, peft_scale(alpha, sa[0], use_rslora)))
     if not modules:
         raise BadInput(f"{weights} holds no lora_A/lora_B tensors")
@@ -238,6 +239,13 @@ def _raise_refused(refused: dict[str, list[str]], config: dict[str, Any]) -> Non
         raise BadInput(msg)
 
 
+class _Entry(NamedTuple):  # one tensor of a safetensors header
+    dtype: str
+    shape: tuple[int, ...]
+    lo: int  # data_offsets, relative to the end of the header
+    hi: int
+
+
 class _Safetensors:
     """A safetensors file: the header parsed here, tensors read one at a time."""
 
@@ -267,24 +275,24 @@ class _Safetensors:
             raise BadInput(f"{path} is not a readable safetensors file ({_short(exc)}); re-save the adapter with PEFT") from exc
         header.pop("__metadata__", None)
         self.data_start = 8 + n
-        self.header: dict[str, dict[str, Any]] = header
+        self.header: dict[str, _Entry] = {}
         for key, info in header.items():
             try:
-                dtype, shape, (lo, hi) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
+                (lo, hi), shape = info["data_offsets"], tuple(int(x) for x in info["shape"])
+                e = self.header[key] = _Entry(info["dtype"], shape, int(lo), int(hi))
             except (KeyError, TypeError, ValueError) as exc:
                 raise BadInput(f"{path}: tensor `{key}` has a malformed header entry; re-save the adapter") from exc
-            if dtype not in _DTYPES:
-                raise BadInput(f"{path}: tensor `{key}` has dtype {dtype}; loraq reads F32, F16, BF16 and F64 adapters")
-            count = int(np.prod(shape, dtype=np.int64))
-            if hi - lo != count * _DTYPES[dtype].itemsize or lo < 0 or self.data_start + hi > size:
+            if e.dtype not in _DTYPES:
+                raise BadInput(f"{path}: tensor `{key}` has dtype {e.dtype}; loraq reads F32, F16, BF16 and F64 adapters")
+            count = int(np.prod(e.shape, dtype=np.int64))
+            if e.hi - e.lo != count * _DTYPES[e.dtype].itemsize or e.lo < 0 or self.data_start + e.hi > size:
                 raise BadInput(f"{path} is truncated or corrupt at tensor `{key}`; re-save or re-download it")
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(int(x) for x in self.header[key]["shape"])
+        return self.header[key].shape
 
     def read(self, key: str) -> np.ndarray:
-        info = self.header[key]
-        dtype = info["dtype"]
+        dtype = self.header[key].dtype
         if dtype == "BF16":
             x = self._read_bf16(key)
         else:
@@ -303,7 +311,7 @@ class _Safetensors:
 
     def _read_bf16(self, key: str) -> np.ndarray:
         """safetensors' numpy API cannot return BF16, so read the bytes at the header's offsets."""
-        lo, hi = self.header[key]["data_offsets"]
+        _, shape, lo, hi = self.header[key]
         try:
             fd = os.open(self.path, os.O_RDONLY)
             try:
@@ -314,7 +322,7 @@ class _Safetensors:
             raise io_error(exc, self.path, "read") from exc
         if len(buf) != hi - lo:
             raise BadInput(f"{self.path} is truncated inside tensor `{key}`; re-save or re-download it")
-        u16 = np.frombuffer(buf, dtype="<u2").reshape(self.shape(key))
+        u16 = np.frombuffer(buf, dtype="<u2").reshape(shape)
         return (u16.astype(np.uint32) << 16).view(np.float32)  # bf16 is the top half of an f32: exact
 
 

@@ -1,4 +1,4 @@
-"""A fast GGUF header parser (reference §9), returning loraq's KV and TensorInfo records.
+"""A fast GGUF header parser (docs/llama-cpp.md §9), returning loraq's KV and TensorInfo records.
 
 Why not gguf-py's GGUFReader: it builds a numpy view for every part of every field, about 150k of
 them for a 49k-token vocabulary, which takes 2-3 s per open; a pipeline opens each model several
@@ -57,7 +57,7 @@ class KV:
     value: Any
 
 
-_SCALAR = {
+STRUCT_FORMATS = {  # scalar GGUF value type -> struct format
     V.UINT8: "<B",
     V.INT8: "<b",
     V.UINT16: "<H",
@@ -70,19 +70,7 @@ _SCALAR = {
     V.INT64: "<q",
     V.FLOAT64: "<d",
 }
-_NP = {
-    V.UINT8: "<u1",
-    V.INT8: "<i1",
-    V.UINT16: "<u2",
-    V.INT16: "<i2",
-    V.UINT32: "<u4",
-    V.INT32: "<i4",
-    V.FLOAT32: "<f4",
-    V.BOOL: "?",
-    V.UINT64: "<u8",
-    V.INT64: "<i8",
-    V.FLOAT64: "<f8",
-}
+_NP = {vt: np.dtype(fmt) for vt, fmt in STRUCT_FORMATS.items()}  # the same types, for np.frombuffer
 
 
 class _Cursor:
@@ -112,31 +100,32 @@ class _Cursor:
                 return [self.string() for _ in range(n)]
             if sub == V.ARRAY:
                 return [self.value(V.ARRAY) for _ in range(n)]
-            dt = np.dtype(_NP[sub])
+            dt = _NP[sub]
             end = self.pos + n * dt.itemsize
             if end > len(self.buf):
                 raise ValueError("array runs past the end of the file")
             arr = np.frombuffer(self.buf[self.pos : end], dtype=dt)
             self.pos = end
             return arr.tolist()
-        return self.take(_SCALAR[vt])
+        return self.take(STRUCT_FORMATS[vt])
 
 
-def _parse(buf: bytes) -> tuple[list, list, int]:
+def _parse(buf: bytes) -> tuple[list[KV], list[tuple[str, tuple[int, ...], int, int]], int]:
+    """(KVs, (name, ne, type id, offset in the data section) per tensor, end of the header)."""
     c = _Cursor(memoryview(buf))
     c.pos = 4
     version = c.take("<I")
     if version not in (2, 3):
         raise BadInput(f"GGUF version {version} is not supported")
     n_tensors, n_kv = c.take("<Q"), c.take("<Q")
-    kvs = []
+    kvs: list[KV] = []
     for _ in range(n_kv):
         start = c.pos
         key = c.string()
         vt = c.take("<I")
         value = c.value(vt)
         kvs.append(KV(key, vt, buf[start : c.pos], value))
-    infos = []
+    infos: list[tuple[str, tuple[int, ...], int, int]] = []
     for _ in range(n_tensors):
         name = c.string()
         nd = c.take("<I")
@@ -146,8 +135,8 @@ def _parse(buf: bytes) -> tuple[list, list, int]:
     return kvs, infos, c.pos
 
 
-def parse_header(path: Path, file_size: int) -> tuple[list, list]:
-    """([(key, vtype, raw, value)], [(name, ne, GGMLType, absolute offset, nbytes)])."""
+def parse_header(path: Path, file_size: int) -> tuple[list[KV], list[TensorInfo]]:
+    """The file's KV records in order and its tensor infos (absolute offsets, sizes in bytes)."""
     if file_size < 24:
         raise BadInput(f"{path} is too short to be a GGUF file")
     want = min(file_size, 8 << 20)  # headers are a few MB at most; read more only if needed
@@ -168,7 +157,7 @@ def parse_header(path: Path, file_size: int) -> tuple[list, list]:
             ) from None
     align = next((int(kv.value) for kv in kvs if kv.key == "general.alignment"), 32)
     data = (end + align - 1) // align * align
-    tensors = []
+    tensors: list[TensorInfo] = []
     for name, ne, tid, off in infos:
         t = BY_ID.get(tid)
         if t is None:

@@ -1,4 +1,4 @@
-"""Read a GGUF file: metadata through gguf-py's parser, tensor data through plain reads.
+"""Read a GGUF file: metadata through loraq's header parser (header.py), tensor data through plain reads.
 
 Tensor data is read with pread into fresh buffers rather than through the memory map, so pages of
 tensors already processed do not stay resident: peak RSS follows the largest tensor, not the file."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -35,6 +35,10 @@ class GGUFFile:
     def arch(self) -> str:
         return str(self.get("general.architecture", ""))
 
+    @overload
+    def arch_int(self, suffix: str, default: None = None) -> int | None: ...
+    @overload
+    def arch_int(self, suffix: str, default: int) -> int: ...
     def arch_int(self, suffix: str, default: int | None = None) -> int | None:
         v = self.get(f"{self.arch}.{suffix}")
         if v is None:
@@ -104,9 +108,7 @@ def _parse_header(path: Path) -> tuple[dict[str, KV], list[TensorInfo]]:
     except OSError as exc:
         raise io_error(exc, path, "read") from exc
     kvs = {kv.key: kv for kv in kv_list}
-    for t in tensors:
-        if t.ne[0] % t.type.block:
-            raise BadInput(f"{path}: tensor {t.name} row length {t.ne[0]} is not a multiple of {t.type.block}")
+    for t in tensors:  # (parse_header already checked row lengths against the block size)
         if t.offset + t.nbytes > st.st_size:
             raise BadInput(f"{path} is truncated: tensor {t.name} ends past the end of the file; re-download or regenerate it")
     if len(_HEADERS) >= _HEADERS_MAX:
@@ -117,8 +119,3 @@ def _parse_header(path: Path) -> tuple[dict[str, KV], list[TensorInfo]]:
 
 def open_gguf(path: Path | str) -> GGUFFile:
     return GGUFFile(path)
-
-
-def _short(exc: Exception) -> str:
-    msg = str(exc).strip().splitlines()
-    return msg[0][:160] if msg else type(exc).__name__

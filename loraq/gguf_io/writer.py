@@ -1,4 +1,4 @@
-"""Stream a GGUF file with the byte layout of llama.cpp's C writer (reference §4.8, §9).
+"""Stream a GGUF file with the byte layout of llama.cpp's C writer (docs/llama-cpp.md §4.8, §9).
 
 Layout: magic, version 3, n_tensors, n_kv, the KV records, the tensor infos (n_dims, ne, type,
 offset relative to the data section), zero padding to 32, then each tensor's bytes followed by
@@ -10,11 +10,13 @@ at a time; the file appears under its final name only once every tensor has been
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, BinaryIO
 
 import numpy as np
 from gguf import GGUFValueType
@@ -22,22 +24,9 @@ from gguf import GGUFValueType
 from ..atomic import atomic_output, io_error
 from ..errors import LoraqError
 from ..ggml_types import GGMLType
+from .header import STRUCT_FORMATS
 
 ALIGNMENT = 32
-
-_SCALAR = {
-    GGUFValueType.UINT8: "<B",
-    GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I",
-    GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f",
-    GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q",
-    GGUFValueType.FLOAT64: "<d",
-}
 
 
 def _pad(n: int) -> int:
@@ -57,7 +46,7 @@ def _value(vtype: GGUFValueType, value: Any, subtype: GGUFValueType | None) -> b
             raise ValueError("an ARRAY KV needs its element type")
         body = b"".join(_value(subtype, v, None) for v in value)
         return struct.pack("<IQ", int(subtype), len(value)) + body
-    return struct.pack(_SCALAR[vtype], value)
+    return struct.pack(STRUCT_FORMATS[vtype], value)
 
 
 def encode_kv(key: str, vtype: GGUFValueType, value: Any, subtype: GGUFValueType | None = None) -> bytes:
@@ -67,7 +56,7 @@ def encode_kv(key: str, vtype: GGUFValueType, value: Any, subtype: GGUFValueType
 
 class KVList:
     """Ordered KV records with llama.cpp's `gguf_set_*` semantics: setting a key that exists
-    removes it and appends it at the end (reference §4.8)."""
+    removes it and appends it at the end (docs/llama-cpp.md §4.8)."""
 
     def __init__(self, records: Iterable[tuple[str, bytes]] = ()):
         self._items: dict[str, bytes] = dict(records)
@@ -82,12 +71,6 @@ class KVList:
 
     def remove(self, key: str) -> None:
         self._items.pop(key, None)
-
-    def keys(self) -> list[str]:
-        return list(self._items)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._items
 
     def __len__(self) -> int:
         return len(self._items)
@@ -126,8 +109,8 @@ class GGUFStreamWriter:
         self._kvs = kvs
         self._next = 0
         self._pending = 0
-        self._ctx = None
-        self._f = None
+        self._ctx: contextlib.AbstractContextManager[Path] | None = None
+        self._f: BinaryIO | None = None
 
     def _header(self) -> bytes:
         parts = [b"GGUF", struct.pack("<IQQ", 3, len(self.tensors), len(self._kvs))]
@@ -165,26 +148,27 @@ class GGUFStreamWriter:
             raise LoraqError(f"internal: tensor {name} written out of order (expected {t.name})")
         self._pending = 0
 
-    def append(self, chunk: np.ndarray | bytes) -> None:
+    def append(self, chunk: np.ndarray | bytes | memoryview) -> None:
         t = self.tensors[self._next]
-        buf = memoryview(np.ascontiguousarray(chunk)).cast("B") if isinstance(chunk, np.ndarray) else memoryview(chunk)
+        buf = np.ascontiguousarray(chunk).data.cast("B") if isinstance(chunk, np.ndarray) else memoryview(chunk)
         self._pending += buf.nbytes
         if self._pending > t.nbytes:
             raise LoraqError(f"internal: tensor {t.name} has more than {t.nbytes} bytes")
-        try:
-            self._f.write(buf)
-        except OSError as exc:
-            raise io_error(exc, self.path, "write") from exc
+        self._write(buf)
 
     def end(self) -> None:
         t = self.tensors[self._next]
         if self._pending != t.nbytes:
             raise LoraqError(f"internal: tensor {t.name} has {self._pending} bytes, expected {t.nbytes}")
+        self._write(b"\0" * (_pad(t.nbytes) - t.nbytes))
+        self._next += 1
+
+    def _write(self, buf: bytes | memoryview) -> None:
+        assert self._f is not None, "GGUFStreamWriter used outside its with block"
         try:
-            self._f.write(b"\0" * (_pad(t.nbytes) - t.nbytes))
+            self._f.write(buf)
         except OSError as exc:
             raise io_error(exc, self.path, "write") from exc
-        self._next += 1
 
     def _abort(self, exc: BaseException) -> None:
         if self._f is not None:
@@ -192,12 +176,10 @@ class GGUFStreamWriter:
             self._f = None
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
-            try:
+            with contextlib.suppress(BaseException):
                 ctx.__exit__(type(exc), exc, exc.__traceback__)
-            except BaseException:
-                pass
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc is None and self._next != len(self.tensors):
             exc = LoraqError(f"internal: only {self._next} of {len(self.tensors)} tensors written")
             self._abort(exc)
@@ -205,12 +187,13 @@ class GGUFStreamWriter:
         if exc is not None:
             self._abort(exc)
             return
+        f, ctx = self._f, self._ctx
+        assert f is not None and ctx is not None, "__exit__ without __enter__"
         try:
-            self._f.flush()
-            self._f.close()
+            f.flush()
+            f.close()
         except OSError as e:
             self._abort(e)
             raise io_error(e, self.path, "write") from e
-        self._f = None
-        ctx, self._ctx = self._ctx, None
+        self._f = self._ctx = None
         ctx.__exit__(None, None, None)

@@ -1,5 +1,5 @@
 """Float storage conversions (f32, f16, bf16), bit-exact with ggml, plus single-rounding float64
-conversions for values computed in float64 (reference §5.2: GGML_FP32_TO_FP16).
+conversions for values computed in float64 (docs/llama-cpp.md §5.2: GGML_FP32_TO_FP16).
 
 * f16: round to nearest even, overflow -> inf, NaN -> 0x7E00 with the sign kept (ggml's software
   and F16C paths both give a quiet NaN without payload; numpy keeps payload bits, so NaN is
@@ -13,18 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import register
-
-CHUNK = 1 << 18  # elements per chunk for the uint32 temporaries
-
-
-def _chunked(fn, x: np.ndarray, out_dtype) -> np.ndarray:
-    flat = x.reshape(-1)
-    out = np.empty(flat.shape, dtype=out_dtype)
-    for i in range(0, flat.size, CHUNK):
-        out[i : i + CHUNK] = fn(flat[i : i + CHUNK])
-    return out.reshape(x.shape)
-
 
 def _fix_f16_nan(src: np.ndarray, h: np.ndarray) -> np.ndarray:
     nan = np.isnan(src)
@@ -33,35 +21,22 @@ def _fix_f16_nan(src: np.ndarray, h: np.ndarray) -> np.ndarray:
     return h
 
 
-def _f16_part(x: np.ndarray) -> np.ndarray:
+def to_f16(x: np.ndarray) -> np.ndarray:
+    """float32 array -> uint16 fp16 bits, as GGML_FP32_TO_FP16."""
+    x = np.asarray(x, dtype=np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         h = x.astype(np.float16).view(np.uint16)
     return _fix_f16_nan(x, h)
 
 
-def to_f16(x: np.ndarray) -> np.ndarray:
-    """float32 array -> uint16 fp16 bits, as GGML_FP32_TO_FP16."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.size <= CHUNK:
-        return _f16_part(x)
-    return _chunked(_f16_part, x, np.uint16)
-
-
-def _bf16_part(x: np.ndarray) -> np.ndarray:
-    u = x.view(np.uint32)
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 array -> uint16 bf16 bits, as ggml_fp32_to_bf16 (RNE, NaN forced quiet)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     r = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
     nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
     if nan.any():
         r[nan] = (u[nan] >> np.uint32(16)) | np.uint32(0x40)
     return r.astype(np.uint16)
-
-
-def to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 array -> uint16 bf16 bits, as ggml_fp32_to_bf16 (RNE, NaN forced quiet)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.size <= CHUNK:
-        return _bf16_part(x)
-    return _chunked(_bf16_part, x, np.uint16)
 
 
 def f64_to_f32(x: np.ndarray) -> np.ndarray:
@@ -103,17 +78,16 @@ def f64_to_bf16(x: np.ndarray) -> np.ndarray:
     return to_bf16(_round_to_odd_f32(x))
 
 
-@register("f32")
-def _store_f32(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    return rows.view(np.uint8).reshape(rows.shape[0], -1)
+# Storage kernels: chunks of single elements (m, 1) -> their bytes (m, 4 or 2); no imatrix.
 
 
-@register("f16")
-def _store_f16(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    return to_f16(rows).view(np.uint8).reshape(rows.shape[0], -1)
+def f32(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    return x.view(np.uint8)
 
 
-@register("bf16")
-def _store_bf16(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    return to_bf16(rows).view(np.uint8).reshape(rows.shape[0], -1)
+def f16(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    return to_f16(x).view(np.uint8)
+
+
+def bf16(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    return to_bf16(x).view(np.uint8)

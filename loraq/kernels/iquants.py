@@ -1,4 +1,4 @@
-"""Non-linear 4-bit types: iq4_nl and iq4_xs (reference §5.1, §5.3).
+"""Non-linear 4-bit types: iq4_nl and iq4_xs (docs/llama-cpp.md §5.1, §5.3).
 
 Byte-identical to ggml's `quantize_iq4_nl` / `quantize_iq4_xs`, which both run
 `quantize_row_iq4_nl_impl(..., ntry=7)` with or without an importance matrix (the ntry=-1 `_ref`
@@ -17,27 +17,20 @@ then 15 more tries with id = (itry-127)/max, keeping the d with the largest (Σw
 indices are recomputed at the end from the unrounded d (iq4_nl) or the unrounded d*(ls-32)
 (iq4_xs).
 
-Vectorization notes (see numeric.py for the T layout):
-* best_index_int8 is "count of midpoints (v[i]+v[i+1])/2 that are <= x" (ties go up). The
-  midpoints are multiples of 0.5 and C's `x - v[i] < v[i+1] - x` is exact near them, so the index
-  is a table lookup on floor(2x). NaN (a NaN scale, after x² overflowed) gives 15, as in C.
-* Block sums are np.add.reduce over axis 1 of the (G, n, K) array with K >= 2 lanes: numpy then
-  iterates the reduced axis outermost, i.e. a plain left-to-right float32 sum per lane (with a
-  single lane it would switch to pairwise summation, so blocks are padded to at least MIN_LANES)."""
+Vectorization note (see numeric.py for the T layout): best_index_int8 is "count of midpoints
+(v[i]+v[i+1])/2 that are <= x" (ties go up). The midpoints are multiples of 0.5 and C's
+`x - v[i] < v[i+1] - x` is exact near them, so the index is a table lookup on floor(2x). NaN (a
+NaN scale, after x² overflowed) gives 15, as in C."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import register
 from .fp import to_f16
-from .numeric import F32, GROUP_MAX_EPS, nearest_int, safe_inv, signed_absmax, to_tlayout
-from .numeric import pack_blocks as _pack
+from .numeric import F32, GROUP_MAX_EPS, ni, nibbles, pack_blocks, rsum, safe_inv, signed_absmax, to_tlayout, work
 
 QK = 32
 QK_K = 256
-CHUNK = 1 << 18  # elements per chunk (1 MiB float32 temporaries)
-MIN_LANES = 16
 NTRY = 7
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=F32)
@@ -47,35 +40,9 @@ _IDX = np.searchsorted(_MID2, np.arange(-_OFF, _OFF + 1), side="right").astype(n
 _QV = KVALUES[_IDX]  # the kvalue itself, for the search loop
 
 
-def _rsum(t: np.ndarray) -> np.ndarray:
-    """Left-to-right float32 sum over axis 1 of (G, n, K), K >= 2, starting from +0.0 as C does."""
-    s = np.add.reduce(t, axis=1)
-    s += F32(0)  # C's `sum = 0` start: an all -0.0 sum is +0.0
-    return s
-
-
-class _Work:
-    """Scratch arrays for one T-layout shape, reused by all 17 index passes of a chunk and by the
-    following chunks of the same call (fresh 1-2 MiB temporaries cost a page fault per 4 KiB).
-    One per quantize call, so concurrent calls (the driver's thread pool) never share one."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.a = np.empty(shape, dtype=F32)
-        self.q = np.empty(shape, dtype=F32)
-        self.wq = np.empty(shape, dtype=F32)
-        self.ib = np.empty(shape, dtype=np.intp)
-
-
-def _workspace(cache: dict, shape: tuple[int, ...]) -> _Work:
-    w = cache.get(shape)
-    if w is None:
-        w = cache[shape] = _Work(shape)
-    return w
-
-
-def _best_index(x: np.ndarray, idv: np.ndarray, work: _Work) -> np.ndarray:
+def _best_index(x: np.ndarray, idv: np.ndarray) -> np.ndarray:
     """best_index_int8(16, kvalues, id*x) for T-layout x with per-block id (G, K), any id."""
-    a, ib = work.a, work.ib
+    a, ib = work("iq_a", x.shape), work("iq_ib", x.shape, np.intp)
     np.multiply(x, idv[:, None, :], out=a)  # id*x rounded first, then the exact *2
     np.multiply(a, F32(2), out=a)
     np.floor(a, out=a)
@@ -88,13 +55,14 @@ def _best_index(x: np.ndarray, idv: np.ndarray, work: _Work) -> np.ndarray:
     return _IDX.take(ib, mode="clip")
 
 
-def _search(x: np.ndarray, w: np.ndarray, work: _Work) -> np.ndarray:
+def _search(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """The per-block scale of quantize_row_iq4_nl_impl (ntry = 7) for T-layout blocks (G, 32, K)."""
     mx = signed_absmax(x)  # first element of largest |x|, +0.0 for an all-zero block
     zero = np.abs(mx) < GROUP_MAX_EPS
     mx = np.where(zero, F32(1), mx)  # placeholder; those blocks get scale 0
     v0 = KVALUES[0]
-    a, q, wq, ib = work.a, work.q, work.wq, work.ib
+    a, q, wq = (work(n, x.shape) for n in ("iq_a", "iq_q", "iq_wq"))
+    ib = work("iq_ib", x.shape, np.intp)
     off = F32(_OFF)
 
     def sums(idv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +76,7 @@ def _search(x: np.ndarray, w: np.ndarray, work: _Work) -> np.ndarray:
         np.multiply(w, q, out=wq)
         np.multiply(q, wq, out=q)  # w*q*q as C groups it: (w*q)*q
         np.multiply(wq, x, out=wq)  # (w*q)*x
-        return _rsum(wq), _rsum(q)
+        return rsum(wq), rsum(q)
 
     d = -mx / v0
     sumqx, sumq2 = sums(F32(1) / d)
@@ -126,17 +94,7 @@ def _search(x: np.ndarray, w: np.ndarray, work: _Work) -> np.ndarray:
     return d.astype(F32, copy=False)
 
 
-def _nibbles(L: np.ndarray) -> np.ndarray:
-    """(G, 32, K) indices 0..15 -> (G, 16, K) qs bytes."""
-    return L[:, :16] | (L[:, 16:] << 4)
-
-
 # ---------------------------------------------------------------- T layout plumbing
-
-
-def _tl(xb: np.ndarray) -> np.ndarray:
-    """to_tlayout with at least MIN_LANES lanes (zero blocks pad a short tensor)."""
-    return to_tlayout(xb, min_lanes=MIN_LANES)
 
 
 def _gk(v: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -155,7 +113,7 @@ def _flat(v: np.ndarray, nb: int) -> np.ndarray:
 def _weights(t: np.ndarray, s2: np.ndarray | None, qwt: np.ndarray | None) -> np.ndarray:
     """w = x*x, or qw*sqrtf(σ² + x*x) with σ² per block (G, K)."""
     xx = t * t
-    if qwt is None:
+    if s2 is None or qwt is None:
         return xx
     xx += s2[:, None, :]
     np.sqrt(xx, out=xx)
@@ -166,37 +124,32 @@ def _weights(t: np.ndarray, s2: np.ndarray | None, qwt: np.ndarray | None) -> np
 # ---------------------------------------------------------------- kernels
 
 
-def _iq4_nl_chunk(xb: np.ndarray, qwb: np.ndarray | None, cache: dict) -> np.ndarray:
+def iq4_nl(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
     """(nb, 32) blocks (+ their imatrix slices) -> (nb, 18) bytes."""
     nb = xb.shape[0]
-    t = _tl(xb)
-    work = _workspace(cache, t.shape)
+    t = to_tlayout(xb)
     s2 = qwt = None
     if qwb is not None:
-        s2 = _rsum(t * t) * F32(2.0 / QK)  # sigma2 *= 2.f/32 (exact)
-        qwt = _tl(qwb)
-    w = _weights(t, s2, qwt)
-    d = _search(t, w, work)
-    L = _best_index(t, safe_inv(d), work)  # unrounded d
-    return _pack(nb, [to_f16(d), _nibbles(L)])[:nb]
+        s2 = rsum(t * t) * F32(2.0 / QK)  # sigma2 *= 2.f/32 (exact)
+        qwt = to_tlayout(qwb)
+    d = _search(t, _weights(t, s2, qwt))
+    L = _best_index(t, safe_inv(d))  # from the unrounded d
+    return pack_blocks(nb, [to_f16(d), nibbles(L)])
 
 
-def _iq4_xs_chunk(xs: np.ndarray, qws: np.ndarray | None, cache: dict) -> np.ndarray:
+def iq4_xs(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
     """(ns, 256) super-blocks (+ their imatrix slices) -> (ns, 136) bytes."""
     ns = xs.shape[0]
     nsub = ns * 8
-    t = _tl(xs.reshape(nsub, QK))
+    t = to_tlayout(xs.reshape(nsub, QK))
     gk = t.shape[0], t.shape[2]
-    work = _workspace(cache, t.shape)
     s2 = qwt = None
     if qws is not None:
-        ts = _tl(xs)  # super-blocks in T layout: sigma2 is a left-to-right sum over 256
-        s2s = _flat(_rsum(ts * ts), ns) * F32(2.0 / QK_K)  # sigma2 *= 2.f/256 (exact)
+        ts = to_tlayout(xs)  # super-blocks in T layout: sigma2 is a left-to-right sum over 256
+        s2s = _flat(rsum(ts * ts), ns) * F32(2.0 / QK_K)  # sigma2 *= 2.f/256 (exact)
         s2 = _gk(np.repeat(s2s, 8), gk)
-        qwt = _tl(qws.reshape(nsub, QK))
-    w = _weights(t, s2, qwt)
-    scales = _flat(_search(t, w, work), nsub).reshape(ns, 8)
-
+        qwt = to_tlayout(qws.reshape(nsub, QK))
+    scales = _flat(_search(t, _weights(t, s2, qwt)), nsub).reshape(ns, 8)
     # max_scale: the C loop `if (fabsf(d) > amax_scale)` from 0: first of largest |.|, +0.0 if
     # none, and a NaN scale (x² overflowed) is never taken
     amax_scale = np.zeros(ns, dtype=F32)
@@ -208,11 +161,11 @@ def _iq4_xs_chunk(xs: np.ndarray, qws: np.ndarray | None, cache: dict) -> np.nda
         max_scale = np.where(take, scales[:, ib], max_scale)
     d = -max_scale / F32(32)  # all-zero super-block: -0.0 (stored 00 80)
     idv = safe_inv(d)
-    l = np.clip(nearest_int(idv[:, None] * scales), F32(-32), F32(31))
+    l = np.clip(ni(idv[:, None] * scales), F32(-32), F32(31))
     dl = d[:, None] * l
     idl = safe_inv(dl)
-    L = _best_index(t, _gk(idl.reshape(-1), gk), work)
-    qs = _pack(nsub, [_nibbles(L)]).reshape(ns, 128)
+    L = _best_index(t, _gk(idl.reshape(-1), gk))
+    qs = pack_blocks(nsub, [nibbles(L)]).reshape(ns, 128)
 
     code = (l + F32(32)).astype(np.uint8)  # (ns, 8) in 0..63
     scales_l = (code[:, 0::2] & 15) | ((code[:, 1::2] & 15) << 4)
@@ -225,36 +178,3 @@ def _iq4_xs_chunk(xs: np.ndarray, qws: np.ndarray | None, cache: dict) -> np.nda
     out[:, 4:8] = scales_l
     out[:, 8:] = qs
     return out
-
-
-def _driver(rows: np.ndarray, imatrix: np.ndarray | None, qk: int, nbytes: int, kernel) -> np.ndarray:
-    n, k = rows.shape
-    xb = rows.reshape(-1, qk)
-    nb = xb.shape[0]
-    per_row = k // qk
-    qwr = None
-    if imatrix is not None:
-        qwr = imatrix.reshape(per_row, qk)
-    out = np.empty((nb, nbytes), dtype=np.uint8)
-    cache: dict = {}
-    step = max(1, CHUNK // qk)
-    for b0 in range(0, nb, step):
-        b1 = min(nb, b0 + step)
-        qwb = None
-        if qwr is not None:
-            qwb = qwr[np.arange(b0, b1) % per_row]  # the imatrix restarts with every row
-        out[b0:b1] = kernel(xb[b0:b1], qwb, cache)
-    return out.reshape(n, per_row * nbytes)
-
-
-def _quantizer(qk: int, nbytes: int, kernel):
-    def quantize(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-            return _driver(rows, imatrix, qk, nbytes, kernel)
-
-    return quantize
-
-
-register("iq4_nl")(_quantizer(QK, 18, _iq4_nl_chunk))
-register("iq4_xs")(_quantizer(QK_K, 136, _iq4_xs_chunk))

@@ -1,8 +1,8 @@
-"""K quantizers: q2_K, q3_K, q4_K, q5_K, q6_K (reference §5.1, §5.3; ggml-quants.c).
+"""K quantizers: q2_K, q3_K, q4_K, q5_K, q6_K (docs/llama-cpp.md §5.1, §5.3; ggml-quants.c).
 
 Byte-identical to ggml's `quantize_<type>`: without an imatrix the `quantize_row_<type>_ref`
 kernels, with one the `quantize_row_<type>_impl` kernels. Super-blocks of QK_K = 256 are processed
-as T-layout groups (G, 256, K) (see numeric.py / knumeric.py); sub-blocks are the free views
+as T-layout groups (G, 256, K) (see numeric.py); sub-blocks are the free views
 (G*8, 32, K) or (G*16, 16, K). Every K type requantizes with the fp16-rounded d/dmin times the
 integer scale codes; sub-blocks whose product is 0 keep the L of the search (rare, so those are
 re-derived only for the blocks concerned).
@@ -12,29 +12,41 @@ Block layouts (little endian, half = fp16):
   q3_K (110 B): u8 hmask[32]; u8 qs[64]; u8 scales[12]; half d
   q4_K (144 B): half d; half dmin; u8 scales[12]; u8 qs[128]
   q5_K (176 B): half d; half dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]
-  q6_K (210 B): u8 ql[128]; u8 qh[64]; i8 scales[16]; half d"""
+  q6_K (210 B): u8 ql[128]; u8 qh[64]; i8 scales[16]; half d
+
+Kernels take super-blocks xb (m, 256) and the imatrix slice of each (m, 256) or None, and return
+their bytes (m, nbytes). The make_q3_quants / make_qp_quants refinements are sequential, so the
+kernels that need them run in three phases (search per chunk, refine many chunks at once, pack)
+and the driver batches chunks between the phases."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from . import register
-from .knumeric import F32, I32, MAGIC, Q3Quants, QkxResult, QxResult, blend, fp16_round, make_qp_quants, ni_int, rsum, signed_absmax, work
-from .numeric import GROUP_MAX_EPS, to_tlayout
-from .numeric import pack_blocks as _pack
+from .fp import to_f16
+from .numeric import (
+    F32,
+    GROUP_MAX_EPS,
+    I32,
+    MAGIC,
+    Q3Quants,
+    QkxResult,
+    QxResult,
+    blend,
+    fp16_round,
+    make_qp_quants,
+    ni_int,
+    pack_blocks,
+    rsum,
+    signed_absmax,
+    to_tlayout,
+    work,
+)
 
 QK_K = 256
-CHUNK = 1 << 18  # elements per chunk (1 MiB float32 temporaries)
-LANES = 256
-SUPER = 16  # chunks per super-chunk: the sequential refinements of make_q3_quants and
-# make_qp_quants run once per super-chunk (4M weights), amortizing numpy's per-call overhead
-MIN_LANES = 8  # np.add.reduce over axis 1 is only sequential with several contiguous lanes
 U8 = np.uint8
-
-
-def _tlayout(xb: np.ndarray) -> np.ndarray:
-    """(nb, 256) -> (G, 256, K), K >= MIN_LANES lanes, zero padded."""
-    return to_tlayout(xb, LANES, MIN_LANES)
 
 
 def _pos_max(v: np.ndarray) -> np.ndarray:
@@ -47,13 +59,12 @@ def _requant(x: np.ndarray, dd: np.ndarray, dm: np.ndarray | None, lo: int, hi: 
     """L = clamp(nearest_int((x + dm)/dd), lo, hi) - lo as uint8, (B, n, K); dd == 0 blocks are
     garbage here (the caller fills them)."""
     v = work("rq", x.shape)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if dm is not None:
-            np.add(x, dm[:, None, :], out=v)  # (x + dm)/d
-            np.divide(v, dd[:, None, :], out=v)
-        else:
-            np.divide(x, dd[:, None, :], out=v)
-        np.add(v, MAGIC, out=v)  # nearest_int, bit trick: exact for any value
+    if dm is not None:
+        np.add(x, dm[:, None, :], out=v)  # (x + dm)/d
+        np.divide(v, dd[:, None, :], out=v)
+    else:
+        np.divide(x, dd[:, None, :], out=v)
+    np.add(v, MAGIC, out=v)  # nearest_int, bit trick: exact for any value
     b = v.view(I32)
     np.bitwise_and(b, 0x7FFFFF, out=b)
     np.clip(b, I32(0x400000 + lo), I32(0x400000 + hi), out=b)
@@ -69,9 +80,8 @@ def _fill_skipped(L: np.ndarray, skip: np.ndarray, search_L) -> None:
         L[idx[0], :, idx[1]] = search_L(idx)
 
 
-def _f16_bits_or_zero(v: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    h, f = fp16_round(blend(ok, v, np.zeros_like(v)))
-    return h, f
+def _f16_or_zero(v: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    return to_f16(blend(ok, v, np.zeros_like(v)))
 
 
 # ---------------------------------------------------------------- q4_K / q5_K
@@ -101,7 +111,7 @@ def _unpack_k4_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, m
 
 
-def _q45_finish(t, r, scale_bytes, dh, dmh, nmax: int, five: bool) -> list[np.ndarray]:
+def _q45_pack(t: np.ndarray, nb: int, search_L, scale_bytes, dh, dmh, nmax: int, five: bool) -> np.ndarray:
     g, _, k = t.shape
     xs = t.reshape(g * 8, 32, k)
     sc, m = _unpack_k4_scales(scale_bytes)
@@ -111,21 +121,23 @@ def _q45_finish(t, r, scale_bytes, dh, dmh, nmax: int, five: bool) -> list[np.nd
     dm = (dmf[:, None, :] * m).reshape(g * 8, k)
     skip = dd == 0
     L = _requant(xs, dd, dm, 0, nmax)
-    _fill_skipped(L, skip, r.L)
-    Lr = L.reshape(g, 4, 2, 32, k)
+    _fill_skipped(L, skip, search_L)
+    Lr = L.reshape(g, 4, 2, 32, k)  # [pair of sub-blocks, low/high nibble, element]
     if not five:
         qs = Lr[:, :, 0] | (Lr[:, :, 1] << 4)
-        return [dh, dmh, scale_bytes, qs.reshape(g, 128, k)]
+        return pack_blocks(nb, [dh, dmh, scale_bytes, qs.reshape(g, 128, k)])
     qs = (Lr[:, :, 0] & 0xF) | ((Lr[:, :, 1] & 0xF) << 4)
-    hb = Lr >> 4  # 0/1
+    hb = Lr >> 4  # 0/1: bit 2c (+1) of qh[j] is bit 4 of element j of sub-block 2c (2c+1)
     qh = np.zeros((g, 32, k), U8)
     for c in range(4):
         qh |= hb[:, c, 0] << (2 * c)
         qh |= hb[:, c, 1] << (2 * c + 1)
-    return [dh, dmh, scale_bytes, qh, qs.reshape(g, 128, k)]
+    return pack_blocks(nb, [dh, dmh, scale_bytes, qh, qs.reshape(g, 128, k)])
 
 
-def _q45_ref(t: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, five: bool):
+def q45_K(xb: np.ndarray, qw: None, nmax: int, rmin: float, rdelta: float, nstep: int, five: bool) -> np.ndarray:
+    """quantize_row_q4_K_ref / q5_K_ref: make_qkx2_quants per sub-block, 6-bit scale/min codes."""
+    t = to_tlayout(xb)
     g, _, k = t.shape
     xs = t.reshape(g * 8, 32, k)
     sum_x2 = rsum(xs * xs)
@@ -137,14 +149,12 @@ def _q45_ref(t: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, f
     mins = r.the_min.reshape(g, 8, k)
     max_scale = _pos_max(scales)
     max_min = _pos_max(mins)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        inv_scale = blend(max_scale > 0, F32(63) / max_scale, np.zeros_like(max_scale))
-        inv_min = blend(max_min > 0, F32(63) / max_min, np.zeros_like(max_min))
-        ls = np.minimum((ni_int(inv_scale[:, None, :] * scales) & 255).astype(U8), U8(63))
-        lm = np.minimum((ni_int(inv_min[:, None, :] * mins) & 255).astype(U8), U8(63))
-        dh, _ = fp16_round(max_scale / F32(63))
-        dmh, _ = fp16_round(max_min / F32(63))
-    return _q45_finish(t, r, _pack_k4_scales(ls, lm), dh, dmh, nmax, five)
+    inv_scale = blend(max_scale > 0, F32(63) / max_scale, np.zeros_like(max_scale))
+    inv_min = blend(max_min > 0, F32(63) / max_min, np.zeros_like(max_min))
+    ls = np.minimum((ni_int(inv_scale[:, None, :] * scales) & 255).astype(U8), U8(63))
+    lm = np.minimum((ni_int(inv_min[:, None, :] * mins) & 255).astype(U8), U8(63))
+    dh, dmh = to_f16(max_scale / F32(63)), to_f16(max_min / F32(63))
+    return _q45_pack(t, len(xb), r.L, _pack_k4_scales(ls, lm), dh, dmh, nmax, five)
 
 
 def _sigma2_weights(t: np.ndarray, qw: np.ndarray, factor2: bool) -> np.ndarray:
@@ -160,15 +170,35 @@ def _sigma2_weights(t: np.ndarray, qw: np.ndarray, factor2: bool) -> np.ndarray:
     return w
 
 
-def _imat_p1(t: np.ndarray, qw: np.ndarray, sub: int, nmax: int, factor2: bool) -> dict:
-    """Phase 1 of the q2_K/q4_K/q5_K imatrix kernels: weights and the make_qkx3_quants search."""
+class Search(NamedTuple):
+    """Phase 1 of the q2_K/q4_K/q5_K imatrix kernels: the make_qkx3_quants search per sub-block."""
+
+    nb: int  # super-blocks in the chunk
+    t: np.ndarray  # (G, 256, K) T layout
+    r: QkxResult
+    sw: np.ndarray  # (G, ns, K) sum of the weights of each sub-block
+    scales: np.ndarray  # (G, ns, K)
+    mins: np.ndarray  # (G, ns, K)
+
+
+class Scales(NamedTuple):
+    """Phase 2: make_qp_quants over the sub-block scales and mins of each super-block."""
+
+    s: Search
+    d: np.ndarray  # (G, K) super-block scale of the scales
+    dm: np.ndarray  # (G, K) super-block scale of the mins
+    Ls: np.ndarray  # (G, ns, K) uint8 scale codes
+    Lm: np.ndarray  # (G, ns, K) uint8 min codes
+
+
+def imat_search(xb: np.ndarray, qw: np.ndarray, sub: int, nmax: int, factor2: bool) -> Search:
+    t = to_tlayout(xb)
     g, _, k = t.shape
     ns = QK_K // sub
     xs = t.reshape(g * ns, sub, k)
-    w = _sigma2_weights(t, qw, factor2).reshape(g * ns, sub, k)
-    sw = rsum(w).reshape(g, ns, k)
+    w = _sigma2_weights(t, to_tlayout(qw), factor2).reshape(g * ns, sub, k)
     r = QkxResult(xs, w, nmax, -0.9, 0.05, 36, False)
-    return {"t": t, "r": r, "sw": sw, "scales": r.scale.reshape(g, ns, k), "mins": r.the_min.reshape(g, ns, k)}
+    return Search(len(xb), t, r, rsum(w).reshape(g, ns, k), r.scale.reshape(g, ns, k), r.the_min.reshape(g, ns, k))
 
 
 def _compact(a: np.ndarray) -> np.ndarray:
@@ -176,35 +206,33 @@ def _compact(a: np.ndarray) -> np.ndarray:
     return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
 
 
-def _imat_p2(states: list[dict], nq: int) -> None:
-    """Phase 2: make_qp_quants for the scales and the mins of all super-blocks at once."""
-    sw = np.concatenate([_compact(s["sw"]) for s in states], axis=1)
-    for key, dkey, lkey in (("scales", "d_block", "Ls"), ("mins", "m_block", "Lm")):
-        x = np.concatenate([_compact(s[key]) for s in states], axis=1)
-        d, L = make_qp_quants(x, nq, sw)
+def imat_scales(states: list[Search], nq: int) -> list[Scales]:
+    """make_qp_quants for the scales and the mins of all super-blocks of many chunks at once."""
+    sw = np.concatenate([_compact(s.sw) for s in states], axis=1)
+    out: list[list[np.ndarray]] = [[] for _ in states]
+    for field in ("scales", "mins"):
+        d, L = make_qp_quants(np.concatenate([_compact(getattr(s, field)) for s in states], axis=1), nq, sw)
         off = 0
-        for s in states:
-            g, n, k = s[key].shape
-            m = g * k
-            s[dkey] = d[off : off + m].reshape(g, k)
-            s[lkey] = L[:, off : off + m].reshape(n, g, k).transpose(1, 0, 2)
-            off += m
+        for s, o in zip(states, out):
+            g, n, k = s.scales.shape
+            o += [d[off : off + g * k].reshape(g, k), L[:, off : off + g * k].reshape(n, g, k).transpose(1, 0, 2)]
+            off += g * k
+    return [Scales(s, d, dm, Ls, Lm) for s, (d, Ls, dm, Lm) in zip(states, out)]
 
 
-def _q45_imat_p3(s: dict, nmax: int, five: bool) -> list[np.ndarray]:
-    Ls, Lm = s["Ls"], s["Lm"]
+def q45_K_imat_pack(sc: Scales, nmax: int, five: bool) -> np.ndarray:
+    Ls, Lm = sc.Ls, sc.Lm
     if five:  # q5_K_impl clamps the codes, q4_K_impl does not
         Ls = np.minimum(Ls, U8(63))
         Lm = np.minimum(Lm, U8(63))
-    dh, _ = fp16_round(s["d_block"])
-    dmh, _ = fp16_round(s["m_block"])
-    return _q45_finish(s["t"], s["r"], _pack_k4_scales(Ls, Lm), dh, dmh, nmax, five)
+    s = sc.s
+    return _q45_pack(s.t, s.nb, s.r.L, _pack_k4_scales(Ls, Lm), to_f16(sc.d), to_f16(sc.dm), nmax, five)
 
 
 # ---------------------------------------------------------------- q2_K
 
 
-def _q2_finish(t, r, scale_bytes, dh, dmh) -> list[np.ndarray]:
+def _q2_pack(t: np.ndarray, nb: int, search_L, scale_bytes, dh, dmh) -> np.ndarray:
     g, _, k = t.shape
     xs = t.reshape(g * 16, 16, k)
     df = dh.view(np.float16).astype(F32)
@@ -213,13 +241,14 @@ def _q2_finish(t, r, scale_bytes, dh, dmh) -> list[np.ndarray]:
     dm = (dmf[:, None, :] * (scale_bytes >> 4)).reshape(g * 16, k)
     skip = dd == 0
     L = _requant(xs, dd, dm, 0, 3)
-    _fill_skipped(L, skip, r.L)
-    Lr = L.reshape(g, 2, 4, 32, k)
+    _fill_skipped(L, skip, search_L)
+    Lr = L.reshape(g, 2, 4, 32, k)  # qs[32h + j] bits 2i..2i+1: element j of sub-block pair (h, i)
     qs = Lr[:, :, 0] | (Lr[:, :, 1] << 2) | (Lr[:, :, 2] << 4) | (Lr[:, :, 3] << 6)
-    return [scale_bytes, qs.reshape(g, 64, k), dh, dmh]
+    return pack_blocks(nb, [scale_bytes, qs.reshape(g, 64, k), dh, dmh])
 
 
-def _q2_ref(t: np.ndarray, qw) -> list[np.ndarray]:
+def q2_K(xb: np.ndarray, qw: None = None) -> np.ndarray:
+    t = to_tlayout(xb)
     g, _, k = t.shape
     xs = t.reshape(g * 16, 16, k)
     r = QkxResult(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
@@ -229,21 +258,18 @@ def _q2_ref(t: np.ndarray, qw) -> list[np.ndarray]:
     max_min = _pos_max(mins)
     ok_s = max_scale > 0
     ok_m = max_min > 0
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        isc = blend(ok_s, F32(15) / max_scale, np.zeros_like(max_scale))
-        imn = blend(ok_m, F32(15) / max_min, np.zeros_like(max_min))
-        lo = ni_int(isc[:, None, :] * scales) * ok_s[:, None, :]
-        hi = ni_int(imn[:, None, :] * mins) * ok_m[:, None, :]
-        dh, _ = _f16_bits_or_zero(max_scale / F32(15), ok_s)
-        dmh, _ = _f16_bits_or_zero(max_min / F32(15), ok_m)
+    isc = blend(ok_s, F32(15) / max_scale, np.zeros_like(max_scale))
+    imn = blend(ok_m, F32(15) / max_min, np.zeros_like(max_min))
+    lo = ni_int(isc[:, None, :] * scales) * ok_s[:, None, :]
+    hi = ni_int(imn[:, None, :] * mins) * ok_m[:, None, :]
+    dh, dmh = _f16_or_zero(max_scale / F32(15), ok_s), _f16_or_zero(max_min / F32(15), ok_m)
     scale_bytes = ((lo | (hi << 4)) & 255).astype(U8)  # uint8 = l; |= l << 4
-    return _q2_finish(t, r, scale_bytes, dh, dmh)
+    return _q2_pack(t, len(xb), r.L, scale_bytes, dh, dmh)
 
 
-def _q2_imat_p3(s: dict) -> list[np.ndarray]:
-    dh, _ = fp16_round(s["d_block"])
-    dmh, _ = fp16_round(s["m_block"])
-    return _q2_finish(s["t"], s["r"], s["Ls"] | (s["Lm"] << 4), dh, dmh)
+def q2_K_imat_pack(sc: Scales) -> np.ndarray:
+    s = sc.s
+    return _q2_pack(s.t, s.nb, s.r.L, sc.Ls | (sc.Lm << 4), to_f16(sc.d), to_f16(sc.dm))
 
 
 # ---------------------------------------------------------------- q3_K
@@ -270,7 +296,7 @@ def _unpack_q3_scales(s: np.ndarray) -> np.ndarray:
     return c.astype(np.int8) - np.int8(32)
 
 
-def _q3_finish(t, search_L, scale_bytes, dh) -> list[np.ndarray]:
+def _q3_pack(t: np.ndarray, nb: int, search_L, scale_bytes, dh) -> np.ndarray:
     g, _, k = t.shape
     xs = t.reshape(g * 16, 16, k)
     sc = _unpack_q3_scales(scale_bytes)
@@ -280,77 +306,81 @@ def _q3_finish(t, search_L, scale_bytes, dh) -> list[np.ndarray]:
     L = _requant(xs, dd, None, -4, 3)
     _fill_skipped(L, skip, search_L)
     Lr = L.reshape(g, 8, 32, k)
-    high = Lr > 3
+    high = Lr > 3  # bit b of hmask[j]: bit 2 of element j of 32-element group b
     hmask = np.zeros((g, 32, k), U8)
     for b in range(8):
         hmask |= high[:, b].astype(U8) << b
     L &= 3
     Lq = L.reshape(g, 2, 4, 32, k)
     qs = Lq[:, :, 0] | (Lq[:, :, 1] << 2) | (Lq[:, :, 2] << 4) | (Lq[:, :, 3] << 6)
-    return [hmask, qs.reshape(g, 64, k), scale_bytes, dh]
+    return pack_blocks(nb, [hmask, qs.reshape(g, 64, k), scale_bytes, dh])
 
 
-def _q3_ref_p1(t: np.ndarray, qw) -> tuple[np.ndarray, Q3Quants]:
+class Q3Search(NamedTuple):
+    nb: int
+    t: np.ndarray  # (G, 256, K)
+    q: Q3Quants  # make_q3_quants of its 16-element sub-blocks
+
+
+def q3_K_search(xb: np.ndarray, qw: None = None) -> Q3Search:
+    t = to_tlayout(xb)
     g, _, k = t.shape
-    return t, Q3Quants(t.reshape(g * 16, 16, k), 4)
+    return Q3Search(len(xb), t, Q3Quants(t.reshape(g * 16, 16, k), 4))
 
 
-def _q3_ref_p2(states: list) -> None:
-    Q3Quants.refine([q for _, q in states])
+def q3_K_refine(states: list[Q3Search]) -> list[Q3Search]:
+    Q3Quants.refine([s.q for s in states])
+    return states
 
 
-def _q3_ref_p3(state) -> list[np.ndarray]:
-    t, q = state
-    g, _, k = t.shape
-    scale = q.scale()
-    scales = scale.reshape(g, 16, k)
+def q3_K_pack(s: Q3Search) -> np.ndarray:
+    g, _, k = s.t.shape
+    scales = s.q.scale().reshape(g, 16, k)
     max_scale = signed_absmax(scales)
     nz = max_scale != 0
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(-32) / blend(nz, max_scale, np.ones_like(max_scale))
-        l = ni_int(iscale[:, None, :] * scales).astype(np.int8).astype(I32)  # int8_t l = ...
-        codes = (np.clip(l, -32, 31) + 32) * nz[:, None, :]
-        dh, _ = _f16_bits_or_zero(F32(1) / iscale, nz)
-    return _q3_finish(t, q.L_of, _pack_q3_scales(codes.astype(U8)), dh)
+    iscale = F32(-32) / blend(nz, max_scale, np.ones_like(max_scale))
+    l = ni_int(iscale[:, None, :] * scales).astype(np.int8).astype(I32)  # int8_t l = ...
+    codes = (np.clip(l, -32, 31) + 32) * nz[:, None, :]
+    dh = _f16_or_zero(F32(1) / iscale, nz)
+    return _q3_pack(s.t, s.nb, s.q.L_of, _pack_q3_scales(codes.astype(U8)), dh)
 
 
-def _q3_imat(t: np.ndarray, qw: np.ndarray) -> list[np.ndarray]:
+def q3_K_imat(xb: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    t = to_tlayout(xb)
     g, _, k = t.shape
     xs = t.reshape(g * 16, 16, k)
-    w = _sigma2_weights(t, qw, True).reshape(g * 16, 16, k)
+    w = _sigma2_weights(t, to_tlayout(qw), True).reshape(g * 16, 16, k)
     sw = rsum(w).reshape(g, 16, k)
-    r = QxResult(xs, 4, w)
-    rb = QxResult(r.scale.reshape(g, 16, k), 32, sw, exact=True)  # scales may be NaN
-    dh, _ = fp16_round(rb.scale)
-    return _q3_finish(t, r.L, _pack_q3_scales(rb.L()), dh)
+    r = QxResult(xs, w, 4)
+    rb = QxResult(r.scale.reshape(g, 16, k), sw, 32, exact=True)  # scales may be NaN
+    return _q3_pack(t, len(xb), r.L, _pack_q3_scales(rb.L()), to_f16(rb.scale))
 
 
 # ---------------------------------------------------------------- q6_K
 
 
-def _q6(t: np.ndarray, qw) -> list[np.ndarray]:
+def q6_K(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    t = to_tlayout(xb)
     g, _, k = t.shape
     xs = t.reshape(g * 16, 16, k)
-    r = QxResult(xs, 32, None if qw is None else qw.reshape(g * 16, 16, k))  # impl: raw imatrix
+    r = QxResult(xs, None if qw is None else to_tlayout(qw).reshape(g * 16, 16, k), 32)  # impl: raw imatrix
     scales = r.scale.reshape(g, 16, k)
     max_scale = signed_absmax(scales)
     zero = np.abs(max_scale) < GROUP_MAX_EPS
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(-128) / blend(zero, np.ones_like(max_scale), max_scale)
-        dh, df = fp16_round(F32(1) / iscale)
-        sc = np.minimum(ni_int(iscale[:, None, :] * scales), I32(127)).astype(np.int8)
+    iscale = F32(-128) / blend(zero, np.ones_like(max_scale), max_scale)
+    dh, df = fp16_round(F32(1) / iscale)
+    sc = np.minimum(ni_int(iscale[:, None, :] * scales), I32(127)).astype(np.int8)
     dd = (df[:, None, :] * sc).reshape(g * 16, k)
     skip = dd == 0
     L = _requant(xs, dd, None, -32, 31)
     _fill_skipped(L, skip, r.L)
-    Lr = L.reshape(g, 2, 4, 32, k)
-    ql = np.empty((g, 2, 2, 32, k), U8)
-    ql[:, :, 0] = (Lr[:, :, 0] & 0xF) | ((Lr[:, :, 2] & 0xF) << 4)
-    ql[:, :, 1] = (Lr[:, :, 1] & 0xF) | ((Lr[:, :, 3] & 0xF) << 4)
+    Lr = L.reshape(g, 2, 4, 32, k)  # [half, quarter, element]: ql nibbles, qh bit pairs
+    qlh = np.empty((g, 2, 64, k), U8)  # per half: quarters 0|2 then 1|3 share bytes by nibble
+    qlh[:, :, :32] = (Lr[:, :, 0] & 0xF) | ((Lr[:, :, 2] & 0xF) << 4)
+    qlh[:, :, 32:] = (Lr[:, :, 1] & 0xF) | ((Lr[:, :, 3] & 0xF) << 4)
+    ql = qlh.reshape(g, 128, k)
     hb = Lr >> 4
-    qh = hb[:, :, 0] | (hb[:, :, 1] << 2) | (hb[:, :, 2] << 4) | (hb[:, :, 3] << 6)
-    ql = ql.reshape(g, 128, k)
-    qh = qh.reshape(g, 64, k)
+    qh = (hb[:, :, 0] | (hb[:, :, 1] << 2) | (hb[:, :, 2] << 4) | (hb[:, :, 3] << 6)).reshape(g, 64, k)
     scb = sc.view(U8)
     if zero.any():  # the whole block is memset to 0
         keep = (~zero).astype(U8)[:, None, :]
@@ -358,73 +388,4 @@ def _q6(t: np.ndarray, qw) -> list[np.ndarray]:
         qh *= keep
         scb = scb * keep
         dh = dh * (~zero)
-    return [ql, qh, scb, dh]
-
-
-# ---------------------------------------------------------------- driver
-
-
-class Kernel:
-    """p1(t, qw) -> state per chunk; p2(states) over a super-chunk (None: nothing global);
-    p3(state) -> fields for pack_blocks. One-phase kernels just return their fields from p1."""
-
-    def __init__(self, p1, p2=None, p3=None):
-        self.p1, self.p2, self.p3 = p1, p2, p3 or (lambda s: s)
-
-
-def _run(rows: np.ndarray, imatrix: np.ndarray | None, kern: Kernel, nbytes: int) -> np.ndarray:
-    n, k = rows.shape
-    if k % QK_K:
-        raise ValueError(f"K quants need rows whose length is a multiple of {QK_K}, got {k}")
-    nbpr = k // QK_K
-    xb = rows.reshape(-1, QK_K)
-    nb = xb.shape[0]
-    qwb = None
-    if imatrix is not None:
-        qwb = imatrix.reshape(nbpr, QK_K)
-    out = np.empty((nb, nbytes), dtype=U8)
-    step = max(1, CHUNK // QK_K)
-    for s0 in range(0, nb, step * SUPER):
-        states = []
-        for b0 in range(s0, min(nb, s0 + step * SUPER), step):
-            chunk = xb[b0 : b0 + step]
-            t = _tlayout(chunk)
-            qw = None if qwb is None else _tlayout(qwb[np.arange(b0, b0 + len(chunk)) % nbpr])
-            states.append((b0, len(chunk), kern.p1(t, qw)))
-        if kern.p2 is not None:
-            kern.p2([st for _, _, st in states])
-        for b0, m, st in states:
-            out[b0 : b0 + m] = _pack(m, kern.p3(st))
-    return out.reshape(n, nbpr * nbytes)
-
-
-def _quantizer(ref: Kernel, imat: Kernel, nbytes: int):
-    def quantize(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-            if imatrix is None:
-                return _run(rows, None, ref, nbytes)
-            return _run(rows, imatrix, imat, nbytes)
-
-    return quantize
-
-
-def _imat_kernel(sub: int, nmax: int, factor2: bool, nq: int, p3) -> Kernel:
-    return Kernel(lambda t, qw: _imat_p1(t, qw, sub, nmax, factor2), lambda st: _imat_p2(st, nq), p3)
-
-
-register("q2_K")(_quantizer(Kernel(_q2_ref), _imat_kernel(16, 3, False, 15, _q2_imat_p3), 84))
-register("q3_K")(_quantizer(Kernel(_q3_ref_p1, _q3_ref_p2, _q3_ref_p3), Kernel(_q3_imat), 110))
-register("q4_K")(
-    _quantizer(
-        Kernel(lambda t, qw: _q45_ref(t, 15, -1.0, 0.1, 20, False)),
-        _imat_kernel(32, 15, True, 63, lambda s: _q45_imat_p3(s, 15, False)),
-        144,
-    )
-)
-register("q5_K")(
-    _quantizer(
-        Kernel(lambda t, qw: _q45_ref(t, 31, -0.5, 0.1, 15, True)), _imat_kernel(32, 31, True, 63, lambda s: _q45_imat_p3(s, 31, True)), 176
-    )
-)
-register("q6_K")(_quantizer(Kernel(_q6), Kernel(_q6), 210))
+    return pack_blocks(len(xb), [ql, qh, scb, dh])

@@ -1,4 +1,4 @@
-"""Ternary types: tq1_0 and tq2_0 (reference §5.1, §5.3).
+"""Ternary types: tq1_0 and tq2_0 (docs/llama-cpp.md §5.1, §5.3).
 
 Byte-identical to ggml's `quantize_tq1_0` / `quantize_tq2_0` (= the `_ref` row quantizers; the
 imatrix is ignored). Per 256-element block: d = max|x|, id = d ? 1/d : 0, trit = lroundf(x*id) + 1
@@ -24,12 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import register
 from .fp import to_f16
 from .numeric import F32
-
-QK_K = 256
-CHUNK = 1 << 18  # elements per chunk (1 MiB float32 temporaries; fastest measured)
 
 
 def _trits(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,9 +33,8 @@ def _trits(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # max|x| on the bit patterns: for non-negative floats the integer order is the float order
     # (and an integer max reduction is several times faster); -0.0 becomes +0.0 as in C
     amax = (xb.view(np.uint32) & np.uint32(0x7FFFFFFF)).max(axis=1).view(F32)
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        idv = np.where(amax != 0, F32(1) / np.where(amax != 0, amax, F32(1)), F32(0)).astype(F32)
-        v = xb * idv[:, None]
+    idv = np.where(amax != 0, F32(1) / np.where(amax != 0, amax, F32(1)), F32(0)).astype(F32)
+    v = xb * idv[:, None]
     bad = ~np.isfinite(idv)
     if bad.any():  # lroundf(±inf or NaN) + 1 -> 1 (see module doc)
         v[bad] = 0
@@ -63,7 +58,7 @@ def _horner3(u: np.ndarray) -> np.ndarray:
     return q
 
 
-def _tq1_0_chunk(xb: np.ndarray) -> np.ndarray:
+def tq1_0(xb: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:  # ggml ignores the imatrix
     nb = xb.shape[0]
     d, t = _trits(xb)
     t64 = t.view(np.uint64)  # (nb, 32): 8 consecutive trits per lane
@@ -82,7 +77,7 @@ def _tq1_0_chunk(xb: np.ndarray) -> np.ndarray:
     return out
 
 
-def _tq2_0_chunk(xb: np.ndarray) -> np.ndarray:
+def tq2_0(xb: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     nb = xb.shape[0]
     d, t = _trits(xb)
     # lanes of 8 trits: [chunk c, pair n, m//8]; byte m of chunk c gets element 128c + 32n + m at
@@ -95,21 +90,3 @@ def _tq2_0_chunk(xb: np.ndarray) -> np.ndarray:
     out[:, 0:64] = q.view(np.uint8).reshape(nb, 64)
     out[:, 64:66] = to_f16(d).astype("<u2").view(np.uint8).reshape(nb, 2)
     return out
-
-
-def _quantizer(nbytes: int, kernel):
-    def quantize(rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:  # imatrix unused
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        n, k = rows.shape
-        xb = rows.reshape(-1, QK_K)
-        out = np.empty((xb.shape[0], nbytes), dtype=np.uint8)
-        step = max(1, CHUNK // QK_K)
-        for b0 in range(0, xb.shape[0], step):
-            out[b0 : b0 + step] = kernel(xb[b0 : b0 + step])
-        return out.reshape(n, k // QK_K * nbytes)
-
-    return quantize
-
-
-register("tq1_0")(_quantizer(54, _tq1_0_chunk))
-register("tq2_0")(_quantizer(66, _tq2_0_chunk))

@@ -6,7 +6,7 @@ qwen2.cpp, qwen3.cpp; llama-graph.cpp build_norm / build_qkv / build_attn / buil
 build_lora_mm / build_inp_embd) and ggml's CPU ops (rms_norm with a double sum, rope's cached
 theta recurrence, soft_max_ext with scale then mask, SwiGLU as silu(gate)·up).
 
-Streaming (design.md ground rule 2): `Engine.run` embeds every chunk (dequantizing only the
+Streaming (docs/design.md ground rule 2): `Engine.run` embeds every chunk (dequantizing only the
 token_embd rows it needs), then loads ONE layer's weights (float32, through `kernels.read_f32`),
 pushes all chunks' hidden states through it chunk by chunk, frees it and moves on; the output
 matrix comes last and is applied per chunk. Peak memory is the hidden states (n_chunks·n_ctx·n_embd
@@ -15,7 +15,7 @@ chunk's logits): it does not grow with the number of layers. Adapters' A/B matri
 whole (a rank-16 adapter is ~3 % of SmolLM2). Loading is sequential: prefetching the next layer in
 a worker thread saved ~1 % on 2 cores (BLAS already uses both) and would double the weights held.
 
-Numerics (reference §3.3): ggml's CPU mul_mat first converts the activations to the weight type's
+Numerics (docs/llama-cpp.md §3.3): ggml's CPU mul_mat first converts the activations to the weight type's
 `vec_dot_type`. With `emulate_activations=True` (the default) the engine does the same before
 each matmul: F16 weights see F16-rounded activations, BF16 weights BF16-rounded ones, Q4_0 / Q5_0
 / Q8_0 / IQ4_NL see Q8_0-quantized activations (Q4_1 / Q5_1 too, though their Q8_1 also carries a
@@ -36,7 +36,7 @@ The KV cache is F32 by default (llama.cpp with type_k=type_v=F32). `kv_type="f16
 llama.cpp's default F16 cache (K, V rounded to F16; Q and the softmax rounded to F16 for the two
 attention matmuls), for comparisons with a stock llama-perplexity run.
 
-Chunks follow llama-perplexity (reference §8.1): each chunk is evaluated on its own from position
+Chunks follow llama-perplexity (docs/llama-cpp.md §8.1): each chunk is evaluated on its own from position
 0 with a causal mask; replacing the first token by BOS is the caller's job (see `chunk_tokens`)."""
 
 from __future__ import annotations
@@ -60,12 +60,7 @@ _NEOX = ("qwen2", "qwen3")  # llama.cpp's llama_model_rope_type: NEOX; llama is 
 
 # ggml-cpu type_traits_cpu[type].vec_dot_type: how activations are converted before a mul_mat
 _Q8_0_DOT = {"q4_0", "q5_0", "q8_0", "iq4_nl", "q4_1", "q5_1", "q8_1", "mxfp4"}
-_Q8_K_DOT = {
-    "q2_K",
-    "q3_K",
-    "q4_K",
-    "q5_K",
-    "q6_K",
+_Q8_K_DOT = {f"q{i}_K" for i in range(2, 7)} | {
     "iq2_xxs",
     "iq2_xs",
     "iq3_xxs",
@@ -165,6 +160,20 @@ class _Linear:
         return y
 
 
+@dataclass
+class LayerWeights:
+    """One block's float32 weights, as build_norm / build_qkv / build_attn / build_ffn read them."""
+
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    qkv: tuple[_Linear, ...]  # (attn_qkv,) fused: one matmul, then views; else (attn_q, attn_k, attn_v)
+    attn_output: _Linear
+    ffn_gate: _Linear
+    ffn_up: _Linear
+    ffn_down: _Linear
+    qk_norm: tuple[np.ndarray, np.ndarray] | None  # qwen3's per-head RMSNorm weights of q and k
+
+
 @dataclass(frozen=True)
 class HParams:
     arch: str
@@ -186,15 +195,18 @@ def _hparams(g: GGUFFile) -> HParams:
     arch = g.arch
     if arch not in ARCHS:
         raise BadInput(f"{g.path}: architecture '{arch}' is not supported by loraq's engine (supported: {', '.join(ARCHS)})")
-    for need in ("block_count", "embedding_length", "attention.head_count"):
-        if g.arch_int(need) is None:
-            raise BadInput(f"{g.path}: missing metadata {arch}.{need}")
+
+    def need(key: str) -> int:
+        v = g.arch_int(key)
+        if v is None:
+            raise BadInput(f"{g.path}: missing metadata {arch}.{key}")
+        return v
+
+    n_layer, n_embd, n_head = need("block_count"), need("embedding_length"), need("attention.head_count")
     if (g.arch_int("expert_count") or 0) > 0:
         raise BadInput(f"{g.path}: mixture-of-experts models are not supported by loraq's engine yet")
     if not g.has_tensor("token_embd.weight"):
         raise BadInput(f"{g.path}: missing tensor token_embd.weight")
-    n_embd = g.arch_int("embedding_length")
-    n_head = g.arch_int("attention.head_count")
     n_head_kv = g.arch_int("attention.head_count_kv", n_head)
     hk = g.arch_int("attention.key_length", n_embd // n_head)
     hv = g.arch_int("attention.value_length", n_embd // n_head)
@@ -213,7 +225,7 @@ def _hparams(g: GGUFFile) -> HParams:
         arch=arch,
         n_vocab=g.tensor("token_embd.weight").ne[1],
         n_embd=n_embd,
-        n_layer=g.arch_int("block_count"),
+        n_layer=n_layer,
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim_k=hk,
@@ -319,7 +331,7 @@ class Engine:
                 if name == "token_embd.weight" and self.tied:
                     raise BadInput(
                         f"{path}: LoRA on token_embd.weight of a model with tied embeddings; llama.cpp would also apply it to "
-                        "the output projection and abort (reference §3.3): merge it instead (loraq merge)"
+                        "the output projection and abort (docs/llama-cpp.md §3.3): merge it instead (loraq merge)"
                     )
                 at, bt = types.get(name + ".lora_a"), types.get(name + ".lora_b")
                 kinds = (vec_dot_kind(at) if at else "f32", vec_dot_kind(bt) if bt else "f32")
@@ -346,18 +358,23 @@ class Engine:
             raise BadInput(f"{self.path}: missing tensor {name}")
         return read_f32(g, g.tensor(name)).reshape(-1)
 
-    def _layer(self, g: GGUFFile, il: int) -> dict[str, object]:
+    def _layer(self, g: GGUFFile, il: int) -> LayerWeights:
         p = f"blk.{il}."
-        lw: dict[str, object] = {"attn_norm": self._vector(g, p + "attn_norm.weight"), "ffn_norm": self._vector(g, p + "ffn_norm.weight")}
-        fused = g.has_tensor(p + "attn_qkv.weight")  # build_qkv's fused path: one matmul, then views
-        for n in ("attn_qkv",) if fused else ("attn_q", "attn_k", "attn_v"):
-            lw[n] = self._linear(g, p + n + ".weight")
-        for n in ("attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-            lw[n] = self._linear(g, p + n + ".weight")
-        if self.hp.arch == "qwen3":
-            lw["q_norm"] = self._vector(g, p + "attn_q_norm.weight")
-            lw["k_norm"] = self._vector(g, p + "attn_k_norm.weight")
-        return lw
+        return LayerWeights(
+            attn_norm=self._vector(g, p + "attn_norm.weight"),
+            ffn_norm=self._vector(g, p + "ffn_norm.weight"),
+            qkv=tuple(
+                self._linear(g, p + n + ".weight")
+                for n in (("attn_qkv",) if g.has_tensor(p + "attn_qkv.weight") else ("attn_q", "attn_k", "attn_v"))
+            ),
+            attn_output=self._linear(g, p + "attn_output.weight"),
+            ffn_gate=self._linear(g, p + "ffn_gate.weight"),
+            ffn_up=self._linear(g, p + "ffn_up.weight"),
+            ffn_down=self._linear(g, p + "ffn_down.weight"),
+            qk_norm=(
+                (self._vector(g, p + "attn_q_norm.weight"), self._vector(g, p + "attn_k_norm.weight")) if self.hp.arch == "qwen3" else None
+            ),
+        )
 
     def _output(self, g: GGUFFile) -> tuple[np.ndarray, _Linear]:
         norm = self._vector(g, "output_norm.weight")
@@ -395,7 +412,7 @@ class Engine:
         hp = self.hp
         half = hp.n_rot // 2
         theta_scale = np.float32(math.pow(float(np.float32(hp.freq_base)), float(np.float32(-2.0) / np.float32(hp.n_rot))))
-        th = np.empty((n_ctx, half), dtype=np.float32)
+        th: np.ndarray = np.empty((n_ctx, half), dtype=np.float32)
         th[:, 0] = np.arange(n_ctx, dtype=np.float32)
         for i in range(1, half):
             th[:, i] = th[:, i - 1] * theta_scale
@@ -449,35 +466,35 @@ class Engine:
             out[h0:h1] = np.matmul(s.reshape(h1 - h0, grp * T, T), vh[h0:h1])
         return out.reshape(H, T, D).transpose(1, 0, 2).reshape(T, H * D)
 
-    def _block(self, lw: dict, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    def _block(self, lw: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         hp, em = self.hp, self.emulate
         T = x.shape[0]
-        cur = self._rms_norm(x, lw["attn_norm"])
+        cur = self._rms_norm(x, lw.attn_norm)
         nq, nk = hp.n_head * hp.head_dim_k, hp.n_head_kv * hp.head_dim_k
-        if "attn_qkv" in lw:
-            qkv = lw["attn_qkv"](cur, em)
+        rx: dict[str, np.ndarray] = {}
+        if len(lw.qkv) == 1:
+            qkv = lw.qkv[0](cur, em)
             q, k, v = qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]
         else:
-            rx: dict[str, np.ndarray] = {}
-            q, k, v = lw["attn_q"](cur, em, rx), lw["attn_k"](cur, em, rx), lw["attn_v"](cur, em, rx)
+            q, k, v = (lin(cur, em, rx) for lin in lw.qkv)
         q = q.reshape(T, hp.n_head, hp.head_dim_k)
         k = k.reshape(T, hp.n_head_kv, hp.head_dim_k)
         v = v.reshape(T, hp.n_head_kv, hp.head_dim_v)
-        if hp.arch == "qwen3":
-            q = self._rms_norm(q, lw["q_norm"])
-            k = self._rms_norm(k, lw["k_norm"])
+        if lw.qk_norm is not None:
+            q = self._rms_norm(q, lw.qk_norm[0])
+            k = self._rms_norm(k, lw.qk_norm[1])
         q = self._rope(q, cos, sin)
         k = self._rope(k, cos, sin)
         att = self._attention(q, k, v)
-        ffn_inp = lw["attn_output"](att, em) + x
-        cur = self._rms_norm(ffn_inp, lw["ffn_norm"])
+        ffn_inp = lw.attn_output(att, em) + x
+        cur = self._rms_norm(ffn_inp, lw.ffn_norm)
         rx = {}
-        up = lw["ffn_up"](cur, em, rx)
-        gate = lw["ffn_gate"](cur, em, rx)
+        up = lw.ffn_up(cur, em, rx)
+        gate = lw.ffn_gate(cur, em, rx)
         # swiglu: silu(gate) * up, silu(x) = x / (1 + exp(-x))
         with np.errstate(over="ignore"):
             act = gate / (np.float32(1) + np.exp(-gate)) * up
-        return lw["ffn_down"](act, em) + ffn_inp
+        return lw.ffn_down(act, em) + ffn_inp
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self, tokens: np.ndarray, on_logits: Callable[[int, np.ndarray], None], rows: slice | None = None) -> None:
@@ -497,8 +514,6 @@ class Engine:
             h = self._embed(g, tokens)  # (n_chunks, n_ctx, n_embd)
             ff = self._vector(g, "rope_freqs.weight") if g.has_tensor("rope_freqs.weight") else None
             cos, sin = self._rope_cache(n_ctx, ff)
-            # Sequential on purpose: dequantizing layer il+1 in a worker thread while layer il runs
-            # saved ~1 % on 2 cores (BLAS already uses both) and doubles the weights held.
             for il in range(self.hp.n_layer):
                 lw = self._layer(g, il)
                 for c in range(n_chunks):

@@ -94,7 +94,7 @@ _UNICODE_15 = (
 _U15_STARTS = [r[0] for r in _UNICODE_15]
 
 
-class _FlagTable(dict):
+class _FlagTable(dict[str, int]):
     """char -> llama.cpp-style flags, computed on first use."""
 
     def __missing__(self, ch: str) -> int:
@@ -219,14 +219,13 @@ def _make_llama3_like(max_digits: int) -> Splitter:
                         pos += 3
                         continue
                 # [^\r\n\p{L}\p{N}]?\p{L}+
-                if not (c == "\r" or c == "\n" or f & _NUM):
-                    if f & _LET or (pos + 1 < end and fl[pos + 1] & _LET):
-                        p = pos + 1
-                        while p < end and fl[p] & _LET:
-                            p += 1
-                        add((pos, p))
-                        pos = p
-                        continue
+                if not (c == "\r" or c == "\n" or f & _NUM) and (f & _LET or (pos + 1 < end and fl[pos + 1] & _LET)):
+                    p = pos + 1
+                    while p < end and fl[p] & _LET:
+                        p += 1
+                    add((pos, p))
+                    pos = p
+                    continue
                 # \p{N}{1,k}
                 if f & _NUM:
                     p = pos
@@ -538,7 +537,7 @@ class Tokenizer:
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def from_gguf(cls, src) -> Tokenizer:
+    def from_gguf(cls, src: GGUFFile | Path | str) -> Tokenizer:
         """From a GGUF path or an open `loraq.gguf_io.reader.GGUFFile`."""
         g = src if isinstance(src, GGUFFile) else open_gguf(Path(src))
         model = g.get("tokenizer.ggml.model")
@@ -827,9 +826,6 @@ class Tokenizer:
         if self.add_space_prefix and data.startswith(b" "):
             data = data[1:]
         return data.decode("utf-8", errors="replace")
-
-    def token_text(self, tid: int) -> str:
-        return self._texts[tid]
 
     def __repr__(self) -> str:
         return f"Tokenizer(model={self.model!r}, pre={self.pre!r}, n_vocab={self.n_vocab})"

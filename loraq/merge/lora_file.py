@@ -1,6 +1,6 @@
 """Read a GGUF LoRA adapter (or a PEFT folder, converted first) as llama.cpp's loader sees it.
 
-Checks follow llama_adapter_lora_init (reference §3.1), with two deliberate differences: quantized
+Checks follow llama_adapter_lora_init (docs/llama-cpp.md §3.1), with two deliberate differences: quantized
 (Q8_0) adapter tensors are accepted (dequantized exactly), and a LoRA tensor with no counterpart
 in the base is an error rather than silently ignored, so nothing of the fine-tune is lost."""
 

@@ -3,7 +3,7 @@
 The merged value is computed in float64 (W + Σ sᵢ·Bᵢ·Aᵢ, sᵢ = userᵢ·αᵢ/rᵢ applied after the
 product, adapters in the given order) and rounded once to the output type with round-to-nearest-
 even. llama-export-lora does the same sum in float32 with ggml's matmul order, so it differs from
-the exactly rounded value by one F16 ulp on a few elements per million (reference §2.3)."""
+the exactly rounded value by one F16 ulp on a few elements per million (docs/llama-cpp.md §2.3)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from gguf import GGUFValueType
 
 from ..errors import BadArguments, BadInput
 from ..ggml_types import FTYPES, GGMLType, ggml_type
-from ..gguf_io import KVList, open_gguf
+from ..gguf_io import KVList, TensorInfo, open_gguf
 from ..gguf_io.writer import GGUFStreamWriter, OutTensor
 from ..kernels import read_f32
 from ..kernels.fp import f64_to_bf16, f64_to_f16, f64_to_f32
@@ -77,7 +77,7 @@ def merge_model(
                 if src.tensor(name).n_dims != 2:
                     raise BadInput(f"{lora.path}: LoRA on {name} is not supported (it is not a 2-D matrix)")
 
-        def target(t) -> GGMLType:
+        def target(t: TensorInfo) -> GGMLType:
             # Matrices go to the output type; vectors (norms) keep theirs, as llama.cpp keeps F32 norms.
             return out_type if t.n_dims >= 2 else t.type
 

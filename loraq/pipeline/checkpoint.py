@@ -1,4 +1,4 @@
-"""Fingerprints and the workdir manifest (design.md, Checkpoints).
+"""Fingerprints and the workdir manifest (docs/design.md, Checkpoints).
 
 A file's identity is its sha256; the manifest caches it under (size, mtime_ns) so unchanged files
 are not re-read, and re-hashes a file whose size or mtime changed. A stage is up to date only if
@@ -84,7 +84,7 @@ class Manifest:
 @dataclass
 class Verdict:
     up_to_date: bool
-    reason: str  # "up-to-date" or one of design.md's reasons
+    reason: str  # "up-to-date" or one of docs/design.md's reasons
 
 
 def check_stage(m: Manifest, name: str, settings: dict, inputs: dict[str, str], outputs: list[Path]) -> Verdict:

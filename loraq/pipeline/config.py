@@ -1,4 +1,4 @@
-"""The YAML config (design.md, Config), validated strictly: unknown keys, wrong types and missing
+"""The YAML config (docs/design.md, Config), validated strictly: unknown keys, wrong types and missing
 files are all reported at once, each with its dotted location and, for a misspelled key, the
 nearest valid name."""
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import io_error
+from ..compare.gates import GateFailure, check_gates
+from ..compare.report import load_report
 from ..compare.stage import Candidate, build_reference, compare_models, meta_path
 from ..convert import convert_adapter
 from ..errors import BadArguments
@@ -183,18 +185,12 @@ def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tu
     return [reference, compare]
 
 
-def gate_failures(cfg: Config) -> list[str]:
+def check_run_gates(cfg: Config) -> list[GateFailure]:
     """The configured gates applied to the current report (gates can change without rescoring)."""
-    if cfg.compare is None:
-        return []
-    import json
-
-    from ..compare.report import check_gates
-
     path = cfg.workdir_path / "report.json"
-    if not path.exists():
+    if cfg.compare is None or not path.exists():
         return []
-    return check_gates(json.loads(path.read_text()), cfg.compare.gates)
+    return check_gates(load_report(path), cfg.compare.gates)
 
 
 def _aname(i: int, adapters: list) -> str:

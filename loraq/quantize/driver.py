@@ -1,4 +1,4 @@
-"""Quantize a GGUF model file the way llama-quantize does (reference §4.7, §4.8).
+"""Quantize a GGUF model file the way llama-quantize does (docs/llama-cpp.md §4.7, §4.8).
 
 Tensors are processed one at a time in llama.cpp's iteration order and streamed to the output in
 row chunks, so memory follows the largest chunk rather than the model."""
@@ -8,16 +8,17 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from gguf import GGUFValueType
 
 from ..errors import BadArguments, BadInput
-from ..ggml_types import FileType, GGMLType, file_type
+from ..ggml_types import FileType, GGMLType, file_type, ggml_type
 from ..gguf_io import GGUFFile, KVList, open_gguf
 from ..gguf_io.reader import read_exact
 from ..gguf_io.writer import GGUFStreamWriter, OutTensor
@@ -29,6 +30,9 @@ CHUNK_ELEMENTS = 1 << 21  # rows per work item ≈ 2M weights: bounded temporari
 # serialize on the GIL between them (1.19x on 2 threads for Q4_K_M). Starting workers costs about
 # half a second, so models with less quantization work than this run in-process.
 PARALLEL_MIN_ELEMENTS = 32 << 20
+
+# One output's part of a chunk: (target type, or None to copy the input; its imatrix slice or None)
+Job = tuple[GGMLType | None, np.ndarray | None]
 
 
 @dataclass
@@ -90,8 +94,6 @@ def model_facts(src: GGUFFile) -> ModelFacts:
 
 
 def _type_options(opts: QuantizeOptions) -> TypeOptions:
-    from ..ggml_types import ggml_type
-
     return TypeOptions(
         output_tensor_type=ggml_type(opts.output_tensor_type) if opts.output_tensor_type else None,
         token_embedding_type=ggml_type(opts.token_embedding_type) if opts.token_embedding_type else None,
@@ -175,7 +177,7 @@ def quantize_many(
                 for ft, (_, out), (plan, _) in zip(ftypes, jobs, plans)
             ]
             per_tensor = [[plan[k] for plan, _ in plans] for k in range(len(plans[0][0]))]
-            for entries, first, last, parts in _in_order(_work_items(src, per_tensor, opts, pool), pool):
+            for entries, first, last, parts in _in_order(_work_items(src, per_tensor, opts, pool), 1 if pool is None else 4 * opts.threads):
                 if first:
                     for w in writers:
                         w.begin(entries[0].name)
@@ -189,7 +191,7 @@ def quantize_many(
     return [QuantizeResult(Path(out), ft, plan, nf) for ft, (_, out), (plan, nf) in zip(ftypes, jobs, plans)]
 
 
-def _pool(stack: ExitStack, threads: int, plans: list) -> Executor | None:
+def _pool(stack: ExitStack, threads: int, plans: list[tuple[list[PlanEntry], int]]) -> Executor | None:
     work = sum(int(np.prod(e.ne)) for plan, _ in plans for e in plan if e.dst != e.src)
     if threads <= 1 or work < PARALLEL_MIN_ELEMENTS:
         return None
@@ -197,13 +199,11 @@ def _pool(stack: ExitStack, threads: int, plans: list) -> Executor | None:
     return stack.enter_context(ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn")))
 
 
-def _quantize_chunk(
-    chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs: list[tuple[GGMLType, np.ndarray | None]]
-) -> list[np.ndarray]:
+def _quantize_chunk(chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs: list[Job]) -> list[np.ndarray]:
     """One chunk of stored rows -> one buffer per output: its blocks, or the chunk itself where
     the output keeps the input type (job type None)."""
     _check_finite(name, chunk, src)
-    x = None
+    x: np.ndarray | None = None
     out = []
     for t, w in jobs:
         if t is None:
@@ -216,7 +216,7 @@ def _quantize_chunk(
 
 
 def _quantize_from_file(
-    path: Path, offset: int, n_rows: int, row_bytes: int, name: str, src: GGMLType, ne0: int, jobs: list[tuple[GGMLType, np.ndarray | None]]
+    path: Path, offset: int, n_rows: int, row_bytes: int, name: str, src: GGMLType, ne0: int, jobs: list[Job]
 ) -> list[np.ndarray]:
     """_quantize_chunk in a worker process, which reads its rows itself: the parent then moves only
     the (smaller) blocks, not the input, between processes."""
@@ -228,15 +228,23 @@ def _quantize_from_file(
     return _quantize_chunk(chunk, name, src, ne0, jobs)
 
 
-def _work_items(src: GGUFFile, per_tensor: list[list[PlanEntry]], opts: QuantizeOptions, pool: Executor | None) -> Iterator[tuple]:
-    """(entries, first, last, work) for every row chunk of every tensor, in file order; `work` is
-    the list of buffers (one per output) or a Future of it."""
+class _WorkItem(NamedTuple):
+    """One row chunk of one tensor: the buffers of every output (a list, or a Future of it)."""
+
+    entries: list[PlanEntry]  # the tensor's plan entry for each output
+    first: bool  # the tensor's first chunk
+    last: bool  # the tensor's last chunk
+    work: list[np.ndarray] | Future[list[np.ndarray]]
+
+
+def _work_items(src: GGUFFile, per_tensor: list[list[PlanEntry]], opts: QuantizeOptions, pool: Executor | None) -> Iterator[_WorkItem]:
+    """A work item for every row chunk of every tensor, in file order."""
     for entries in per_tensor:
         info = src.tensor(entries[0].name)
         if all(e.dst == e.src for e in entries):
             raw = src.read_raw(info)
             _check_finite(info.name, raw, info.type)
-            yield entries, True, True, [raw] * len(entries)
+            yield _WorkItem(entries, True, True, [raw] * len(entries))
             continue
         ne0 = info.ne[0]
         row_bytes = info.type.row_bytes(ne0)
@@ -245,33 +253,33 @@ def _work_items(src: GGUFFile, per_tensor: list[list[PlanEntry]], opts: Quantize
         if pool is None:
             rows = src.read_raw(info).reshape(info.n_rows, row_bytes)
         else:  # several chunks per worker, so one tensor can keep all workers busy
-            step = max(1, min(step, -(-info.n_rows // (2 * pool._max_workers))))
+            step = max(1, min(step, -(-info.n_rows // (2 * opts.threads))))
         imats = [_imatrix_for(e, opts) for e in entries]
         start = 0
         while start < info.n_rows:
             stop = min(start + step, (start // per_expert + 1) * per_expert)
             expert = start // per_expert
-            jobs = [
+            jobs: list[Job] = [
                 (None if e.dst == e.src else e.dst, None if w is None else w[expert * ne0 : (expert + 1) * ne0])
                 for e, w in zip(entries, imats)
             ]
+            work: list[np.ndarray] | Future[list[np.ndarray]]
             if pool is None:
                 work = _quantize_chunk(rows[start:stop], info.name, info.type, ne0, jobs)
             else:
                 work = pool.submit(
                     _quantize_from_file, src.path, info.offset + start * row_bytes, stop - start, row_bytes, info.name, info.type, ne0, jobs
                 )
-            yield entries, start == 0, stop == info.n_rows, work
+            yield _WorkItem(entries, start == 0, stop == info.n_rows, work)
             start = stop
 
 
-def _in_order(items: Iterator[tuple], pool: Executor | None) -> Iterator[tuple[list[PlanEntry], bool, bool, list[np.ndarray]]]:
-    """Resolve work items in order, keeping a bounded window in flight across tensor boundaries:
-    enough to keep every worker busy while the parent writes, few enough to bound memory."""
-    width = 1 if pool is None else 4 * pool._max_workers
-    pending: list[tuple] = []
+def _in_order(items: Iterator[_WorkItem], width: int) -> Iterator[tuple[list[PlanEntry], bool, bool, list[np.ndarray]]]:
+    """Resolve work items in order, keeping `width` in flight across tensor boundaries: enough to
+    keep every worker busy while the parent writes, few enough to bound memory."""
+    pending: list[_WorkItem] = []
 
-    def done(item: tuple) -> tuple:
+    def done(item: _WorkItem) -> tuple[list[PlanEntry], bool, bool, list[np.ndarray]]:
         entries, first, last, work = item
         return entries, first, last, work if isinstance(work, list) else work.result()
 

@@ -1,4 +1,4 @@
-"""llama-quantize's per-tensor type selection (llama_tensor_get_type), reference §4.3–4.6.
+"""llama-quantize's per-tensor type selection (llama_tensor_get_type), docs/llama-cpp.md §4.3–4.6.
 
 The rules are order-dependent: counters for attn_v and ffn_* advance in llama.cpp's tensor
 iteration order (layer number, then name), so `TypePlanner.choose` must be called in that order
@@ -38,7 +38,10 @@ _NEVER_SUBSTR = (
     "mm.a.code_embd",
 )
 _NEVER_EXACT = ("position_embd.weight", "token_types.weight")
-_RWKV = tuple(f"time_mix_{s}.weight" for s in ["first", "w0", "w1", "w2", "v0", "v1", "v2", "a0", "a1", "a2", "g1", "g2", "decay_w1", "decay_w2", "lerp_fused"])
+_RWKV = tuple(
+    f"time_mix_{s}.weight"
+    for s in ("first", "w0", "w1", "w2", "v0", "v1", "v2", "a0", "a1", "a2", "g1", "g2", "decay_w1", "decay_w2", "lerp_fused")
+)
 # Target types that need an importance matrix (tensor_requires_imatrix).
 _NEEDS_IMATRIX = {"iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m", "iq1_s"}
 # Shape fallback (tensor_type_fallback) when ne[0] is not a multiple of the block size.
@@ -157,9 +160,9 @@ class TypePlanner:
         if not allows_quantization(name, n_dims, o.leave_output_tensor):
             return Choice(current, "not quantized (llama-quantize keeps it)", False)
         cat = category(name)
-        if o.token_embedding_type is not None and cat == "token_embd":
-            if not (name == "per_layer_token_embd.weight" and any(r.search(name) for r, _, _ in self._overrides)):
-                return Choice(o.token_embedding_type, "--token-embedding-type", True)
+        overridden = name == "per_layer_token_embd.weight" and any(r.search(name) for r, _, _ in self._overrides)
+        if o.token_embedding_type is not None and cat == "token_embd" and not overridden:
+            return Choice(o.token_embedding_type, "--token-embedding-type", True)
         if o.output_tensor_type is not None and cat == "output":
             return Choice(o.output_tensor_type, "--output-tensor-type", True)
         t = self.default
@@ -254,9 +257,9 @@ class TypePlanner:
                     if f in ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S", "IQ3_M", "IQ4_XS"):
                         return T("q5_K"), "attn_output rule (8 experts)"
                 else:
-                    new = {"Q2_K": "q3_K", "IQ3_XXS": "iq3_s", "Q3_K_M": "q4_K", "Q3_K_L": "q5_K", "IQ3_M": "q4_K"}.get(f)
-                    if new:
-                        return T(new), "attn_output rule"
+                    to = {"Q2_K": "q3_K", "IQ3_XXS": "iq3_s", "Q3_K_M": "q4_K", "Q3_K_L": "q5_K", "IQ3_M": "q4_K"}.get(f)
+                    if to:
+                        return T(to), "attn_output rule"
             elif f == "Q3_K_L":
                 return T("q4_K"), "attn_output rule (falcon)"
             return t, ""
@@ -291,7 +294,7 @@ class TypePlanner:
         return Choice(new, f"{reason}; {t.name} -> {new.name} (row length {ne[0]} not a multiple of {t.block})", True)
 
 
-def _pattern(p: str) -> re.Pattern:
+def _pattern(p: str) -> re.Pattern[str]:
     """A --tensor-type pattern as llama-quantize uses it: lowercased, searched in the name."""
     try:
         return re.compile(p.lower())

@@ -1,0 +1,129 @@
+"""report.json, report.md and report.html, each written atomically.
+
+The HTML comes from templates/report.html.j2 with autoescaping: variant names and paths are the
+user's, and the page must stay inert (no script, nothing fetched)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import jinja2
+from markupsafe import Markup, escape
+
+from ..atomic import atomic_output
+from .gates import GATED_KINDS, GateFailure, GateLimits, check_gates
+from .plot import COLORS, KIND_LABEL, svg_plot, text_plot
+from .report import report_json
+from .schema import Report, VariantRow
+
+COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    # header, key, formatter
+    ("variant", "name", str),
+    ("kind", "kind", lambda k: {"runtime_lora": "runtime LoRA"}.get(str(k), str(k))),
+    ("type", "type", str),
+    ("size MiB", "size_bytes", lambda b: f"{b / 2**20:,.1f}"),
+    ("bpw", "bpw", lambda x: f"{x:.2f}"),
+    ("PPL", "ppl", lambda x: f"{x:.4f}"),
+    ("PPL ratio", "ppl_ratio", lambda x: f"{x:.4f}"),
+    ("KLD mean", "kld_mean", lambda x: f"{x:.6f}"),
+    ("KLD p99", "kld_p99", lambda x: f"{x:.6f}"),
+    ("KLD max", "kld_max", lambda x: f"{x:.6f}"),
+    ("same top %", "same_top", lambda x: f"{100 * x:.2f}"),
+    ("Δp RMS %", "dp_rms", lambda x: f"{100 * x:.3f}"),
+    ("effect kept %", "effect_retention", lambda x: f"{100 * x:.1f}"),
+)
+
+
+def _rows(report: Report, failures: list[GateFailure]) -> list[tuple[VariantRow, list[str], str]]:
+    """Each variant with its formatted cells and its gate status ("ok", "FAIL", or "–" when not gated)."""
+    failed = {f.variant for f in failures}
+    rows = []
+    for v in report["variants"]:
+        cells = ["–" if v.get(key) is None else fmt(v.get(key)) for _, key, fmt in COLUMNS]  # type: ignore[arg-type]
+        status = "–" if v["kind"] not in GATED_KINDS else "FAIL" if v["name"] in failed else "ok"
+        rows.append((v, cells, status))
+    return rows
+
+
+def _summary_lines(report: Report) -> list[str]:
+    t, r, a = report["text"], report["reference"], report["adapter_effect"]
+    scored = t["chunks"] * (t["ctx"] - 1 - t["ctx"] // 2)
+    ppl = "–" if r["ppl"] is None else f"{r['ppl']:.4f}"
+    akld = "–" if a["kld_mean"] is None else f"{a['kld_mean']:.6f}"
+    return [
+        (
+            f"Evaluation text `{t['path']}`: {t['tokens']} tokens, {t['chunks']} chunks of {t['ctx']} "
+            f"({scored} scored positions: the second half of each chunk, as llama-perplexity)."
+        ),
+        f"Reference **{r['name']}**: PPL {ppl}.",
+        (f"Adapter effect, KLD(reference ‖ base without adapter): {akld}. *effect kept* = 1 − KLD(reference ‖ variant) / adapter effect."),
+    ]
+
+
+def render_markdown(report: Report, gates: GateLimits) -> str:
+    failures = check_gates(report, gates)
+    out = ["# loraq report", ""]
+    out += [f"{line}  " for line in _summary_lines(report)]
+    out += ["", f"Quality gates: **failed** ({len(failures)})." if failures else "Quality gates: **passed**.", ""]
+    heads = [h for h, _, _ in COLUMNS] + ["gates"]
+    out.append("| " + " | ".join(heads) + " |")
+    out.append("|" + "|".join("---" if i < 3 else "---:" for i in range(len(heads) - 1)) + "|:---:|")
+    for _, cells, status in _rows(report, failures):
+        cells = [c.replace("|", "\\|") for c in cells]
+        out.append(f"| `{cells[0]}` | " + " | ".join(cells[1:] + [status]) + " |")
+    if failures:
+        out += ["", "Gate failures:", ""] + [f"- {f}" for f in failures]
+    if plot := text_plot(report):
+        out += ["", "## KLD against file size", "", "```text", *plot, "```"]
+    out += ["", f"loraq {report['loraq_version']}. KLD, same top and Δp as llama-perplexity --kl-divergence.", ""]
+    return "\n".join(out)
+
+
+def _md_inline(s: str) -> Markup:
+    """The summary lines' tiny Markdown (`code`, **bold**, *em*) as HTML, the text escaped first."""
+    s = str(escape(s))
+    s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+    s = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
+    return Markup(re.sub(r"\*([^*]+)\*", r"<i>\1</i>", s))
+
+
+_env = jinja2.Environment(
+    loader=jinja2.PackageLoader("loraq.compare", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+_env.filters.update(md_inline=_md_inline, f1=lambda x: f"{x:.1f}")
+
+
+def render_html(report: Report, gates: GateLimits) -> str:
+    failures = check_gates(report, gates)
+    return _env.get_template("report.html.j2").render(
+        report=report,
+        summary=_summary_lines(report),
+        failures=failures,
+        heads=[h for h, _, _ in COLUMNS],
+        rows=_rows(report, failures),
+        plot=svg_plot(report, gates),
+        colors=COLORS,
+        kind_label=KIND_LABEL,
+    )
+
+
+def write_reports(report: Report, workdir: Path | str, gates: GateLimits) -> dict[str, Path]:
+    """Write report.json, report.md and report.html into workdir, each atomically.
+
+    `gates` must be those the report was built with: the Markdown and HTML mark the variants that
+    fail them, and the plot draws the max_kld_mean limit."""
+    docs = {"json": report_json(report), "md": render_markdown(report, gates), "html": render_html(report, gates)}
+    paths = {}
+    for key, text in docs.items():
+        final = Path(workdir) / f"report.{key}"
+        with atomic_output(final) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        paths[key] = final
+    return paths

@@ -1,0 +1,58 @@
+"""report.json's document (docs/design.md, Report): exactly its keys, in its order.
+
+Typed JSON rather than objects, so report.json round-trips byte for byte and `loraq run` can
+re-apply changed gates to an old report without rescoring."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+KINDS = ("merged", "runtime_lora", "base")
+
+
+# Numbers are None where JSON has null: NaN/Inf, or a quantity that is undefined.
+class VariantRow(TypedDict):
+    name: str
+    kind: str
+    type: str
+    path: str
+    size_bytes: int
+    bpw: float | None
+    ppl: float | None
+    ppl_ratio: float | None
+    kld_mean: float | None
+    kld_p99: float | None
+    kld_max: float | None
+    same_top: float | None
+    dp_rms: float | None
+    effect_retention: float | None
+
+
+class TextInfo(TypedDict):
+    path: str
+    tokens: int
+    ctx: int
+    chunks: int
+
+
+class ReferenceInfo(TypedDict):
+    name: str
+    ppl: float | None
+
+
+class AdapterEffect(TypedDict):
+    kld_mean: float | None
+
+
+class GateSummary(TypedDict):
+    passed: bool
+    failures: list[str]
+
+
+class Report(TypedDict):
+    loraq_version: str
+    text: TextInfo
+    reference: ReferenceInfo
+    adapter_effect: AdapterEffect
+    variants: list[VariantRow]
+    gates: GateSummary
