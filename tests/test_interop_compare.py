@@ -21,6 +21,21 @@ llama_cpp = pytest.importorskip("llama_cpp")
 GPL = Path("/usr/share/common-licenses/GPL-3")
 
 
+@pytest.fixture(autouse=True)
+def _no_repack(monkeypatch):
+    """llama.cpp's plain CPU path, the one loraq's engine follows: without this, Q4_0 weights are
+    repacked into interleaved layouts (CPU_REPACK, per the machine's SIMD) whose dot products sum in
+    another order, which moved KLD by 0.0025 on an AVX2 machine (llama-cli's --no-repack)."""
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def no_repack():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", no_repack)
+
+
 def _llama_kld(ref: ReferenceFile, model: Path, lora: Path | None = None):
     kw = {"lora_path": str(lora), "lora_scale": 1.0} if lora else {}
     llm = llama_cpp.Llama(
