@@ -11,6 +11,7 @@ at a time; the file appears under its final name only once every tensor has been
 from __future__ import annotations
 
 import contextlib
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -88,8 +89,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = int(np.prod(self.ne[1:], dtype=np.int64)) if len(self.ne) > 1 else 1
-        return n * self.type.row_bytes(self.ne[0])
+        return math.prod(self.ne[1:]) * self.type.row_bytes(self.ne[0])
 
     def dims(self) -> int:
         if self.n_dims is not None:
