@@ -5,16 +5,23 @@ tensors already processed do not stay resident: peak RSS follows the largest ten
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
+from gguf import GGUFValueType as V
 
 from ..atomic import check_readable, io_error
 from ..errors import BadInput
 from .header import KV, TensorInfo, parse_header
+
+_INTS = frozenset(int(t) for t in (V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64))
+_FLOATS = frozenset((int(V.FLOAT32), int(V.FLOAT64)))
+INT32_MAX = (1 << 31) - 1
+_ARRAY_ELEMS: dict[str, type] = {"str": str, "int": int, "float": float}
 
 
 class GGUFFile:
@@ -33,19 +40,75 @@ class GGUFFile:
 
     @cached_property
     def arch(self) -> str:
-        return str(self.get("general.architecture", ""))
+        return self.get_str("general.architecture") or ""
+
+    def _bad_type(self, kv: KV, want: str) -> BadInput:
+        got = V(kv.vtype).name if kv.vtype in set(V) else str(kv.vtype)
+        if kv.vtype == V.ARRAY:
+            got = f"an ARRAY of {len(kv.value)}"
+        return BadInput(f"{self.path}: metadata {kv.key} must be {want}, not {got}; the file is corrupt or not for llama.cpp")
+
+    def get_str(self, key: str, default: str | None = None) -> str | None:
+        """A STRING value (llama.cpp's typed getters assert the type; so does loraq)."""
+        kv = self.kvs.get(key)
+        if kv is None:
+            return default
+        if kv.vtype != V.STRING:
+            raise self._bad_type(kv, "a STRING")
+        return str(kv.value)
+
+    def get_bool(self, key: str, default: bool | None = None) -> bool | None:
+        kv = self.kvs.get(key)
+        if kv is None:
+            return default
+        if kv.vtype != V.BOOL:
+            raise self._bad_type(kv, "a BOOL")
+        return bool(kv.value)
+
+    def get_float(self, key: str, default: float | None = None, f32_only: bool = False) -> float | None:
+        """A finite FLOAT32 (or, unless f32_only, FLOAT64) value."""
+        kv = self.kvs.get(key)
+        if kv is None:
+            return default
+        if kv.vtype not in _FLOATS or (f32_only and kv.vtype != V.FLOAT32):
+            raise self._bad_type(kv, "a FLOAT32")
+        v = float(kv.value)
+        if not math.isfinite(v):
+            raise BadInput(f"{self.path}: metadata {key} is {v}; it must be a finite number")
+        return v
+
+    def get_int(self, key: str, default: int | None = None, lo: int = 0, hi: int = INT32_MAX) -> int | None:
+        """An integer value in [lo, hi]; for a per-layer array (e.g. head_count_kv), its first
+        element, as llama.cpp uses for layer 0."""
+        kv = self.kvs.get(key)
+        if kv is None:
+            return default
+        v = kv.value
+        if kv.vtype == V.ARRAY and v and isinstance(v[0], int) and not isinstance(v[0], bool):
+            v = v[0]
+        elif kv.vtype not in _INTS:
+            raise self._bad_type(kv, "an integer")
+        if not lo <= v <= hi:
+            raise BadInput(f"{self.path}: metadata {key} is {v}, outside [{lo}, {hi}]; the file is corrupt")
+        return int(v)
+
+    def get_array(self, key: str, kind: str) -> list | None:
+        """An ARRAY whose elements are `kind`: "str", "int" or "float"."""
+        kv = self.kvs.get(key)
+        if kv is None:
+            return None
+        v = kv.value
+        elem = _ARRAY_ELEMS[kind]
+        if kv.vtype != V.ARRAY or (v and not isinstance(v[0], elem)) or (v and isinstance(v[0], bool)):
+            raise self._bad_type(kv, f"an ARRAY of {kind}")
+        return list(v)
 
     @overload
     def arch_int(self, suffix: str, default: None = None) -> int | None: ...
     @overload
     def arch_int(self, suffix: str, default: int) -> int: ...
     def arch_int(self, suffix: str, default: int | None = None) -> int | None:
-        v = self.get(f"{self.arch}.{suffix}")
-        if v is None:
-            return default
-        if isinstance(v, list):  # per-layer arrays (e.g. head_count_kv): llama.cpp uses layer 0 here
-            v = v[0]
-        return int(v)
+        return self.get_int(f"{self.arch}.{suffix}", default)
 
     def tensor(self, name: str) -> TensorInfo:
         return self._by_name[name]

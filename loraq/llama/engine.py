@@ -200,6 +200,8 @@ def _hparams(g: GGUFFile) -> HParams:
         v = g.arch_int(key)
         if v is None:
             raise BadInput(f"{g.path}: missing metadata {arch}.{key}")
+        if v < 1:
+            raise BadInput(f"{g.path}: metadata {arch}.{key} is {v}; it must be at least 1")
         return v
 
     n_layer, n_embd, n_head = need("block_count"), need("embedding_length"), need("attention.head_count")
@@ -213,12 +215,12 @@ def _hparams(g: GGUFFile) -> HParams:
     n_rot = g.arch_int("rope.dimension_count", hk)
     if hk != hv or n_rot != hk:
         raise BadInput(f"{g.path}: head sizes k={hk}, v={hv}, rope={n_rot} must be equal for {arch}")
-    scaling = str(g.get(f"{arch}.rope.scaling.type", "linear"))
-    factor = float(g.get(f"{arch}.rope.scaling.factor", g.get(f"{arch}.rope.scale_linear", 0.0)) or 0.0)
+    scaling = g.get_str(f"{arch}.rope.scaling.type", "linear")
+    factor = g.get_float(f"{arch}.rope.scaling.factor", g.get_float(f"{arch}.rope.scale_linear", 0.0)) or 0.0
     if scaling not in ("linear", "none"):
         raise BadInput(f"{g.path}: rope scaling '{scaling}' is not supported by loraq's engine (only linear)")
     freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
-    eps = g.get(f"{arch}.attention.layer_norm_rms_epsilon")
+    eps = g.get_float(f"{arch}.attention.layer_norm_rms_epsilon")
     if eps is None:
         raise BadInput(f"{g.path}: missing metadata {arch}.attention.layer_norm_rms_epsilon")
     return HParams(
@@ -231,8 +233,8 @@ def _hparams(g: GGUFFile) -> HParams:
         head_dim_k=hk,
         head_dim_v=hv,
         n_rot=n_rot,
-        eps=float(eps),
-        freq_base=float(g.get(f"{arch}.rope.freq_base", 10000.0)),
+        eps=eps,
+        freq_base=g.get_float(f"{arch}.rope.freq_base", 10000.0) or 10000.0,
         freq_scale=freq_scale,
         neox=arch in _NEOX,
     )

@@ -540,26 +540,26 @@ class Tokenizer:
     def from_gguf(cls, src: GGUFFile | Path | str) -> Tokenizer:
         """From a GGUF path or an open `loraq.gguf_io.reader.GGUFFile`."""
         g = src if isinstance(src, GGUFFile) else open_gguf(Path(src))
-        model = g.get("tokenizer.ggml.model")
+        model = g.get_str("tokenizer.ggml.model")
         if model is None:
             raise BadInput(f"{g.path}: no tokenizer.ggml.model in the metadata; use a GGUF that carries its vocabulary")
-        tokens = g.get("tokenizer.ggml.tokens")
+        tokens = g.get_array("tokenizer.ggml.tokens", "str")
         if not tokens:
             raise BadInput(f"{g.path}: no tokenizer.ggml.tokens in the metadata; use a GGUF that carries its vocabulary")
         fim_named = [k for keys, _ in _FIM_TEXTS for k in keys if g.get(k) is not None]
         return cls(
-            model=str(model),
-            pre=str(g.get("tokenizer.ggml.pre", "") or ""),
+            model=model,
+            pre=g.get_str("tokenizer.ggml.pre", "") or "",
             tokens=tokens,
-            token_types=g.get("tokenizer.ggml.token_type"),
-            scores=g.get("tokenizer.ggml.scores"),
-            merges=g.get("tokenizer.ggml.merges"),
-            bos_id=g.get("tokenizer.ggml.bos_token_id"),
-            eos_id=g.get("tokenizer.ggml.eos_token_id"),
-            add_bos=g.get("tokenizer.ggml.add_bos_token"),
-            add_eos=g.get("tokenizer.ggml.add_eos_token"),
-            add_space_prefix=g.get("tokenizer.ggml.add_space_prefix"),
-            model_name=str(g.get("general.name", "") or ""),
+            token_types=g.get_array("tokenizer.ggml.token_type", "int"),
+            scores=g.get_array("tokenizer.ggml.scores", "float"),
+            merges=g.get_array("tokenizer.ggml.merges", "str"),
+            bos_id=g.get_int("tokenizer.ggml.bos_token_id"),
+            eos_id=g.get_int("tokenizer.ggml.eos_token_id"),
+            add_bos=g.get_bool("tokenizer.ggml.add_bos_token"),
+            add_eos=g.get_bool("tokenizer.ggml.add_eos_token"),
+            add_space_prefix=g.get_bool("tokenizer.ggml.add_space_prefix"),
+            model_name=g.get_str("general.name", "") or "",
             fim_named=fim_named,
             source=str(g.path),
         )

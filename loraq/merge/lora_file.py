@@ -63,13 +63,13 @@ def load_adapter(path: Path | str, base: GGUFFile) -> LoraAdapter:
 
 def _read_gguf_adapter(path: Path, base: GGUFFile, shown: Path) -> LoraAdapter:
     with open_gguf(path) as f:
-        if f.get("general.type") != "adapter" or f.get("adapter.type") != "lora":
-            raise BadInput(
-                f"{shown} is not a GGUF LoRA adapter (general.type={f.get('general.type')!r}); convert a PEFT folder with 'loraq convert'"
-            )
+        # typed as llama.cpp's getters assert them (docs/llama-cpp.md §9): a wrong type is a BadInput
+        gtype = f.get_str("general.type")
+        if gtype != "adapter" or f.get_str("adapter.type") != "lora":
+            raise BadInput(f"{shown} is not a GGUF LoRA adapter (general.type={gtype!r}); convert a PEFT folder with 'loraq convert'")
         if f.arch != base.arch:
             raise BadInput(f"{shown} is a LoRA for architecture '{f.arch}', but the base is '{base.arch}'")
-        alpha = float(f.get("adapter.lora.alpha", 0.0))
+        alpha = f.get_float("adapter.lora.alpha", 0.0, f32_only=True) or 0.0
         halves: dict[str, dict[str, np.ndarray]] = {}
         for t in f.tensors:
             if t.name.endswith("_norm.weight"):
