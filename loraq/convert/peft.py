@@ -11,17 +11,20 @@ names the tensor and the way out; it is never silently dropped (docs/llama-cpp.m
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import re
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
+import regex
 
 from ..atomic import io_error
 from ..errors import BadArguments, BadInput
@@ -75,14 +78,35 @@ class PeftAdapter:
         return self._file.read(key)
 
 
-def pattern_key(patterns: Iterable[str], name: str) -> str | None:
-    """The first key of `patterns` that PEFT's get_pattern_key matches against module `name`."""
+# Limits on untrusted adapter files (docs/design.md, Untrusted input); real ones are far below.
+MAX_CONFIG_BYTES = 4 << 20  # adapter_config.json is a few KiB
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header (the safetensors library's own limit)
+MAX_ALPHA = 1e6  # |lora_alpha| and alpha_pattern values; PEFT's are 1..a few hundred
+MAX_RANK = 1 << 16
+PATTERN_BUDGET_S = 1.0  # total time all alpha_pattern matching of one adapter may take
+
+
+def pattern_key(patterns: Iterable[str], name: str, deadline: float | None = None) -> str | None:
+    """The first key of `patterns` that PEFT's get_pattern_key matches against module `name`.
+
+    PEFT uses Python's `re`; the keys come from an untrusted file, so they are matched with the
+    `regex` package (the same syntax) under a time limit: a catastrophically backtracking
+    pattern becomes a BadInput instead of a hang. `deadline` is a time.monotonic() value shared by
+    all the matches of one adapter."""
+    if deadline is None:
+        deadline = time.monotonic() + PATTERN_BUDGET_S
     for key in patterns:
         try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return key
-        except re.error as exc:
-            raise BadInput(f"{CONFIG_NAME}: pattern `{key}` is not a valid regular expression ({exc})") from exc
+            hit = regex.match(rf"(.*\.)?({key})$", name, timeout=max(deadline - time.monotonic(), 1e-3))
+        except TimeoutError:
+            raise BadInput(
+                f"{CONFIG_NAME}: alpha_pattern key `{key[:80]}` takes too long to match module `{name}` "
+                "(catastrophic backtracking); simplify the pattern"
+            ) from None
+        except (regex.error, re.error, ValueError, TypeError, RecursionError, MemoryError) as exc:
+            raise BadInput(f"{CONFIG_NAME}: alpha_pattern key `{key[:80]}` is not a valid regular expression ({_short(exc)})") from None
+        if hit:
+            return key
     return None
 
 
@@ -112,20 +136,24 @@ def load_peft_adapter(path: Path | str) -> PeftAdapter:
         raise BadArguments(f"{weights} not found; is {d} a PEFT adapter folder (saved with save_pretrained)?")
 
     config = _read_config(cfg_path)
-    peft_type = config.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise BadInput(f"{cfg_path}: peft_type is {peft_type}; loraq converts LoRA adapters only")
-    if config.get("use_dora"):
+    peft_type = _typed(config, "peft_type", str, cfg_path, "LORA")
+    if peft_type.upper() != "LORA":
+        raise BadInput(f"{cfg_path}: peft_type is {peft_type[:40]}; loraq converts LoRA adapters only")
+    if _typed(config, "use_dora", bool, cfg_path, False):
         raise BadInput(f"{cfg_path}: use_dora is true; llama.cpp cannot run DoRA adapters: {MERGE_HINT}")
     if "lora_alpha" not in config:
         raise BadInput(f"{cfg_path} has no lora_alpha; PEFT's scale alpha/r is undefined without it")
     lora_alpha = _number(config["lora_alpha"], "lora_alpha", cfg_path)
-    use_rslora = bool(config.get("use_rslora") or False)
-    alpha_pattern = config.get("alpha_pattern") or {}
-    if not isinstance(alpha_pattern, dict):
-        raise BadInput(f"{cfg_path}: alpha_pattern must be an object mapping module patterns to alphas")
+    use_rslora = _typed(config, "use_rslora", bool, cfg_path, False)
+    r = config.get("r")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_RANK):
+        raise BadInput(f"{cfg_path}: r must be an integer in [1, {MAX_RANK}], got {_show(r)}")
+    alpha_pattern = _typed(config, "alpha_pattern", dict, cfg_path, {})
     for k, v in alpha_pattern.items():
-        _number(v, f"alpha_pattern[{k!r}]", cfg_path)
+        _number(v, f"alpha_pattern[{k[:80]!r}]", cfg_path)
+    for k, v in _typed(config, "rank_pattern", dict, cfg_path, {}).items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_RANK:
+            raise BadInput(f"{cfg_path}: rank_pattern[{k[:80]!r}] must be an integer in [1, {MAX_RANK}], got {_show(v)}")
 
     st = _Safetensors(weights)
     keys = sorted(st.header)
@@ -153,6 +181,7 @@ def load_peft_adapter(path: Path | str) -> PeftAdapter:
         _raise_refused(refused, config)
 
     modules: list[LoraModule] = []
+    deadline = time.monotonic() + PATTERN_BUDGET_S
     for name in order:
         if name not in b_keys:
             ka = a_keys[name][0]
@@ -164,12 +193,12 @@ def load_peft_adapter(path: Path | str) -> PeftAdapter:
         if emb_a != emb_b:
             raise BadInput(f"`{ka}` and `{kb}` mix Linear and Embedding LoRA for one module; re-save the adapter with PEFT")
         sa, sb = st.shape(ka), st.shape(kb)
-        if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1] or sa[0] < 1:
+        if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1] or not 1 <= sa[0] <= MAX_RANK:
             raise BadInput(
                 f"`{ka}` {list(sa)} and `{kb}` {list(sb)} are not a LoRA pair (A must be (r, in), B (out, r)); "
                 "re-save the adapter with PEFT"
             )
-        pkey = pattern_key(alpha_pattern, name)
+        pkey = pattern_key(alpha_pattern, name, deadline)
         alpha = float(alpha_pattern[pkey]) if pkey is not None else lora_alpha
         modules.append(LoraModule(name, ka, kb, emb_a, (sa[0], sa[1]), (sb[0], sb[1]), alpha, peft_scale(alpha, sa[0], use_rslora)))
     if not modules:
@@ -179,21 +208,54 @@ def load_peft_adapter(path: Path | str) -> PeftAdapter:
 
 def _read_config(p: Path) -> dict[str, Any]:
     try:
-        text = p.read_text(encoding="utf-8")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise BadInput(f"{p} is larger than {MAX_CONFIG_BYTES >> 20} MiB; an adapter_config.json is a few KiB, is this the right file?")
+        raw = p.read_bytes()
     except OSError as exc:
         raise io_error(exc, p, "read") from exc
-    try:
-        cfg = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{p} is not valid JSON ({exc}); re-save the adapter with PEFT") from exc
+    cfg = _json(raw, p, "re-save the adapter with PEFT")
     if not isinstance(cfg, dict):
         raise BadInput(f"{p} must hold a JSON object")
     return cfg
 
 
+def _json(raw: bytes, p: Path, fix: str, pairs_hook: Any = None) -> Any:
+    """Parse untrusted JSON: non-UTF-8, bad syntax, NaN/Infinity literals, huge integers and deep
+    nesting are all a one-line BadInput."""
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        text = raw.decode("utf-8")
+        return json.loads(text, parse_constant=no_constant, object_pairs_hook=pairs_hook)
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{p} is not UTF-8 ({exc.reason} at byte {exc.start}); {fix}") from None
+    except RecursionError:
+        raise BadInput(f"{p} nests JSON too deeply; {fix}") from None
+    except ValueError as exc:  # JSONDecodeError, duplicate keys, integers too long to convert
+        raise BadInput(f"{p} is not valid JSON ({_short(exc)}); {fix}") from None
+
+
+def _show(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:60] + "…"
+
+
+def _typed(config: dict[str, Any], key: str, typ: type, p: Path, default: Any) -> Any:
+    """config[key] if it has type `typ`; a missing key or null gives `default`."""
+    v = config.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, typ):
+        raise BadInput(f"{p}: {key} must be {'true or false' if typ is bool else 'a JSON ' + typ.__name__}, got {_show(v)}")
+    return v
+
+
 def _number(v: Any, what: str, p: Path) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise BadInput(f"{p}: {what} must be a finite number, got {v!r}")
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v)) and abs(v) <= MAX_ALPHA
+    if not ok:
+        raise BadInput(f"{p}: {what} must be a finite number within ±{MAX_ALPHA:g}, got {_show(v)}")
     return float(v)
 
 
@@ -246,47 +308,79 @@ class _Entry(NamedTuple):  # one tensor of a safetensors header
     hi: int
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        dup = next(k for i, (k, _) in enumerate(pairs) if any(k == k2 for k2, _ in pairs[:i]))
+        raise ValueError(f"key {dup[:80]!r} appears twice")
+    return d
+
+
+def _entry(path: Path, key: str, info: Any, data_size: int) -> _Entry:
+    """One header entry, checked: known dtype, non-negative integer shape whose byte size is
+    exactly its data_offsets span, and the span inside the data section."""
+
+    def bad(why: str) -> NoReturn:
+        raise BadInput(f"{path}: tensor `{key[:120]}` {why}; the file is corrupt, re-save or re-download it")
+
+    if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or not isinstance(info.get("data_offsets"), list):
+        bad("has a malformed header entry")
+    dtype, shape, offsets = info.get("dtype"), info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str):
+        bad("has a malformed header entry")
+    if dtype not in _DTYPES:
+        raise BadInput(f"{path}: tensor `{key[:120]}` has dtype {dtype[:20]}; loraq reads F32, F16, BF16 and F64 adapters")
+    ints = [*shape, *offsets]
+    if len(offsets) != 2 or len(shape) > 8 or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in ints):
+        bad("has a malformed shape or data_offsets")
+    lo, hi = offsets
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+    if hi < lo or hi - lo != nbytes:
+        bad(f"has shape {_show(shape)} ({nbytes} bytes) but data_offsets {_show(offsets)}")
+    if hi > data_size:
+        bad(f"has data_offsets {_show(offsets)} past the end of the data section ({data_size} bytes)")
+    return _Entry(dtype, tuple(shape), lo, hi)
+
+
 class _Safetensors:
     """A safetensors file: the header parsed here, tensors read one at a time."""
 
     def __init__(self, path: Path):
         self.path = path
+        fix = "re-save the adapter with PEFT"
         try:
             size = path.stat().st_size
             with open(path, "rb") as f:
                 head = f.read(8)
                 if len(head) != 8:
-                    raise ValueError("file shorter than its 8-byte header length")
+                    raise BadInput(f"{path} is not a readable safetensors file (shorter than its 8-byte header length); {fix}")
                 (n,) = struct.unpack("<Q", head)
-                if n > min(size - 8, 100 << 20):
-                    raise ValueError(f"header length {n} is past the end of the file")
-                header = json.loads(f.read(n).decode("utf-8"))
+                if n > size - 8 or n > MAX_HEADER_BYTES:
+                    raise BadInput(
+                        f"{path} is not a readable safetensors file (header length {n} is past the end of the file "
+                        f"or above {MAX_HEADER_BYTES >> 20} MiB); {fix}"
+                    )
+                raw = f.read(n)
         except OSError as exc:
             raise io_error(exc, path, "read") from exc
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadInput(f"{path} is not a readable safetensors file ({exc}); re-save the adapter with PEFT") from exc
+        header = _json(raw, path, fix, pairs_hook=_no_duplicates)
         if not isinstance(header, dict):
-            raise BadInput(f"{path} is not a readable safetensors file (header is not an object)")
+            raise BadInput(f"{path} is not a readable safetensors file (header is not an object); {fix}")
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.header: dict[str, _Entry] = {}
+        for key, info in header.items():
+            self.header[key] = _entry(path, key, info, size - self.data_start)
+        spans = sorted((e.lo, e.hi, k) for k, e in self.header.items() if e.hi > e.lo)
+        for (_, hi, k1), (lo, _, k2) in itertools.pairwise(spans):
+            if lo < hi:
+                raise BadInput(f"{path}: tensors `{k1}` and `{k2}` overlap in the data section; the file is corrupt, {fix}")
         try:  # safetensors' own validation of the header and offsets; it reads F32/F16/F64
             from safetensors import safe_open
 
             self._st = safe_open(str(path), framework="numpy")
         except Exception as exc:
-            raise BadInput(f"{path} is not a readable safetensors file ({_short(exc)}); re-save the adapter with PEFT") from exc
-        header.pop("__metadata__", None)
-        self.data_start = 8 + n
-        self.header: dict[str, _Entry] = {}
-        for key, info in header.items():
-            try:
-                (lo, hi), shape = info["data_offsets"], tuple(int(x) for x in info["shape"])
-                e = self.header[key] = _Entry(info["dtype"], shape, int(lo), int(hi))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise BadInput(f"{path}: tensor `{key}` has a malformed header entry; re-save the adapter") from exc
-            if e.dtype not in _DTYPES:
-                raise BadInput(f"{path}: tensor `{key}` has dtype {e.dtype}; loraq reads F32, F16, BF16 and F64 adapters")
-            count = int(np.prod(e.shape, dtype=np.int64))
-            if e.hi - e.lo != count * _DTYPES[e.dtype].itemsize or e.lo < 0 or self.data_start + e.hi > size:
-                raise BadInput(f"{path} is truncated or corrupt at tensor `{key}`; re-save or re-download it")
+            raise BadInput(f"{path} is not a readable safetensors file ({_short(exc)}); {fix}") from exc
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.header[key].shape
