@@ -6,6 +6,7 @@ failed, 4 bad input data, 5 I/O. Errors print one line; `-v` shows the traceback
 from __future__ import annotations
 
 import json
+import math
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from .gguf_io import open_gguf
 from .inspect import describe
 from .merge import AdapterSpec, merge_model
 from .pipeline.checkpoint import cpu_threads
-from .pipeline.config import Gates, load_config
+from .pipeline.config import MAX_CHUNKS, MAX_CTX, MAX_SCALE, MAX_THREADS, Gates, load_config
 from .pipeline.runner import Event, check_run_gates, run_pipeline, stage_status
 from .quantize.driver import QuantizeOptions, QuantizeResult, quantize_model
 
@@ -95,7 +96,23 @@ def _parse_scaled(values: list[str]) -> list[tuple[Path, float]]:
             sep = ""
         if not sep:
             raise BadArguments(f"--lora-scaled expects PATH:SCALE, got '{v}'")
+        _number("--lora-scaled scale", pairs[-1][1], -MAX_SCALE, MAX_SCALE)
     return pairs
+
+
+def _number(option: str, v: float, lo: float, hi: float) -> None:
+    """Numbers on the command line obey the config's bounds: finite and in range (click's FLOAT
+    accepts 'nan' and 'inf', which would disable a gate or poison a merge)."""
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise BadArguments(f"{option} must be a finite number in [{lo:g}, {hi:g}], got {v}")
+
+
+def _gates(max_kld_mean: float | None, min_same_top: float | None) -> Gates:
+    if max_kld_mean is not None:
+        _number("--max-kld-mean", max_kld_mean, 0, math.inf)
+    if min_same_top is not None:
+        _number("--min-same-top", min_same_top, 0, 1)
+    return Gates(max_kld_mean=max_kld_mean, min_same_top=min_same_top)
 
 
 @app.command()
@@ -136,6 +153,7 @@ def quantize(
     """Quantize a GGUF with llama-quantize's per-tensor type rules; byte-identical blocks."""
     if len(args) not in (2, 3):
         raise BadArguments("usage: loraq quantize IN [OUT] TYPE")
+    _number("--threads", threads, 0, MAX_THREADS)
     inp, fobj = Path(args[0]), file_type(args[-1])
     dest = Path(args[1]) if len(args) == 3 else inp.parent / f"ggml-model-{fobj.name}.gguf"
     # Both select which tensors use imatrix data, so they act only with --imatrix (as in llama-quantize).
@@ -187,6 +205,10 @@ def compare(
     adapters = [(p, 1.0) for p in lora] + _parse_scaled(lora_scaled)
     if not adapters:
         raise BadArguments("give the adapter with --lora or --lora-scaled")
+    gates = _gates(max_kld_mean, min_same_top)
+    _number("--ctx", ctx, 1, MAX_CTX)
+    _number("--chunks", chunks, 1, MAX_CHUNKS)
+    _number("--threads", threads, 0, MAX_THREADS)
     ref = workdir / "reference.kld"
     build_reference(base, adapters, text, ctx, chunks, ref, threads)
     cands = [Candidate("base", "base", "F16", base)]
@@ -204,7 +226,6 @@ def compare(
         )
         for p in runtime
     ]
-    gates = Gates(max_kld_mean=max_kld_mean, min_same_top=min_same_top)
     report = compare_models(ref, cands, text, workdir, gates, threads)
     _print_report(workdir)
     enforce_gates(report, gates)

@@ -14,17 +14,26 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
+from ..atomic import io_error
 from ..errors import BadArguments
 from ..ggml_types import FileType, GGMLType, file_type, ggml_type
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: `.nan` or `.inf` would disable a gate or poison a merge (Untrusted input)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Bounds on numbers: far beyond any real use, close enough to catch a typo or a hostile file.
+MAX_SCALE = 1000.0  # an adapter scale (llama.cpp's --lora-scaled); 1.0 is the trained strength
+MAX_THREADS = 4096
+MAX_CTX = 1 << 20
+MAX_CHUNKS = 1 << 20
 
 
 class AdapterConfig(_Strict):
     path: str
-    scale: float = 1.0
+    scale: float = Field(1.0, ge=-MAX_SCALE, le=MAX_SCALE)
 
 
 class ConvertConfig(_Strict):
@@ -42,7 +51,7 @@ class QuantizeConfig(_Strict):
     tensor_types: dict[str, str] = Field(default_factory=dict)
     pure: bool = False
     leave_output_tensor: bool = False
-    threads: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0, le=MAX_THREADS)
 
     @field_validator("types")
     @classmethod
@@ -66,15 +75,15 @@ class QuantizeConfig(_Strict):
 
 
 class Gates(_Strict):
-    max_kld_mean: float | None = None
+    max_kld_mean: float | None = Field(None, ge=0)
     min_same_top: float | None = Field(None, ge=0, le=1)
-    min_effect_retention: float | None = None
+    min_effect_retention: float | None = Field(None, ge=-1e6, le=1e6)
 
 
 class CompareConfig(_Strict):
     text: str
-    ctx: int = Field(256, gt=0)
-    chunks: int = Field(16, gt=0)
+    ctx: int = Field(256, gt=0, le=MAX_CTX)
+    chunks: int = Field(16, gt=0, le=MAX_CHUNKS)
     runtime_lora: bool = True
     gates: Gates = Field(default_factory=Gates)
 
@@ -151,25 +160,71 @@ def _format(err: ErrorDetails) -> str:
     return f"{where}: {msg}"
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB
+MAX_NODES = 100_000  # values in the loaded YAML, aliases counted each time they are used
+MAX_DEPTH = 32
+MAX_SHOWN = 10  # problems listed in the one-line message
+
+
+def _read_yaml(path: Path) -> object:
+    """The YAML document, refusing what could hang or exhaust loraq: a huge file, non-UTF-8 text,
+    nesting too deep for the parser, and alias bombs (a few lines that expand to billions of values)."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise BadArguments(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; is this the right file?")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise io_error(exc, path, "read") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadArguments(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the config as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise BadArguments(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise BadArguments(f"{path}: not valid YAML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer with thousands of digits
+        raise BadArguments(f"{path}: not valid YAML: {str(exc).splitlines()[0][:120]}") from None
+    _check_size(data, path)
+    return data
+
+
+def _check_size(data: object, path: Path) -> None:
+    """At most MAX_NODES values (shared ones counted at each use) and MAX_DEPTH levels."""
+    stack: list[tuple[object, int]] = [(data, 0)]
+    nodes = 0
+    while stack:
+        v, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise BadArguments(f"{path}: more than {MAX_NODES} values (an alias bomb?); a config is a few dozen settings")
+        if depth > MAX_DEPTH:
+            raise BadArguments(f"{path}: nested more than {MAX_DEPTH} levels deep; a config is a few levels deep")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for kv in v.items() for x in kv)
+        elif isinstance(v, (list, tuple, set)):
+            stack.extend((x, depth + 1) for x in v)
+
+
 def load_config(path: Path | str) -> Config:
     """Parse and validate a config file; raise BadArguments listing every problem found."""
     path = Path(path)
     if not path.is_file():
         raise BadArguments(f"config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise BadArguments(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    data = _read_yaml(path)
     if not isinstance(data, dict):
         raise BadArguments(f"{path}: expected a mapping of settings at the top level")
     problems: list[str] = []
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        problems = [_format(e) for e in exc.errors()]
-        raise BadArguments(f"{path}: {len(problems)} problem(s): " + " | ".join(problems)) from None
+        problems = [_format(e)[:300] for e in exc.errors()]
+        more = f" | … and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
+        raise BadArguments(f"{path}: {len(problems)} problem(s): " + " | ".join(problems[:MAX_SHOWN]) + more) from None
     cfg.root = path.resolve().parent
     missing = []
     if not cfg.resolve(cfg.base).exists():
