@@ -19,7 +19,7 @@ from typing import TypedDict
 
 import numpy as np
 
-from ..atomic import atomic_output, check_readable
+from ..atomic import atomic_output, check_readable, io_error
 from ..errors import BadArguments, BadInput
 from ..gguf_io import open_gguf
 from ..llama.engine import Engine, chunk_tokens
@@ -61,10 +61,7 @@ def evaluation_tokens(model: Path, text: Path, ctx: int, chunks: int) -> tuple[n
     check_readable(text, "evaluation text")
     tok = Tokenizer.from_gguf(model)
     if text.suffix == ".json":
-        try:
-            ids = [int(i) for i in json.loads(text.read_text())]
-        except (ValueError, TypeError) as exc:
-            raise BadInput(f"{text}: expected a JSON list of token ids ({exc})") from exc
+        ids = _token_ids(text, tok.n_vocab)
     else:
         try:
             body = text.read_text(encoding="utf-8")
@@ -76,6 +73,25 @@ def evaluation_tokens(model: Path, text: Path, ctx: int, chunks: int) -> tuple[n
     stored = chunk_tokens(ids, ctx, chunks)
     evaluated = chunk_tokens(ids, ctx, chunks, bos=tok.bos_id if tok.add_bos else None)
     return stored, evaluated, len(ids)
+
+
+def _token_ids(text: Path, n_vocab: int) -> list[int]:
+    """A `.json` evaluation file: a flat list of integer token ids, each in [0, n_vocab)."""
+    try:
+        data = json.loads(text.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise io_error(exc, text, "read") from exc
+    except RecursionError:
+        raise BadInput(f"{text}: expected a flat JSON list of token ids (it nests too deeply)") from None
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer too long to convert
+        raise BadInput(f"{text}: expected a JSON list of token ids ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(data, list):
+        raise BadInput(f"{text}: expected a JSON list of token ids, got a {type(data).__name__}")
+    for i, t in enumerate(data):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
+            shown = repr(t) if len(repr(t)) <= 40 else repr(t)[:40] + "…"
+            raise BadInput(f"{text}: entry {i} is {shown}; token ids must be integers in [0, {n_vocab})")
+    return data
 
 
 def build_reference(
