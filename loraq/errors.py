@@ -39,3 +39,11 @@ class IOFailure(LoraqError):
     """Disk full, permission denied and other I/O failures (exit 5)."""
 
     exit_code = 5
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """Untrusted text (a key, a tensor name, a pattern) as it may appear in a one-line message:
+    control and other non-printable characters escaped, at most `limit` characters kept."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -27,7 +27,7 @@ import numpy as np
 import regex
 
 from ..atomic import io_error
-from ..errors import BadArguments, BadInput
+from ..errors import BadArguments, BadInput, shown
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -100,11 +100,11 @@ def pattern_key(patterns: Iterable[str], name: str, deadline: float | None = Non
             hit = regex.match(rf"(.*\.)?({key})$", name, timeout=max(deadline - time.monotonic(), 1e-3))
         except TimeoutError:
             raise BadInput(
-                f"{CONFIG_NAME}: alpha_pattern key `{key[:80]}` takes too long to match module `{name}` "
+                f"{CONFIG_NAME}: alpha_pattern key `{shown(key)}` takes too long to match module `{shown(name)}` "
                 "(catastrophic backtracking); simplify the pattern"
             ) from None
         except (regex.error, re.error, ValueError, TypeError, RecursionError, MemoryError) as exc:
-            raise BadInput(f"{CONFIG_NAME}: alpha_pattern key `{key[:80]}` is not a valid regular expression ({_short(exc)})") from None
+            raise BadInput(f"{CONFIG_NAME}: alpha_pattern key `{shown(key)}` is not a valid regular expression ({_short(exc)})") from None
         if hit:
             return key
     return None
@@ -150,10 +150,10 @@ def load_peft_adapter(path: Path | str) -> PeftAdapter:
         raise BadInput(f"{cfg_path}: r must be an integer in [1, {MAX_RANK}], got {_show(r)}")
     alpha_pattern = _typed(config, "alpha_pattern", dict, cfg_path, {})
     for k, v in alpha_pattern.items():
-        _number(v, f"alpha_pattern[{k[:80]!r}]", cfg_path)
+        _number(v, f"alpha_pattern[{shown(repr(k))}]", cfg_path)
     for k, v in _typed(config, "rank_pattern", dict, cfg_path, {}).items():
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_RANK:
-            raise BadInput(f"{cfg_path}: rank_pattern[{k[:80]!r}] must be an integer in [1, {MAX_RANK}], got {_show(v)}")
+            raise BadInput(f"{cfg_path}: rank_pattern[{shown(repr(k))}] must be an integer in [1, {MAX_RANK}], got {_show(v)}")
 
     st = _Safetensors(weights)
     keys = sorted(st.header)
@@ -238,8 +238,7 @@ def _json(raw: bytes, p: Path, fix: str, pairs_hook: Any = None) -> Any:
 
 
 def _show(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:60] + "…"
+    return shown(repr(v), 60)
 
 
 def _typed(config: dict[str, Any], key: str, typ: type, p: Path, default: Any) -> Any:
@@ -321,7 +320,7 @@ def _entry(path: Path, key: str, info: Any, data_size: int) -> _Entry:
     exactly its data_offsets span, and the span inside the data section."""
 
     def bad(why: str) -> NoReturn:
-        raise BadInput(f"{path}: tensor `{key[:120]}` {why}; the file is corrupt, re-save or re-download it")
+        raise BadInput(f"{path}: tensor `{shown(key, 120)}` {why}; the file is corrupt, re-save or re-download it")
 
     if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or not isinstance(info.get("data_offsets"), list):
         bad("has a malformed header entry")
@@ -329,7 +328,7 @@ def _entry(path: Path, key: str, info: Any, data_size: int) -> _Entry:
     if not isinstance(dtype, str):
         bad("has a malformed header entry")
     if dtype not in _DTYPES:
-        raise BadInput(f"{path}: tensor `{key[:120]}` has dtype {dtype[:20]}; loraq reads F32, F16, BF16 and F64 adapters")
+        raise BadInput(f"{path}: tensor `{shown(key, 120)}` has dtype {shown(dtype, 20)}; loraq reads F32, F16, BF16 and F64 adapters")
     ints = [*shape, *offsets]
     if len(offsets) != 2 or len(shape) > 8 or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in ints):
         bad("has a malformed shape or data_offsets")
@@ -370,6 +369,8 @@ class _Safetensors:
         self.data_start = 8 + n
         self.header: dict[str, _Entry] = {}
         for key, info in header.items():
+            if not key.isprintable() or len(key) > 1024:  # names end up in messages and GGUF tensor names
+                raise BadInput(f"{path}: tensor name `{shown(key)}` is not a printable name of at most 1024 characters; {fix}")
             self.header[key] = _entry(path, key, info, size - self.data_start)
         spans = sorted((e.lo, e.hi, k) for k, e in self.header.items() if e.hi > e.lo)
         for (_, hi, k1), (lo, _, k2) in itertools.pairwise(spans):

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, NoReturn
 import numpy as np
 from gguf import GGUFValueType as V
 
-from ..errors import BadInput
+from ..errors import BadInput, shown
 from ..ggml_types import BY_ID, GGMLType
 
 
@@ -117,7 +117,7 @@ class _Header:
         self.elements = 0  # array elements read so far, against MAX_ELEMENTS
 
     def fail(self, reason: str) -> NoReturn:
-        raise BadInput(f"{self.path} is not a readable GGUF file: {reason}; re-download or regenerate it")
+        raise BadInput(f"{self.path} is not a readable GGUF file: {shown(reason, 400)}; re-download or regenerate it")
 
     def left(self) -> int:
         return self.size - self.pos
@@ -202,31 +202,31 @@ class _Header:
 
     def value(self, vt: int, key: str) -> Any:
         if vt == _STRING:
-            return self.string(f"the value of key '{key}'")
+            return self.string(f"the value of key '{shown(key)}'")
         if vt == _ARRAY:
-            sub = self.u32(f"the element type of key '{key}'")
-            n = self.u64(f"the length of key '{key}'")
+            sub = self.u32(f"the element type of key '{shown(key)}'")
+            n = self.u64(f"the length of key '{shown(key)}'")
             if sub == _ARRAY:
-                self.fail(f"key '{key}' is an array of arrays, which llama.cpp's loader rejects")
+                self.fail(f"key '{shown(key)}' is an array of arrays, which llama.cpp's loader rejects")
             if sub != _STRING and sub not in _NP:
-                self.fail(f"key '{key}' is an array of unknown value type {sub}")
+                self.fail(f"key '{shown(key)}' is an array of unknown value type {sub}")
             item = 8 if sub == _STRING else _NP[sub].itemsize  # a string takes at least its length
             if n > MAX_ARRAY or n * item > self.left():
-                self.fail(f"key '{key}' claims {n} elements, more than the {self.left()} bytes left in the file can hold")
+                self.fail(f"key '{shown(key)}' claims {n} elements, more than the {self.left()} bytes left in the file can hold")
             self.elements += n
             if self.elements > MAX_ELEMENTS:
-                self.fail(f"key '{key}' takes the header past {MAX_ELEMENTS} array elements, more than any real model's")
+                self.fail(f"key '{shown(key)}' takes the header past {MAX_ELEMENTS} array elements, more than any real model's")
             if sub == _STRING:
-                return self.strings(n, f"key '{key}'")
+                return self.strings(n, f"key '{shown(key)}'")
             nbytes = n * item
-            self.need(nbytes, f"the value of key '{key}'")
+            self.need(nbytes, f"the value of key '{shown(key)}'")
             values = np.frombuffer(self.buf, dtype=_NP[sub], count=n, offset=self.pos).tolist()
             self.pos += nbytes
             return values
         fmt = _SCALAR.get(vt)
         if fmt is None:
-            self.fail(f"key '{key}' has unknown value type {vt}")
-        self.need(fmt.size, f"the value of key '{key}'")
+            self.fail(f"key '{shown(key)}' has unknown value type {vt}")
+        self.need(fmt.size, f"the value of key '{shown(key)}'")
         (v,) = fmt.unpack_from(self.buf, self.pos)
         self.pos += fmt.size
         return v
@@ -267,9 +267,9 @@ def _read_kvs(h: _Header, n_kv: int) -> list[KV]:
         if not key:
             h.fail(f"key {i} is empty")
         if key in seen:
-            h.fail(f"key '{key}' appears twice")
+            h.fail(f"key '{shown(key)}' appears twice")
         seen.add(key)
-        vt = h.u32(f"the value type of key '{key}'")
+        vt = h.u32(f"the value type of key '{shown(key)}'")
         value = h.value(vt, key)
         kvs.append(KV(key, vt, bytes(h.buf[start : h.pos]), value))
     return kvs
@@ -293,24 +293,24 @@ def _read_infos(h: _Header, n_tensors: int) -> list[tuple[str, tuple[int, ...], 
     for i in range(n_tensors):
         name = h.name(f"the name of tensor {i}", MAX_NAME)
         if name in seen:
-            h.fail(f"tensor '{name}' appears twice")
+            h.fail(f"tensor '{shown(name)}' appears twice")
         seen.add(name)
-        nd = h.u32(f"the dimension count of tensor '{name}'")
+        nd = h.u32(f"the dimension count of tensor '{shown(name)}'")
         if nd > MAX_DIMS:
-            h.fail(f"tensor '{name}' has {nd} dimensions, more than ggml's {MAX_DIMS}")
-        ne = tuple(h.i64(f"the shape of tensor '{name}'") for _ in range(nd)) or (1,)  # 0 dims: one element, as in ggml
+            h.fail(f"tensor '{shown(name)}' has {nd} dimensions, more than ggml's {MAX_DIMS}")
+        ne = tuple(h.i64(f"the shape of tensor '{shown(name)}'") for _ in range(nd)) or (1,)  # 0 dims: one element, as in ggml
         if min(ne) < 0:
-            h.fail(f"tensor '{name}' has a negative dimension {list(ne)}")
+            h.fail(f"tensor '{shown(name)}' has a negative dimension {list(ne)}")
         n = math.prod(ne)
         if n >= INT64_MAX:
-            h.fail(f"tensor '{name}' has {n} elements ({list(ne)}), more than int64 can count")
-        tid = h.u32(f"the type of tensor '{name}'")
+            h.fail(f"tensor '{shown(name)}' has {n} elements ({list(ne)}), more than int64 can count")
+        tid = h.u32(f"the type of tensor '{shown(name)}'")
         t = BY_ID.get(tid)
         if t is None or t.block <= 0:
-            h.fail(f"tensor '{name}' has unknown ggml type {tid}")
+            h.fail(f"tensor '{shown(name)}' has unknown ggml type {tid}")
         if ne[0] % t.block:
-            h.fail(f"tensor '{name}' of type {t.name} has rows of {ne[0]} elements, not a multiple of its block size {t.block}")
-        infos.append((name, ne, t, h.u64(f"the data offset of tensor '{name}'")))
+            h.fail(f"tensor '{shown(name)}' of type {t.name} has rows of {ne[0]} elements, not a multiple of its block size {t.block}")
+        infos.append((name, ne, t, h.u64(f"the data offset of tensor '{shown(name)}'")))
     return infos
 
 
@@ -325,9 +325,9 @@ def _place(h: _Header, infos: list[tuple[str, tuple[int, ...], GGMLType, int]], 
     for name, ne, t, off in infos:
         nbytes = math.prod(ne[1:]) * t.row_bytes(ne[0])
         if off != expected:
-            h.fail(f"tensor '{name}' has data offset {off}, expected {expected} (tensors must follow each other, padded to {align})")
+            h.fail(f"tensor '{shown(name)}' has data offset {off}, expected {expected} (tensors must follow each other, padded to {align})")
         if data + off + nbytes > h.size:
-            raise BadInput(f"{h.path} is truncated: tensor {name} ends past the end of the file; re-download or regenerate it")
+            raise BadInput(f"{h.path} is truncated: tensor {shown(name)} ends past the end of the file; re-download or regenerate it")
         tensors.append(TensorInfo(name, ne, t, data + off, nbytes))
         expected = off + -(-nbytes // align) * align
     return tensors

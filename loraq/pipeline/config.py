@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from ..atomic import io_error
-from ..errors import BadArguments
+from ..errors import BadArguments, shown
 from ..ggml_types import FileType, GGMLType, file_type, ggml_type
 
 
@@ -184,7 +184,8 @@ def _read_yaml(path: Path) -> object:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise BadArguments(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        why = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise BadArguments(f"{path}: not valid YAML{where}: {shown(why, 200)}") from None
     except RecursionError:
         raise BadArguments(f"{path}: not valid YAML: nested too deeply") from None
     except ValueError as exc:  # e.g. an integer with thousands of digits
@@ -222,7 +223,7 @@ def load_config(path: Path | str) -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        problems = [_format(e)[:300] for e in exc.errors()]
+        problems = [shown(_format(e), 300) for e in exc.errors()]
         more = f" | … and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
         raise BadArguments(f"{path}: {len(problems)} problem(s): " + " | ".join(problems[:MAX_SHOWN]) + more) from None
     cfg.root = path.resolve().parent
