@@ -50,7 +50,7 @@ def _merge(lora: str) -> list[str]:
 # (id, argv, exit code, fragment of the error line (case-insensitive))
 CASES = [
     # GGUF containers llama.cpp's loader rejects (gguf.cpp gguf_init_from_file_impl)
-    ("gguf-sparse-256mb-corrupt", _q("sparse.gguf"), BAD_INPUT, "past the end of the file"),
+    ("gguf-sparse-256mb-corrupt", _q("sparse.gguf"), BAD_INPUT, "key 0 is empty"),
     ("gguf-duplicate-tensor", _q("dup-tensor.gguf"), BAD_INPUT, "tensor 'w.weight' appears twice"),
     ("gguf-ne-product-wraps", _q("ne-wraps.gguf"), BAD_INPUT, "more than int64"),
     ("gguf-ne-negative", _q("ne-negative.gguf"), BAD_INPUT, "negative dimension"),
@@ -125,9 +125,10 @@ CASES = [
 # Inputs
 # ------------------------------------------------------------------------------------------------
 def _sparse(path: Path) -> Path:
-    """256 MiB, all holes but a header whose first value claims to be a 300 MB string."""
+    """256 MiB, all holes but a header claiming 18 million KVs: zeros parse as empty keys of
+    UINT8 values, so the old parser looped over 18M records (about a minute and 1 GB+)."""
     with open(path, "wb") as f:
-        f.write(b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + H.kv("general.name", H.STRING, struct.pack("<Q", 300_000_000)))
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 18_000_000))
         f.truncate(SPARSE_SIZE)
     return path
 
@@ -323,12 +324,31 @@ def test_hostile_input(work: dict, argv: list[str], code: int, fragment: str, su
     assert elapsed < 20, f"{elapsed:.1f} s\n{shown}"
 
 
-def test_sparse_corrupt_file_via_cli(work: dict) -> None:
-    """The real command line on the 256 MiB sparse file: exit 4 well inside the old 65 s."""
+def test_sparse_corrupt_file_via_cli(work: dict, tmp_path: Path) -> None:
+    """The real command line on the 256 MiB sparse file: exit 4 at once, with the memory of a bare
+    start (the old parser: a minute or more and over 1 GB)."""
+    rss = tmp_path / "maxrss"
+    script = (
+        "import resource, sys; from loraq.cli import run_cli; rc = run_cli(sys.argv[2:]); "
+        "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); sys.exit(rc)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     t0 = time.monotonic()
-    rc, _, err = run_subprocess(work, _q("sparse.gguf"), timeout=30)
-    assert rc == BAD_INPUT and "past the end of the file" in err
-    assert time.monotonic() - t0 < 10
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(rss), *_q("sparse.gguf")],
+            cwd=work["dir"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("loraq quantize on the sparse file hung")
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == BAD_INPUT and "key 0 is empty" in proc.stderr, proc.stderr
+    assert elapsed < 10, elapsed
+    assert int(rss.read_text()) < 200 << 10, f"max RSS {int(rss.read_text()) >> 10} MiB"  # KiB; a bare start is ~60 MiB
 
 
 def test_sparse_corrupt_file_is_not_read(work: dict) -> None:
@@ -338,7 +358,7 @@ def test_sparse_corrupt_file_is_not_read(work: dict) -> None:
     tracemalloc.start()
     t0 = time.monotonic()
     try:
-        with pytest.raises(BadInput, match="past the end of the file"):
+        with pytest.raises(BadInput, match="key 0 is empty"):
             open_gguf(p)
         elapsed = time.monotonic() - t0
         _, peak = tracemalloc.get_traced_memory()
