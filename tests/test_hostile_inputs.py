@@ -20,6 +20,7 @@ import tracemalloc
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import hostile_files as H
@@ -81,6 +82,7 @@ CASES = [
     ("adapter-invalid-regex", _convert("badregex"), BAD_INPUT, "not a valid regular expression"),
     ("adapter-lora-alpha-1e300", _convert("alpha1e300"), BAD_INPUT, "lora_alpha must be a finite number"),
     ("adapter-use-rslora-string", _convert("rslora-str"), BAD_INPUT, "use_rslora must be true or false"),
+    ("adapter-f64-beyond-f32", [*_convert("f64big"), "--outtype", "f32"], BAD_INPUT, "beyond float32's range"),
     ("adapter-config-deep-json", _convert("deepcfg"), BAD_INPUT, "nests json too deeply"),
     ("adapter-config-not-utf8", _convert("cfg-latin1"), BAD_INPUT, "not utf-8"),
     ("adapter-config-huge-int", _convert("cfg-bigint"), BAD_INPUT, "not valid json"),
@@ -196,6 +198,12 @@ def _adapters(ad: Path, w: Path) -> None:
     clone("badregex", alpha_pattern={r"q_proj(": 8})
     clone("alpha1e300", lora_alpha=1e300)
     clone("rslora-str", use_rslora="false")
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(str(ad / "adapter_model.safetensors"))
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    t[sorted(t)[0]][0, 0] = 1e300  # finite in F64; inf once cast to the GGUF's float32
+    save_file(t, str(clone("f64big") / "adapter_model.safetensors"), metadata={"format": "pt"})
     (clone("deepcfg") / "adapter_config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
     (clone("cfg-latin1") / "adapter_config.json").write_bytes(b'{"lora_alpha": 8, "peft_type": "LORA", "x": "caf\xe9"}')
     (clone("cfg-bigint") / "adapter_config.json").write_text('{"lora_alpha": ' + "9" * 5000 + "}")

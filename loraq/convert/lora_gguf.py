@@ -247,7 +247,10 @@ def _permute_rows(b: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _encode(x: np.ndarray, t: OutTensor, key: str) -> np.ndarray:
-    rows = np.ascontiguousarray(x.reshape(-1, t.ne[0]), dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below, without a warning line
+        rows = np.ascontiguousarray(x.reshape(-1, t.ne[0]), dtype=np.float32)
+    if not np.isfinite(rows).all():
+        raise BadInput(f"adapter tensor `{key}` has values beyond float32's range (after PEFT's scale); the adapter is corrupt or diverged")
     if t.type.name == "f16":
         peak = float(np.abs(rows).max(initial=0.0))
         if peak > F16_MAX:
