@@ -400,3 +400,20 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def test_catastrophic_tensor_type_pattern(monkeypatch) -> None:
+    """--tensor-type / quantize.tensor_types patterns are matched under a time limit too (with
+    `re`, this search takes hours on a 36-character tensor name)."""
+    from loraq.errors import BadArguments
+    from loraq.quantize.rules import _TimedPattern
+
+    monkeypatch.setattr(_TimedPattern, "TIMEOUT_S", 0.2)
+    p = _TimedPattern("((.|..)*)*[^a-z_.0-9]")
+    t0 = time.monotonic()
+    with pytest.raises(BadArguments, match="takes too long to match"):
+        p.search("blk.0.ffn_down.weight.something.long")
+    assert time.monotonic() - t0 < 5
+    assert _TimedPattern("attn_(q|k)").search("blk.0.attn_q.weight")
+    with pytest.raises(BadArguments, match="not a valid regular expression"):
+        _TimedPattern("attn_(q")

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..errors import BadArguments, BadInput
+import regex
+
+from ..errors import BadArguments, BadInput, shown
 from ..ggml_types import BY_NAME, F16, FileType, GGMLType
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
@@ -153,7 +156,7 @@ class TypePlanner:
         self.default = T(ftype.default)
         self.i_attention_wv = self.i_ffn_down = self.i_ffn_gate = self.i_ffn_up = 0
         self.n_fallback = 0
-        self._overrides = [(_pattern(p), t, p) for p, t in opts.tensor_types]
+        self._overrides = [(_TimedPattern(p), t, p) for p, t in opts.tensor_types]
 
     def choose(self, name: str, ne: tuple[int, ...], current: GGMLType, n_dims: int) -> Choice:
         o = self.opts
@@ -294,12 +297,25 @@ class TypePlanner:
         return Choice(new, f"{reason}; {t.name} -> {new.name} (row length {ne[0]} not a multiple of {t.block})", True)
 
 
-def _pattern(p: str) -> re.Pattern[str]:
-    """A --tensor-type pattern as llama-quantize uses it: lowercased, searched in the name."""
-    try:
-        return re.compile(p.lower())
-    except re.error as exc:
-        raise BadArguments(f"--tensor-type pattern '{p}' is not a valid regular expression ({exc})") from exc
+class _TimedPattern:
+    """A --tensor-type pattern as llama-quantize uses it: lowercased, searched in the name. Matched
+    with the regex package under a time limit, so a catastrophically backtracking pattern (from a
+    shared config, say) is an error rather than a hang."""
+
+    TIMEOUT_S = 0.5
+
+    def __init__(self, p: str):
+        self.text = p
+        try:
+            self._re: Any = regex.compile(p.lower())
+        except (regex.error, re.error, ValueError, TypeError, RecursionError) as exc:
+            raise BadArguments(f"--tensor-type pattern '{shown(p)}' is not a valid regular expression ({exc})") from None
+
+    def search(self, name: str) -> bool:
+        try:
+            return self._re.search(name, timeout=self.TIMEOUT_S) is not None
+        except TimeoutError:
+            raise BadArguments(f"--tensor-type pattern '{shown(self.text)}' takes too long to match '{name}'; simplify it") from None
 
 
 def requires_imatrix(ftype: FileType, t: GGMLType, name: str) -> bool:
