@@ -437,3 +437,17 @@ def test_json_events_follow_the_schema(project, delivered):
         {**summary, "surprise": 1},
     ):
         assert not validator.is_valid(bad), bad
+
+
+@pytest.mark.parametrize("name", ["smollm2-demo.yaml", "ci-example.yaml"])
+def test_shipped_configs_deliver(name):
+    """The demo and the CI example validate (their inputs are built by make demo / the workflow)
+    and both end with a deliver stage."""
+    from loraq.pipeline.config import Config
+
+    cfg = Config.model_validate(yaml.safe_load((ROOT / "configs" / name).read_text()))
+    assert cfg.deliver is not None and cfg.deliver.best is not None and cfg.compare is not None
+    workflow = yaml.safe_load((ROOT / "docs" / "ci-example.github-workflow.yml").read_text())
+    steps = workflow["jobs"]["quantize"]["steps"]
+    assert any("loraq run configs/ci-example.yaml --json" in s.get("run", "") for s in steps)
+    assert any(s.get("uses", "").startswith("actions/upload-artifact") and s["with"]["path"] == "runs/ci-example/dist/" for s in steps)
