@@ -397,8 +397,12 @@ def test_ollama_chat_mapping():
     assert ollama_chat(None) == (None, "the GGUF has no tokenizer.chat_template")
     assert ollama_chat("{% for x in %}")[1].startswith("rendering its chat template failed")
     assert ollama_chat("{{ raise_exception('no') }}")[1].startswith("rendering its chat template failed")
-    # The sandbox refuses attribute tricks instead of running them.
+    # The sandbox refuses attribute tricks and runaway work instead of running them.
     assert ollama_chat("{{ ''.__class__.__mro__[1].__subclasses__() }}")[0] is None
+    for hostile in ("{{ 'x' * 10**12 }}", "{{ ['x'] * 100000000 }}", "{{ 9 ** 99999999 }}", "{% for i in range(10**9) %}{% endfor %}"):
+        chat, why = ollama_chat(hostile + plain)
+        assert chat is None and why == "rendering its chat template failed (SecurityError)", hostile
+    assert ollama_chat("{% for i in range(3) %}{% endfor %}" + plain)[0] is not None
 
 
 # ---------------------------------------------------------------------------------------------

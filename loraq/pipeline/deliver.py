@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.sandbox
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .. import __version__
@@ -149,6 +150,31 @@ def _chatml(messages: Sequence[tuple[str, str]], generation_prompt: bool) -> str
     return text + ("<|im_start|>assistant\n" if generation_prompt else "")
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's sandbox (no attribute tricks, no mutation), plus bounds on what a hostile template
+    can make it compute: repetition (`'x' * n`), powers and ranges are capped. (Deeply nested
+    loops can still take long; a chat template is the model author's code, run once per file.)"""
+
+    intercepted_binops = frozenset(["*", "**"])
+    _MAX_ITEMS = 10_000
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise jinja2.sandbox.SecurityError("exponent too large")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > self._MAX_ITEMS:
+                    raise jinja2.sandbox.SecurityError("repetition too long")
+        return super().call_binop(context, operator, left, right)
+
+
+def _range(*args: int) -> range:
+    r = range(*args)
+    if len(r) > 1_000:
+        raise jinja2.sandbox.SecurityError("range too long")
+    return r
+
+
 def _raise(message: str) -> None:
     raise jinja2.TemplateError(message)
 
@@ -169,8 +195,8 @@ def ollama_chat(chat_template: Any, bos: str = "", eos: str = "", extra_stops: S
         return None, "the GGUF has no tokenizer.chat_template"
     if len(chat_template) > _MAX_TEMPLATE:
         return None, f"its chat template is longer than {_MAX_TEMPLATE} characters"
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: "")
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: "", range=_range)
     with_system = [("system", "Sys 1f3a."), ("user", "User 9c2e?"), ("assistant", "Assistant 4b7d."), ("user", "User 0a5f!")]
     without = with_system[1:]
     try:
