@@ -160,10 +160,8 @@ def _deliver_stage(cfg: Config, adapters: list[tuple[Path, float]], before: list
     wanted = [v for v in variants if d.best is not None or v.name in d.files]
     report = wd / "report.json" if cfg.compare is not None else None
     inputs: dict[str, Path] = {"report": report} if report is not None else {}
-    for v in wanted:
-        inputs.update({p.stem: p for p in v.files})
-    if d.adapter:
-        inputs.update({f"deployed{k}": p for k, (p, _) in enumerate(deployed)})
+    for p in [f for v in wanted for f in v.files] + ([p for p, _ in deployed] if d.adapter else []):
+        inputs[f"file:{p.name}"] = p  # by the name it has in dist/ (deliver refuses two files with one name)
     gates = cfg.compare.gates if cfg.compare is not None else None
     spec = DeliverSpec(
         name=cfg.name,
