@@ -26,8 +26,8 @@ from .gguf_io import open_gguf
 from .inspect import describe
 from .merge import AdapterSpec, merge_model
 from .pipeline.checkpoint import cpu_threads
-from .pipeline.config import MAX_CHUNKS, MAX_CTX, MAX_SCALE, MAX_THREADS, Gates, load_config
-from .pipeline.runner import Event, check_run_gates, run_pipeline, stage_status
+from .pipeline.config import MAX_CHUNKS, MAX_CTX, MAX_SCALE, MAX_THREADS, Config, Gates, load_config
+from .pipeline.runner import Event, build_stages, check_run_gates, run_pipeline, stage_status
 from .quantize.driver import QuantizeOptions, QuantizeResult, quantize_model
 
 app = typer.Typer(
@@ -251,20 +251,44 @@ def inspect(file: Path = typer.Argument(..., help="A GGUF file.")) -> None:
     out.print(f"{len(info.tensors)} tensors ({hist}); {info.n_weights:,} weights, {_size(info.data_bytes)}, {info.bpw:.3f} bpw")
 
 
+# The version of the `run --json` event stream documented in docs/events.schema.json: bumped when
+# an event loses or renames a field or changes a field's meaning (new optional fields keep it).
+EVENT_SCHEMA_VERSION = 1
+
+
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="The pipeline's YAML config."),
     force: str | None = typer.Option(None, "--force", is_flag=False, flag_value="all", help="Rerun every stage, or --force=STAGE."),
     until: str | None = typer.Option(None, "--until", help="Stop after this stage (name or kind)."),
-    json_events: bool = typer.Option(False, "--json", help="One JSON object per event on stdout."),
+    json_events: bool = typer.Option(False, "--json", help="One JSON object per event on stdout (docs/events.schema.json)."),
 ) -> None:
     """The whole chain, skipping stages that are up to date."""
-    cfg = load_config(config)
+    finished: list[dict] = []  # stage entries for the summary, in the order stages finish
+
+    def emit(e: Event) -> None:
+        sys.stdout.write(json.dumps({"schema_version": EVENT_SCHEMA_VERSION, **e}) + "\n")
+        sys.stdout.flush()
+
+    started: dict[str, str] = {}
+    outputs: dict[str, list[str]] = {}  # each stage's outputs, for skipped stages' summary entries
 
     def on_event(e: Event) -> None:
+        if e["event"] == "stage_started":
+            started[e["stage"]] = e["reason"]
+        elif e["event"] in ("stage_skipped", "stage_done"):
+            ran = e["event"] == "stage_done"
+            finished.append(
+                {
+                    "stage": e["stage"],
+                    "status": "ran" if ran else "skipped",
+                    "reason": started.get(e["stage"], "") if ran else e["reason"],
+                    "seconds": e["seconds"] if ran else 0.0,
+                    "outputs": [o["path"] for o in e["outputs"]] if ran else outputs.get(e["stage"], []),
+                }
+            )
         if json_events:
-            sys.stdout.write(json.dumps(e) + "\n")
-            sys.stdout.flush()
+            emit(e)
         elif not err.is_terminal:
             return  # the summary table on stdout says what ran and why; stderr stays for errors
         elif e["event"] == "stage_skipped":
@@ -272,44 +296,46 @@ def run(
         elif e["event"] == "stage_started":
             err.print(f"run  {e['stage']} ({e['reason']})", style="bold")
 
-    reports = run_pipeline(cfg, force=force, until=until, on_event=on_event)
-    failures = check_run_gates(cfg)
+    cfg = None
+    try:
+        cfg = load_config(config)
+        outputs.update({s.name: [str(o) for o in s.outputs] for s in build_stages(cfg)})
+        reports = run_pipeline(cfg, force=force, until=until, on_event=on_event)
+        failures = check_run_gates(cfg)
+    except LoraqError as exc:
+        if json_events:  # the stream still ends with a summary, saying what stopped the run
+            emit(_summary(cfg, finished, exc))
+        raise
+    delivered = cfg.deliver is not None and any(r.name == "deliver" for r in reports)
     if json_events:
-        sys.stdout.write(
-            json.dumps(
-                {
-                    "event": "summary",
-                    "stages": [
-                        {
-                            "stage": r.name,
-                            "status": r.status,
-                            "reason": r.reason,
-                            "seconds": round(r.seconds, 3),
-                            "outputs": [str(o) for o in r.outputs],
-                        }
-                        for r in reports
-                    ],
-                    "gates": {"passed": not failures, "failures": [str(f) for f in failures]},
-                }
-            )
-            + "\n"
-        )
-        if failures:
-            raise gate_failed(failures)
+        stages = [
+            {
+                "stage": r.name,
+                "status": r.status,
+                "reason": r.reason,
+                "seconds": round(r.seconds, 3),
+                "outputs": [str(o) for o in r.outputs],
+            }
+            for r in reports
+        ]
+        error = gate_failed(failures) if failures else None
+        emit(_summary(cfg, stages, error, dist=cfg.workdir_path / "dist" if delivered else None))
+        if error is not None:
+            raise error
         return
     t = Table(title=f"{cfg.name}: {cfg.workdir_path}")
     for c in ("stage", "status", "reason", "seconds", "output", "size"):
         t.add_column(c)
     for r in reports:
         for i, o in enumerate(r.outputs):
-            size = _size(o.stat().st_size) if o.exists() else "-"
+            size = _size(o.stat().st_size) if o.is_file() else "-"
             first = i == 0
             t.add_row(
                 r.name if first else "",
                 r.status if first else "",
                 r.reason if first else "",
                 f"{r.seconds:.1f}" if first and r.status == "ran" else "",
-                o.name,
+                o.name + ("/" if o.is_dir() else ""),
                 size,
             )
     out.print(t)
@@ -317,6 +343,27 @@ def run(
         _print_report(cfg.workdir_path)
     if failures:
         raise gate_failed(failures)
+    if delivered:
+        out.print(f"dist: {cfg.workdir_path / 'dist'}")
+
+
+def _summary(cfg: Config | None, stages: list[dict], error: LoraqError | None, dist: Path | None = None) -> Event:
+    """The last event of `run --json`: what ran, the gates, where dist/ is, and the exit code."""
+    gates: dict | None = None
+    if cfg is not None:
+        try:
+            failures = check_run_gates(cfg)
+            gates = {"passed": not failures, "failures": [str(f) for f in failures]}
+        except LoraqError:
+            gates = None  # the report cannot be read; the error says why
+    return {
+        "event": "summary",
+        "stages": stages,
+        "gates": gates,
+        "dist": str(dist) if dist is not None else None,
+        "exit_code": error.exit_code if error is not None else 0,
+        "error": str(error) if error is not None else None,
+    }
 
 
 def _print_report(workdir: Path) -> None:

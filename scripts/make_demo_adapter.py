@@ -149,7 +149,8 @@ def make_adapter(
         alpha=alpha,
         targets=targets,
         rslora=rslora,
-        base_name=str(Path(base).resolve()),
+        # The base's file name, not its path: the same inputs give the same bytes in any folder.
+        base_name=Path(base).name,
         alpha_pattern=alpha_pattern,
         rank_pattern=rank_pattern,
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from ..atomic import io_error
@@ -88,6 +88,50 @@ class CompareConfig(_Strict):
     gates: Gates = Field(default_factory=Gates)
 
 
+class DeliverBest(_Strict):
+    """Pick one variant from report.json: among the candidates within every bound set here, the
+    smallest file (prefer: smallest) or the lowest mean KLD (prefer: lowest_kld)."""
+
+    max_size_mib: float | None = Field(None, gt=0)  # report size_bytes / 2**20 (base + adapter for runtime)
+    max_kld_mean: float | None = Field(None, ge=0)
+    min_same_top: float | None = Field(None, ge=0, le=1)
+    min_effect_retention: float | None = None
+    kinds: list[Literal["merged", "runtime_lora"]] | None = None  # None: both (runtime only with compare.runtime_lora)
+    prefer: Literal["smallest", "lowest_kld"] = "smallest"
+
+    @model_validator(mode="after")
+    def _bounded(self) -> DeliverBest:
+        if all(x is None for x in (self.max_size_mib, self.max_kld_mean, self.min_same_top, self.min_effect_retention)):
+            raise ValueError("set at least one bound (max_size_mib, max_kld_mean, min_same_top, min_effect_retention)")
+        if self.kinds is not None and (not self.kinds or len(set(self.kinds)) != len(self.kinds)):
+            raise ValueError("kinds: list merged and/or runtime_lora, each once")
+        return self
+
+
+class DeliverConfig(_Strict):
+    """workdir/dist/ (docs/design.md, Deliver): the variants to ship, by name and/or by bounds."""
+
+    files: list[str] = Field(default_factory=list)  # variant names: merged-<TYPE>, runtime-<TYPE>
+    best: DeliverBest | None = None
+    adapter: bool = False  # also ship the GGUF LoRA adapter(s) on their own
+
+    @model_validator(mode="after")
+    def _something(self) -> DeliverConfig:
+        if not self.files and self.best is None and not self.adapter:
+            raise ValueError("nothing to deliver: set files, best and/or adapter")
+        if len(set(self.files)) != len(self.files):
+            raise ValueError("files: a variant is listed twice")
+        return self
+
+
+def deliverable_variants(quantize: QuantizeConfig, compare: CompareConfig | None) -> list[str]:
+    """The variant names a config builds that dist/ can ship (the base without adapter is not one)."""
+    names = [f"merged-{t}" for t in quantize.types]
+    if compare is not None and compare.runtime_lora:
+        names += [f"runtime-{t}" for t in quantize.types]
+    return names
+
+
 class Config(_Strict):
     name: str
     workdir: str
@@ -99,12 +143,37 @@ class Config(_Strict):
     imatrix: object = None  # refused below until the imatrix stage exists
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     compare: CompareConfig | None = None
+    deliver: DeliverConfig | None = None  # optional; omit for no dist/
 
     @field_validator("imatrix")
     @classmethod
     def _imatrix(cls, v: object) -> None:
         if v is not None:
             raise ValueError("the imatrix stage is not available yet; remove this key (quantizing without one is what runs)")
+
+    @field_validator("deliver")
+    @classmethod
+    def _deliver(cls, v: DeliverConfig | None, info: ValidationInfo) -> DeliverConfig | None:
+        """Variant names and `best` checked against what this config builds (quantize and compare
+        are validated before deliver; when either failed, its own error is reported instead)."""
+        if v is None or "quantize" not in info.data or "compare" not in info.data:
+            return v
+        compare: CompareConfig | None = info.data["compare"]
+        valid = deliverable_variants(info.data["quantize"], compare)
+        problems = []
+        for name in v.files:
+            if name not in valid:
+                close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                problems.append(f"files: unknown variant '{name}'; {hint}this config builds: {', '.join(valid)}")
+        if v.best is not None:
+            if compare is None:
+                problems.append("best: choosing by quality needs a compare section; add one, or list the variants in files")
+            elif v.best.kinds is not None and "runtime_lora" in v.best.kinds and not compare.runtime_lora:
+                problems.append("best.kinds: runtime_lora needs compare.runtime_lora: true")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
 
     # Filled in by load_config: the folder relative paths resolve against.
     root: Path = Field(default=Path("."), exclude=True)

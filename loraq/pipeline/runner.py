@@ -22,6 +22,7 @@ from ..merge import AdapterSpec, merge_model
 from ..quantize.driver import QuantizeOptions, quantize_many
 from .checkpoint import Manifest, Verdict, check_stage, cpu_threads, record_stage
 from .config import CompareConfig, Config
+from .deliver import Deliverable, DeliverSpec, deliver
 
 Event = dict[str, Any]
 STAGE_KINDS = ("convert", "merge", "quantize")
@@ -135,7 +136,59 @@ def build_stages(cfg: Config) -> list[Stage]:
 
     if c is not None:
         stages += _compare_stages(cfg, c, base, adapters, stages)
+    if cfg.deliver is not None:
+        stages.append(_deliver_stage(cfg, adapters, stages))
     return stages
+
+
+def _deliver_stage(cfg: Config, adapters: list[tuple[Path, float]], before: list[Stage]) -> Stage:
+    """dist/ (deliver.py): after compare, from report.json and the files it may ship."""
+    d = cfg.deliver
+    assert d is not None
+    wd = cfg.workdir_path
+    # The adapters a user deploys: the converted GGUF for a PEFT folder, a GGUF LoRA as given.
+    convert = next((s for s in before if s.kind == "convert"), None)
+    peft = iter(convert.outputs if convert is not None else [])
+    deployed = [(next(peft) if p.is_dir() else p, s) for p, s in adapters]
+    variants = []
+    for s in before:
+        t = str(s.settings.get("type"))
+        if s.kind == "quantize":
+            variants.append(Deliverable(f"merged-{t}", "merged", t, s.outputs[0]))
+        elif s.kind == "quantize-base":
+            variants.append(Deliverable(f"runtime-{t}", "runtime_lora", t, s.outputs[0], tuple(deployed)))
+    wanted = [v for v in variants if d.best is not None or v.name in d.files]
+    report = wd / "report.json" if cfg.compare is not None else None
+    inputs: dict[str, Path] = {"report": report} if report is not None else {}
+    for p in [f for v in wanted for f in v.files] + ([p for p, _ in deployed] if d.adapter else []):
+        inputs[f"file:{p.name}"] = p  # by the name it has in dist/ (deliver refuses two files with one name)
+    gates = cfg.compare.gates if cfg.compare is not None else None
+    spec = DeliverSpec(
+        name=cfg.name,
+        workdir=wd,
+        options=d,
+        variants=variants,
+        adapters=deployed,
+        base_name=cfg.resolve(cfg.base).name,
+        adapter_names=[(cfg.resolve(a.path).name, a.scale) for a in cfg.adapters],
+        gates=gates,
+        report=report,
+    )
+    return Stage(
+        "deliver",
+        "deliver",
+        {
+            "deliver": d.model_dump(),
+            "gates": gates.model_dump() if gates is not None else None,
+            "name": cfg.name,
+            "base": spec.base_name,
+            "adapters": [list(a) for a in spec.adapter_names],
+        },
+        inputs,
+        [wd / "dist"],
+        lambda: deliver(spec),
+        after=[s.name for s in before if s.kind in ("convert", "quantize", "quantize-base", "compare")],
+    )
 
 
 def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tuple[Path, float]], before: list[Stage]) -> list[Stage]:
