@@ -1,13 +1,16 @@
 """The command line: parse, call one core function, render, map errors to exit codes.
 
 Exit codes (docs/design.md): 0 ok, 1 unexpected error, 2 bad arguments or config, 3 quality gate
-failed, 4 bad input data, 5 I/O. Errors print one line; `-v` shows the traceback."""
+failed, 4 bad input data, 5 I/O, 128+N killed by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
+Errors print one line; `-v` shows the traceback."""
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +30,7 @@ from .inspect import describe
 from .merge import AdapterSpec, merge_model
 from .pipeline.checkpoint import cpu_threads
 from .pipeline.config import MAX_CHUNKS, MAX_CTX, MAX_SCALE, MAX_THREADS, Config, Gates, load_config
-from .pipeline.runner import Event, build_stages, check_run_gates, run_pipeline, stage_status
+from .pipeline.runner import Event, build_stages, check_run_gates, run_pipeline, stage_status, workdir_state
 from .quantize.driver import QuantizeOptions, QuantizeResult, quantize_model
 
 app = typer.Typer(
@@ -262,6 +265,7 @@ def run(
     force: str | None = typer.Option(None, "--force", is_flag=False, flag_value="all", help="Rerun every stage, or --force=STAGE."),
     until: str | None = typer.Option(None, "--until", help="Stop after this stage (name or kind)."),
     json_events: bool = typer.Option(False, "--json", help="One JSON object per event on stdout (docs/events.schema.json)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Another run holds the workdir: exit 2 instead of waiting."),
 ) -> None:
     """The whole chain, skipping stages that are up to date."""
     finished: list[dict] = []  # stage entries for the summary, in the order stages finish
@@ -287,6 +291,19 @@ def run(
                     "outputs": [o["path"] for o in e["outputs"]] if ran else outputs.get(e["stage"], []),
                 }
             )
+        # Always on stderr, even when it is not a terminal: a wait or a clean-up must not be silent.
+        if e["event"] == "waiting":
+            pid = f" (pid {e['pid']})" if e["pid"] else ""
+            sys.stderr.write(f"waiting for the run in {e['workdir']}{pid} to finish…\n")
+            sys.stderr.flush()
+        elif e["event"] == "leftovers":
+            if e["removed"]:
+                names = ", ".join(Path(p).name for p in e["removed"])
+                sys.stderr.write(
+                    f"removed {len(e['removed'])} leftover temporary file(s) of an interrupted run ({_size(e['size_bytes'])}): {names}\n"
+                )
+            for k in e["not_removed"]:
+                sys.stderr.write(f"warning: cannot remove leftover {k['path']}: {k['error']}\n")
         if json_events:
             emit(e)
         elif not err.is_terminal:
@@ -300,7 +317,7 @@ def run(
     try:
         cfg = load_config(config)
         outputs.update({s.name: [str(o) for o in s.outputs] for s in build_stages(cfg)})
-        reports = run_pipeline(cfg, force=force, until=until, on_event=on_event)
+        reports = run_pipeline(cfg, force=force, until=until, on_event=on_event, wait=not no_wait)
         failures = check_run_gates(cfg)
     except LoraqError as exc:
         if json_events:  # the stream still ends with a summary, saying what stopped the run
@@ -405,6 +422,16 @@ def status(config: Path = typer.Argument(..., help="The pipeline's YAML config."
     for r in reports:
         t.add_row(r.name, r.status, r.reason)
     out.print(t)
+    state = workdir_state(cfg)
+    if state.running_pid is not None:
+        pid = f" (pid {state.running_pid})" if state.running_pid else ""
+        out.print(f"a run is in progress in {cfg.workdir_path}{pid}; this status may change when it finishes")
+    if state.leftovers:
+        size = sum(p.stat().st_size for p in state.leftovers if p.exists())
+        names = ", ".join(p.name for p in state.leftovers)
+        out.print(
+            f"{len(state.leftovers)} leftover temporary file(s) of an interrupted run ({_size(size)}), removed by the next run: {names}"
+        )
 
 
 def _fail(label: str, message: str, code: int) -> int:
@@ -415,24 +442,81 @@ def _fail(label: str, message: str, code: int) -> int:
     return code
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread so every cleanup (temporaries, worker pool)
+    runs as it does for Ctrl-C."""
+
+
+_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+_received: int | None = None
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    global _received
+    if _received is not None:
+        return  # already unwinding: a second signal must not interrupt the cleanup
+    _received = signum
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _install_signal_handlers() -> dict[int, object]:
+    """SIGINT, SIGTERM and SIGHUP all raise KeyboardInterrupt (the first one only); the previous
+    handlers are returned, to be restored. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old: dict[int, object] = {}
+    for name in _SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        prev = signal.getsignal(sig)
+        if sig != signal.SIGINT and prev == signal.SIG_IGN:
+            continue  # nohup: SIGHUP stays ignored
+        old[sig] = prev
+        signal.signal(sig, _on_signal)
+    return old
+
+
+def _interrupted() -> int:
+    sig = _received if _received is not None else int(signal.SIGINT)
+    name = signal.Signals(sig).name
+    sys.stderr.write(f"interrupted ({name}); finished outputs are kept, partial ones were removed\n")
+    return 128 + sig
+
+
 def run_cli(argv: list[str] | None = None) -> int:
     """The one error edge: every failure becomes one stderr line and the documented exit code."""
+    global _received
+    _received = None
+    old = _install_signal_handlers()
     try:
-        app(args=argv, prog_name="loraq")  # typer prints usage errors itself and exits 2
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        if code == 130:  # typer turns Ctrl-C into exit 130
-            sys.stderr.write("interrupted; finished outputs are kept, partial ones were removed\n")
-        return code
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted; finished outputs are kept, partial ones were removed\n")
-        return 130
-    except LoraqError as exc:
-        return _fail("error", str(exc), exc.exit_code)
-    except Exception as exc:
-        lines = str(exc).strip().splitlines()
-        cause = lines[0] if lines else type(exc).__name__
-        return _fail("unexpected error", f"{type(exc).__name__}: {cause} (run with -v for the traceback)", 1)
+        return _run(argv)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
+        try:
+            app(args=argv, prog_name="loraq")  # typer prints usage errors itself and exits 2
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            if code == 130:  # typer turns KeyboardInterrupt (every handled signal) into exit 130
+                return _interrupted()
+            return code
+        except KeyboardInterrupt:
+            return _interrupted()
+        except LoraqError as exc:
+            return _fail("error", str(exc), exc.exit_code)
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            cause = lines[0] if lines else type(exc).__name__
+            return _fail("unexpected error", f"{type(exc).__name__}: {cause} (run with -v for the traceback)", 1)
+    except KeyboardInterrupt:  # a signal while an error was being reported
+        return _interrupted()
     return 0
 
 

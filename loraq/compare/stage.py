@@ -19,7 +19,7 @@ from typing import TypedDict
 
 import numpy as np
 
-from ..atomic import atomic_output, check_readable, io_error
+from ..atomic import atomic_output, check_not_input, check_readable, check_regular, io_error
 from ..errors import BadArguments, BadInput
 from ..gguf_io import open_gguf
 from ..llama.engine import Engine, chunk_tokens
@@ -105,6 +105,11 @@ def build_reference(
     progress: Callable[[str], None] | None = None,
 ) -> ReferenceMeta:
     """Evaluate base + adapters and write `out` (.kld) plus `out.json` (PPL, token counts)."""
+    inputs = [("base model", Path(base)), ("evaluation text", Path(text)), *(("adapter", Path(a)) for a, _ in adapters)]
+    for label, p in inputs:
+        check_regular(p, label)
+    for o in (out, meta_path(out)):
+        check_not_input(o, inputs)
     stored, evaluated, n_text = evaluation_tokens(base, text, ctx, chunks)
     eng = Engine(base, adapters=list(adapters), threads=threads)
     ppl_acc = PerplexityAccumulator(ctx, stored)  # the reference's own PPL, as llama-perplexity prints it
@@ -166,6 +171,11 @@ def compare_models(
 
     Returns the report; its "gates" entry says whether every gate passed (the caller decides
     how to fail: gates.enforce_gates)."""
+    inputs = [("reference", Path(reference)), ("evaluation text", Path(text))]
+    for c in candidates:
+        inputs += [("model", Path(c.model)), *(("adapter", Path(a)) for a, _ in c.adapters)]
+    for name in ("report.json", "report.md", "report.html"):
+        check_not_input(Path(workdir) / name, inputs)
     # A reference.kld made by llama-perplexity has no reference.json: fall back to what the .kld says.
     meta: ReferenceMeta | None = json.loads(meta_path(reference).read_text()) if meta_path(reference).exists() else None
     scores: list[VariantScore] = []

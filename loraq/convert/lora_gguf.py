@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFValueType
 
+from ..atomic import check_not_input, check_regular
 from ..errors import BadArguments, BadInput
 from ..ggml_types import GGMLType, ggml_type
 from ..gguf_io import GGUFFile, GGUFStreamWriter, KVList, open_gguf
@@ -98,8 +99,8 @@ def convert_adapter(adapter: Path | str, base: Path | str, out: Path | str, outt
     out = Path(out)
     if out.is_dir():
         raise BadArguments(f"output {out} is a folder; give a file name such as {out / 'adapter.gguf'}")
-    if out.exists() and out.resolve() == Path(base).resolve():
-        raise BadArguments(f"output {out} is the base model; choose another file name")
+    check_regular(adapter, "adapter")  # a FIFO in the folder would block its reader
+    check_not_input(out, {"base model": Path(base), "adapter": Path(adapter)})
     if Path(base).is_dir():
         raise BadArguments(f"base {base} is a folder; convert needs the base model as a GGUF file")
     peft = load_peft_adapter(adapter)

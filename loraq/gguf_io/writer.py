@@ -11,13 +11,14 @@ at a time; the file appears under its final name only once every tensor has been
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from gguf import GGUFValueType
@@ -110,7 +111,7 @@ class GGUFStreamWriter:
         self._next = 0
         self._pending = 0
         self._ctx: contextlib.AbstractContextManager[Path] | None = None
-        self._f: BinaryIO | None = None
+        self._f: io.BufferedWriter | None = None
 
     def _header(self) -> bytes:
         parts = [b"GGUF", struct.pack("<IQQ", 3, len(self.tensors), len(self._kvs))]
@@ -171,9 +172,14 @@ class GGUFStreamWriter:
             raise io_error(exc, self.path, "write") from exc
 
     def _abort(self, exc: BaseException) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        """Drop the temporary file. The buffered bytes are discarded, not flushed: after a failed
+        write or flush (a full disk) a second flush would only fail again and hide the first error."""
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(OSError, ValueError):
+                f.raw.close()  # closes the descriptor; f.close() then skips its flush
+            with contextlib.suppress(OSError, ValueError):
+                f.close()
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             with contextlib.suppress(BaseException):
@@ -195,5 +201,8 @@ class GGUFStreamWriter:
         except OSError as e:
             self._abort(e)
             raise io_error(e, self.path, "write") from e
+        except BaseException as e:  # a signal (KeyboardInterrupt) during the flush
+            self._abort(e)
+            raise
         self._f = self._ctx = None
-        ctx.__exit__(None, None, None)
+        ctx.__exit__(None, None, None)  # fsync, rename; on failure it removes the temporary itself

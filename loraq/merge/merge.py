@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFValueType
 
+from ..atomic import check_not_input, check_regular
 from ..errors import BadArguments, BadInput
 from ..ggml_types import FTYPES, GGMLType, ggml_type
 from ..gguf_io import KVList, TensorInfo, open_gguf
@@ -53,8 +54,10 @@ def merge_model(
     ftype_name, round_to = _OUT[outtype]
     out_type = ggml_type(outtype)
     out = Path(out)
-    if out.resolve() == Path(base).resolve():
-        raise BadArguments("the output must differ from the base model")
+    inputs = [("base model", Path(base)), *(("adapter", Path(a.path)) for a in adapters)]
+    for label, p in inputs:
+        check_regular(p, label)  # a FIFO in a PEFT folder would block its reader
+    check_not_input(out, inputs)
     result = MergeResult(out)
     with open_gguf(base) as src:
         if src.get("general.type") == "adapter":

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import FORMAT_VERSION, __version__
 from ..atomic import atomic_output, io_error
-from ..errors import BadInput
+from ..errors import BadArguments, BadInput
 
 MANIFEST = "manifest.json"
 
@@ -36,12 +37,16 @@ class Manifest:
         self.path = workdir / MANIFEST
         self.data: dict[str, Any] = {"loraq_version": __version__, "format_version": FORMAT_VERSION, "stages": {}, "files": {}}
         if self.path.exists():
+            if not self.path.is_file():  # a FIFO here would block the read
+                raise BadInput(f"{self.path} is not a regular file; delete it to rebuild every stage")
             try:
                 loaded = json.loads(self.path.read_text())
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:
                 raise BadInput(f"{self.path} is damaged ({exc}); delete it to rebuild every stage") from exc
-            if isinstance(loaded, dict):
-                self.data.update(loaded)
+            problem = _manifest_problem(loaded)
+            if problem:
+                raise BadInput(f"{self.path} is damaged ({problem}); delete it to rebuild every stage")
+            self.data.update(loaded)
         self._saved = _canon(self.data) if self.path.exists() else None
 
     @property
@@ -57,6 +62,8 @@ class Manifest:
             st = p.stat()
         except OSError as exc:
             raise io_error(exc, p, "read") from exc
+        if not stat.S_ISREG(st.st_mode):  # never open a FIFO or a device: reading it would block
+            raise BadArguments(f"{p} is not a regular file; give a file")
         key = str(p.resolve())
         hit = self.data["files"].get(key)
         if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
@@ -79,6 +86,34 @@ class Manifest:
         with atomic_output(self.path) as tmp:
             tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True, default=str) + "\n")
         self._saved = text
+
+
+def _manifest_problem(data: Any) -> str | None:
+    """What is wrong with a loaded manifest's structure, or None: every part the code reads must
+    have the type it expects, so a damaged file is reported rather than crashing a run."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, found {type(data).__name__}"
+    for part in ("stages", "files"):
+        if not isinstance(data.get(part, {}), dict):
+            return f"'{part}' is not an object"
+    for key, entry in data.get("files", {}).items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("mtime_ns"), int)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            return f"files entry {key!r} is not a size/mtime_ns/sha256 record"
+    for name, rec in data.get("stages", {}).items():
+        if not isinstance(rec, dict):
+            return f"stage {name!r} is not an object"
+        for part in ("inputs", "outputs", "settings"):
+            if not isinstance(rec.get(part, {}), dict):
+                return f"stage {name!r}: '{part}' is not an object"
+        for out, o in rec.get("outputs", {}).items():
+            if not isinstance(o, dict):
+                return f"stage {name!r}: output {out!r} is not an object"
+    return None
 
 
 @dataclass

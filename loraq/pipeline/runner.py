@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import io_error
+from ..atomic import InputChanged, check_not_input, check_regular, file_identity, io_error, stale_temps
 from ..compare.gates import GateFailure, check_gates
 from ..compare.report import load_report
 from ..compare.stage import Candidate, build_reference, compare_models, meta_path
@@ -20,9 +20,10 @@ from ..convert import convert_adapter
 from ..errors import BadArguments
 from ..merge import AdapterSpec, merge_model
 from ..quantize.driver import QuantizeOptions, quantize_many
-from .checkpoint import Manifest, Verdict, check_stage, cpu_threads, record_stage
+from .checkpoint import MANIFEST, Manifest, Verdict, check_stage, cpu_threads, record_stage
 from .config import CompareConfig, Config
 from .deliver import Deliverable, DeliverSpec, deliver
+from .lock import LOCK, running_pid, workdir_lock
 
 Event = dict[str, Any]
 STAGE_KINDS = ("convert", "merge", "quantize")
@@ -271,15 +272,47 @@ def _until(stages: list[Stage], until: str | None) -> list[Stage]:
 
 def _verdict(m: Manifest, s: Stage, stale: set[str]) -> tuple[Verdict, dict[str, str]]:
     waiting = [a for a in s.after if a in stale]
+    for k, p in s.inputs.items():
+        check_regular(p, k)  # before hashing: reading a FIFO or a device would block
     inputs = {k: m.file_hash(p) for k, p in s.inputs.items() if p.exists()}
     if waiting:
         return Verdict(False, f"waits-for:{waiting[0]}"), inputs
     return check_stage(m, s.name, s.settings, inputs, s.outputs), inputs
 
 
+def _config_inputs(cfg: Config) -> dict[str, Path]:
+    ins = {"base model": cfg.resolve(cfg.base)}
+    for i, a in enumerate(cfg.adapters):
+        ins[_aname(i, cfg.adapters)] = cfg.resolve(a.path)
+    if cfg.compare is not None:
+        ins["evaluation text"] = cfg.resolve(cfg.compare.text)
+    return ins
+
+
+def _check_workdir(cfg: Config, stages: list[Stage]) -> None:
+    """Inputs are regular files (or folders of them), and nothing the run writes is an input."""
+    inputs = _config_inputs(cfg)
+    for label, p in inputs.items():
+        check_regular(p, label)
+    wd = cfg.workdir_path
+    for out in [wd / MANIFEST, wd / LOCK, *(o for s in stages for o in s.outputs)]:
+        check_not_input(out, inputs)
+
+
+def _identity(p: Path) -> object:
+    """What a stage is about to read: (dev, inode, size, mtime_ns) of the file, or of each file of a folder."""
+    try:
+        if p.is_dir():
+            return tuple((c.name, file_identity(c)) for c in sorted(p.iterdir()) if c.is_file() and not c.name.startswith("."))
+        return file_identity(p)
+    except OSError:
+        return None
+
+
 def stage_status(cfg: Config) -> list[StageReport]:
     """Each stage: up to date or not, and why, without running anything."""
     stages = build_stages(cfg)
+    _check_workdir(cfg, stages)
     m = Manifest(cfg.workdir_path)
     stale: set[str] = set()
     reports = []
@@ -291,19 +324,54 @@ def stage_status(cfg: Config) -> list[StageReport]:
     return reports
 
 
+@dataclass
+class WorkdirState:
+    running_pid: int | None  # a run holds the workdir's lock (0: its pid is unknown)
+    leftovers: list[Path]  # temporaries of killed runs, which the next run removes
+
+
+def workdir_state(cfg: Config) -> WorkdirState:
+    """Whether a run is in progress, and the leftovers of killed runs; takes no lock, writes nothing."""
+    wd = cfg.workdir_path
+    return WorkdirState(running_pid(wd), stale_temps(wd))
+
+
+def _remove_leftovers(wd: Path, emit: Callable[[Event], None]) -> None:
+    removed, kept, size = [], [], 0
+    for p in stale_temps(wd):
+        try:
+            n = p.stat().st_size
+            p.unlink()
+        except OSError as exc:
+            kept.append({"path": str(p), "error": exc.strerror or str(exc)})
+            continue
+        removed.append(str(p))
+        size += n
+    if removed or kept:
+        emit({"event": "leftovers", "removed": removed, "size_bytes": size, "not_removed": kept})
+
+
 def run_pipeline(
-    cfg: Config, force: str | None = None, until: str | None = None, on_event: Callable[[Event], None] | None = None
+    cfg: Config, force: str | None = None, until: str | None = None, on_event: Callable[[Event], None] | None = None, wait: bool = True
 ) -> list[StageReport]:
+    """Run every stale stage, holding the workdir's lock (another run on it: wait, or with
+    wait=False raise BadArguments). Leftover temporaries of killed runs are removed first."""
     emit = on_event or (lambda e: None)
     stages = build_stages(cfg)
     forced = _select(stages, force, "--force")
+    _check_workdir(cfg, stages)
     stages = _until(stages, until)
     wd = cfg.workdir_path
     try:
         wd.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise io_error(exc, wd, "create workdir") from exc
-    m = Manifest(wd)
+    with workdir_lock(wd, wait, lambda pid: emit({"event": "waiting", "workdir": str(wd), "pid": pid})):
+        _remove_leftovers(wd, emit)
+        return _run_stages(Manifest(wd), stages, forced, emit)
+
+
+def _run_stages(m: Manifest, stages: list[Stage], forced: set[str], emit: Callable[[Event], None]) -> list[StageReport]:
     reports: list[StageReport] = []
     done: set[str] = set()
     for k, s in enumerate(stages):
@@ -322,17 +390,26 @@ def run_pipeline(
                 nv, _ = _verdict(m, nxt, set())
                 if not nv.up_to_date or nxt.name in forced:
                     batch.append((nxt, "forced" if nv.up_to_date else nv.reason))
+        # What the stage is about to read, then its hashes: a file replaced or rewritten while the
+        # stage runs is caught below, and the stage's hashes are those of what it read.
+        before = {p: _identity(p) for b, _ in batch for p in b.inputs.values()}
+        hashes = {b.name: {n: m.file_hash(p) for n, p in b.inputs.items()} for b, _ in batch}
         for b, reason in batch:
             emit({"event": "stage_started", "stage": b.name, "reason": reason})
         t0 = time.perf_counter()
-        if s.batch_run is not None:
-            s.batch_run([b for b, _ in batch])
-        elif s.action is not None:
-            s.action()
+        try:
+            if s.batch_run is not None:
+                s.batch_run([b for b, _ in batch])
+            elif s.action is not None:
+                s.action()
+        except InputChanged as exc:
+            raise InputChanged(exc.path, f"stage {s.name} was reading it") from exc
+        for p, ident in before.items():
+            if _identity(p) != ident:
+                raise InputChanged(p, f"stage {s.name} was reading it")
         dt = (time.perf_counter() - t0) / len(batch)  # a batch's time is shared evenly
         for b, reason in batch:
-            inputs = {n: m.file_hash(p) for n, p in b.inputs.items()}
-            record_stage(m, b.name, b.kind, b.settings, inputs, b.outputs, dt)
+            record_stage(m, b.name, b.kind, b.settings, hashes[b.name], b.outputs, dt)
             m.save()
             done.add(b.name)
             emit(

@@ -5,8 +5,13 @@ row chunks, so memory follows the largest chunk rather than the model."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import ExitStack
@@ -17,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from gguf import GGUFValueType
 
+from ..atomic import InputChanged, check_not_input, file_identity, io_error
 from ..errors import BadArguments, BadInput
 from ..ggml_types import FileType, GGMLType, file_type, ggml_type
 from ..gguf_io import GGUFFile, KVList, open_gguf
@@ -166,18 +172,27 @@ def quantize_many(
     inp = Path(inp)
     ftypes = [file_type(f) for f, _ in jobs]
     for _, out in jobs:
-        if Path(out).resolve() == inp.resolve():
-            raise BadArguments("input and output must be different files")
-    with open_gguf(inp) as src:
+        check_not_input(out, {"input": inp})
+    # The input is opened once, here; its header is parsed from the same file (checked by identity)
+    # and workers read through this descriptor, so a file replaced mid-run is never mixed in.
+    try:
+        seen = file_identity(inp)
+    except OSError:
+        seen = None  # open_gguf reports the missing file
+    with open_gguf(inp) as src, _open_input(inp) as fd:
+        ident = file_identity(fd)
+        if ident != seen:
+            raise InputChanged(inp, "it was being opened")
         plans = [plan_quantize(src, ft, opts) for ft in ftypes]
         with ExitStack() as stack:
-            pool = _pool(stack, opts.threads, plans)
+            pool = _pool(stack, opts.threads, plans, _InputRef(str(inp), fd, os.getpid(), ident))
             writers = [
                 stack.enter_context(GGUFStreamWriter(out, output_kvs(src, ft), [OutTensor(e.name, e.ne, e.dst) for e in plan]))
                 for ft, (_, out), (plan, _) in zip(ftypes, jobs, plans)
             ]
             per_tensor = [[plan[k] for plan, _ in plans] for k in range(len(plans[0][0]))]
-            for entries, first, last, parts in _in_order(_work_items(src, per_tensor, opts, pool), 1 if pool is None else 4 * opts.threads):
+            items = _work_items(src, fd, per_tensor, opts, pool)
+            for entries, first, last, parts in _in_order(items, 1 if pool is None else 4 * opts.threads):
                 if first:
                     for w in writers:
                         w.begin(entries[0].name)
@@ -188,15 +203,119 @@ def quantize_many(
                         w.end()
                     if on_tensor:
                         on_tensor(entries[0])
+            # Still the file that was opened, unchanged (else no output is written).
+            try:
+                same = file_identity(fd) == ident and file_identity(inp) == ident
+            except OSError:
+                same = False
+            if not same:
+                raise InputChanged(inp, "it was being quantized")
     return [QuantizeResult(Path(out), ft, plan, nf) for ft, (_, out), (plan, nf) in zip(ftypes, jobs, plans)]
 
 
-def _pool(stack: ExitStack, threads: int, plans: list[tuple[list[PlanEntry], int]]) -> Executor | None:
+@contextlib.contextmanager
+def _open_input(path: Path) -> Iterator[int]:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise io_error(exc, path, "read") from exc
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class _InputRef(NamedTuple):
+    """The parent's open input, as a worker finds it: the path, the parent's descriptor and pid
+    (Linux: /proc/PID/fd/FD reopens that very file), and its identity to check against."""
+
+    path: str
+    fd: int
+    parent: int
+    ident: tuple[int, int, int, int]
+
+
+def _pool(stack: ExitStack, threads: int, plans: list[tuple[list[PlanEntry], int]], ref: _InputRef) -> Executor | None:
     work = sum(int(np.prod(e.ne)) for plan, _ in plans for e in plan if e.dst != e.src)
     if threads <= 1 or work < PARALLEL_MIN_ELEMENTS:
         return None
     # spawn, not fork: the parent may hold BLAS threads, which a forked child can deadlock on.
-    return stack.enter_context(ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn")))
+    pool = ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(ref,))
+    return stack.enter_context(_pool_guard(pool))
+
+
+@contextlib.contextmanager
+def _pool_guard(pool: ProcessPoolExecutor) -> Iterator[ProcessPoolExecutor]:
+    """Shut the pool down on leaving: normally, waiting for the workers; on an error or a signal,
+    cancelling queued work and terminating the workers at once."""
+    try:
+        yield pool
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    with contextlib.suppress(Exception):
+        pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    deadline = time.monotonic() + 2.0
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+
+
+# A worker's input: (descriptor, path), or the reason it does not match what the parent opened.
+_INPUT: tuple[int, Path] | None = None
+_INPUT_PATH = Path()
+_INPUT_ERROR: str | None = None
+
+
+def _init_worker(ref: _InputRef) -> None:
+    """Pool initializer: die with the parent, leave Ctrl-C to the parent, open the parent's input."""
+    global _INPUT, _INPUT_ERROR, _INPUT_PATH
+    _INPUT_PATH = Path(ref.path)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles it and stops the pool
+    _die_with_parent(ref.parent)
+    fd = None
+    for p in (f"/proc/{ref.parent}/fd/{ref.fd}", ref.path):
+        with contextlib.suppress(OSError):
+            fd = os.open(p, os.O_RDONLY)
+            break
+    if fd is None:
+        _INPUT_ERROR = f"cannot open {ref.path}"
+    elif file_identity(fd) != ref.ident:
+        _INPUT_ERROR = "changed"
+    else:
+        _INPUT = (fd, Path(ref.path))
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive a parent killed with SIGKILL: on Linux the kernel sends it
+    SIGKILL (PR_SET_PDEATHSIG); elsewhere a daemon thread polls the parent pid."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0:  # PR_SET_PDEATHSIG = 1
+                if os.getppid() != parent:  # the parent died before prctl took effect
+                    os._exit(1)
+                return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="loraq-parent-watch").start()
 
 
 def _quantize_chunk(chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs: list[Job]) -> list[np.ndarray]:
@@ -215,16 +334,13 @@ def _quantize_chunk(chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs:
     return out
 
 
-def _quantize_from_file(
-    path: Path, offset: int, n_rows: int, row_bytes: int, name: str, src: GGMLType, ne0: int, jobs: list[Job]
-) -> list[np.ndarray]:
-    """_quantize_chunk in a worker process, which reads its rows itself: the parent then moves only
-    the (smaller) blocks, not the input, between processes."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        chunk = read_exact(fd, path, offset, n_rows * row_bytes, name).reshape(n_rows, row_bytes)
-    finally:
-        os.close(fd)
+def _quantize_from_input(offset: int, n_rows: int, row_bytes: int, name: str, src: GGMLType, ne0: int, jobs: list[Job]) -> list[np.ndarray]:
+    """_quantize_chunk in a worker process, which reads its rows itself from the input opened by
+    _init_worker: the parent then moves only the (smaller) blocks, not the input, between processes."""
+    if _INPUT_ERROR is not None or _INPUT is None:
+        raise InputChanged(_INPUT_PATH, "it was being quantized") if _INPUT_ERROR == "changed" else BadInput(str(_INPUT_ERROR))
+    fd, path = _INPUT
+    chunk = read_exact(fd, path, offset, n_rows * row_bytes, name).reshape(n_rows, row_bytes)
     return _quantize_chunk(chunk, name, src, ne0, jobs)
 
 
@@ -237,12 +353,14 @@ class _WorkItem(NamedTuple):
     work: list[np.ndarray] | Future[list[np.ndarray]]
 
 
-def _work_items(src: GGUFFile, per_tensor: list[list[PlanEntry]], opts: QuantizeOptions, pool: Executor | None) -> Iterator[_WorkItem]:
-    """A work item for every row chunk of every tensor, in file order."""
+def _work_items(
+    src: GGUFFile, fd: int, per_tensor: list[list[PlanEntry]], opts: QuantizeOptions, pool: Executor | None
+) -> Iterator[_WorkItem]:
+    """A work item for every row chunk of every tensor, in file order; `fd` is src's file, opened once."""
     for entries in per_tensor:
         info = src.tensor(entries[0].name)
         if all(e.dst == e.src for e in entries):
-            raw = src.read_raw(info)
+            raw = read_exact(fd, src.path, info.offset, info.nbytes, info.name)
             _check_finite(info.name, raw, info.type)
             yield _WorkItem(entries, True, True, [raw] * len(entries))
             continue
@@ -251,7 +369,7 @@ def _work_items(src: GGUFFile, per_tensor: list[list[PlanEntry]], opts: Quantize
         per_expert = info.n_rows if len(info.ne) < 3 else info.ne[1]  # imatrix slices are per expert
         step = max(1, CHUNK_ELEMENTS // ne0)
         if pool is None:
-            rows = src.read_raw(info).reshape(info.n_rows, row_bytes)
+            rows = read_exact(fd, src.path, info.offset, info.nbytes, info.name).reshape(info.n_rows, row_bytes)
         else:  # several chunks per worker, so one tensor can keep all workers busy
             step = max(1, min(step, -(-info.n_rows // (2 * opts.threads))))
         imats = [_imatrix_for(e, opts) for e in entries]
@@ -268,7 +386,7 @@ def _work_items(src: GGUFFile, per_tensor: list[list[PlanEntry]], opts: Quantize
                 work = _quantize_chunk(rows[start:stop], info.name, info.type, ne0, jobs)
             else:
                 work = pool.submit(
-                    _quantize_from_file, src.path, info.offset + start * row_bytes, stop - start, row_bytes, info.name, info.type, ne0, jobs
+                    _quantize_from_input, info.offset + start * row_bytes, stop - start, row_bytes, info.name, info.type, ne0, jobs
                 )
             yield _WorkItem(entries, start == 0, stop == info.n_rows, work)
             start = stop
