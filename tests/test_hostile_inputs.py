@@ -385,6 +385,14 @@ def test_what_llama_cpp_accepts(tmp_path: Path) -> None:
     env = dict(os.environ, COLUMNS="200", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "loraq", "inspect", str(p)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "z.weight" in proc.stdout, proc.stderr
+    for t in ("Q4_0", "Q8_0"):  # quantize copies the 0-element tensor as 0 bytes of the new type (was ZeroDivisionError, exit 1)
+        out = tmp_path / f"odd-{t}.gguf"
+        proc = subprocess.run(
+            [sys.executable, "-m", "loraq", "quantize", str(p), str(out), t], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        z = open_gguf(out).tensor("z.weight")
+        assert (z.ne, z.nbytes, z.type.name) == ((0, 4), 0, t.lower())
 
 
 def test_smollm2_header_parses_fast(smollm2_q4_1: Path) -> None:

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -32,6 +33,7 @@ from scripts import make_synthetic_model as mk_model
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find worker processes")
 
 ROOT = Path(__file__).resolve().parents[1]
+EVENT_SCHEMA = json.loads((ROOT / "docs" / "events.schema.json").read_text())
 
 # "loraq" in its name: a live run's temporaries are told from a dead one's by the process's cmdline.
 WRAPPER = '''
@@ -239,14 +241,24 @@ def test_signal(proj: Path, point: str, sig: signal.Signals, compare: bool) -> N
     assert status.returncode == 0, status.stderr
     assert "leftover temporary file" in status.stdout and all(t in status.stdout.replace("\n", "") for t in left), status.stdout
     assert _temps(work) == left, "status must not remove anything"
-    rerun = _loraq_run(d, "run", str(cfgp))
+    rerun = _loraq_run(d, "run", str(cfgp), "--json")
     assert rerun.returncode == 0, rerun.stderr
     assert f"removed {len(left)} leftover temporary file(s)" in rerun.stderr, rerun.stderr
+    events = _events(rerun.stdout)
+    assert events[0]["event"] == "leftovers" and sorted(Path(p).name for p in events[0]["removed"]) == sorted(left), events[0]
     assert _temps(work) == []
     reference = _hashes(d / "uninterrupted")
     got = _hashes(work)
     assert got and got == {k: v for k, v in reference.items() if k in got}
     assert set(got) >= {"merged-f16.gguf", *(f"merged-{t}.gguf" for t in TYPES)}
+
+
+def _events(stdout: str) -> list[dict]:
+    """`run --json` output, each event checked against the documented schema."""
+    events = [json.loads(line) for line in stdout.splitlines()]
+    for e in events:
+        jsonschema.validate(e, EVENT_SCHEMA)
+    return events
 
 
 def test_concurrent_runs_wait_or_exit_2(proj: Path) -> None:
@@ -273,8 +285,8 @@ def test_concurrent_runs_wait_or_exit_2(proj: Path) -> None:
     out, err = second.communicate(timeout=120)
     assert second.returncode == 0, err
     assert err.count("waiting for the run in") == 1 and f"(pid {first.pid}) to finish" in err, err
-    events = [json.loads(line) for line in out.splitlines()]
-    assert events[0] == {"event": "waiting", "workdir": str(work), "pid": first.pid}
+    events = _events(out)
+    assert events[0] == {"schema_version": 1, "event": "waiting", "workdir": str(work), "pid": first.pid}
     stages = [e for e in events if e["event"].startswith("stage_")]
     assert stages and all(e["event"] == "stage_skipped" for e in stages), stages
     assert time.monotonic() - t0 < 120

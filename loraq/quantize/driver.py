@@ -364,6 +364,9 @@ def _work_items(
             _check_finite(info.name, raw, info.type)
             yield _WorkItem(entries, True, True, [raw] * len(entries))
             continue
+        if info.n_elements == 0:  # gguf.cpp accepts 0-element tensors; every type stores them in 0 bytes
+            yield _WorkItem(entries, True, True, [np.empty(0, np.uint8)] * len(entries))
+            continue
         ne0 = info.ne[0]
         row_bytes = info.type.row_bytes(ne0)
         per_expert = info.n_rows if len(info.ne) < 3 else info.ne[1]  # imatrix slices are per expert
