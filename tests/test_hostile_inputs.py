@@ -337,8 +337,11 @@ def test_sparse_corrupt_file_via_cli(work: dict, tmp_path: Path) -> None:
     start (the old parser: a minute or more and over 1 GB)."""
     rss = tmp_path / "maxrss"
     script = (
-        "import resource, sys; from loraq.cli import run_cli; rc = run_cli(sys.argv[2:]); "
-        "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)); sys.exit(rc)"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child of a big pytest
+        # process would report the parent's peak; VmHWM belongs to the new program's memory map.
+        "import re, sys; from loraq.cli import run_cli; rc = run_cli(sys.argv[2:]); "
+        "st = open('/proc/self/status').read(); "
+        "open(sys.argv[1], 'w').write(re.search(r'VmHWM:\\s+(\\d+) kB', st).group(1)); sys.exit(rc)"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t0 = time.monotonic()
