@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .atomic import leftover_size
 from .compare.gates import enforce_gates, gate_failed
 from .compare.stage import Candidate, build_reference, compare_models
 from .convert import convert_adapter
@@ -427,7 +428,7 @@ def status(config: Path = typer.Argument(..., help="The pipeline's YAML config."
         pid = f" (pid {state.running_pid})" if state.running_pid else ""
         out.print(f"a run is in progress in {cfg.workdir_path}{pid}; this status may change when it finishes")
     if state.leftovers:
-        size = sum(p.stat().st_size for p in state.leftovers if p.exists())
+        size = sum(leftover_size(p) for p in state.leftovers)
         names = ", ".join(p.name for p in state.leftovers)
         out.print(
             f"{len(state.leftovers)} leftover temporary file(s) of an interrupted run ({_size(size)}), removed by the next run: {names}"
