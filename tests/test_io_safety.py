@@ -213,6 +213,10 @@ def _link_cases(d: Path) -> dict[str, tuple[list[str | Path], Path]]:
             ["compare", d / "base.gguf", "--lora", d / "adapter.gguf", "-f", w / "report.md", "-c", "32", "--chunks", "1", "-o", w],
             w / "report.md",
         ),
+        "compare-candidate-is-reference": (
+            ["compare", d / "base.gguf", "--lora", d / "adapter.gguf", "-f", d / "eval.txt", "--merged", w / "reference.kld", "-o", w],
+            w / "reference.kld",
+        ),
         "run-workdir-is-adapter-folder": (["run", _cfg(d, workdir="adapter")], d / "adapter"),
         "run-base-in-workdir": (["run", _cfg(d, base="work/merged-f16.gguf")], w / "merged-f16.gguf"),
         "run-text-in-workdir": (["run", _cfg(d, compare={"text": "work/report.md", "ctx": 32, "chunks": 1})], w / "report.md"),
@@ -227,6 +231,8 @@ def _make_links(d: Path) -> None:
     (d / "work").mkdir()
     shutil.copyfile(d / "base.gguf", d / "work" / "merged-f16.gguf")
     (d / "work" / "report.md").write_text(TEXT)
+    (d / "work" / "reference.kld").write_bytes(b"a candidate that happens to be named reference.kld")
+    (d / "eval.txt").write_text(TEXT)
 
 
 LINK_CASES = [
@@ -239,6 +245,7 @@ LINK_CASES = [
     "quantize-out-hardlinks-in",
     "quantize-out-symlinks-in",
     "compare-report-is-text",
+    "compare-candidate-is-reference",
     "run-workdir-is-adapter-folder",
     "run-base-in-workdir",
     "run-text-in-workdir",
