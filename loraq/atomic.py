@@ -4,7 +4,8 @@ what an input may be (a regular file, never an output); leftovers of killed runs
 An output is written to `.<name>.tmp-<pid>` beside it, fsync'd, renamed into place and the folder
 fsync'd. An error or a signal (the CLI turns SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt)
 removes the temporary; only `kill -9` or a power cut can leave one, and `stale_temps` finds those:
-their pid is gone, or belongs to a process that is not loraq."""
+their pid is gone, or belongs to a process that is not loraq. Scratch folders in the system's
+temporary folder (`loraq-<pid>-*`, see scratch_dir) are found the same way by `stale_scratch`."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from .errors import BadArguments, BadInput, IOFailure
 
 TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)$")
+SCRATCH_RE = re.compile(r"^loraq-(?P<pid>[0-9]+)-[A-Za-z0-9_]+$")
 
 
 def io_error(exc: OSError, path: Path | str, doing: str) -> IOFailure:
@@ -246,4 +250,50 @@ def atomic_output(final: Path | str) -> Iterator[Path]:
 
 def _remove_quietly(p: Path) -> None:
     with contextlib.suppress(OSError):
+        p.unlink()
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A private folder in the system's temporary folder, removed on exit. Its name carries our pid
+    so that, if this process is killed (-9) first, the next run or status finds it (stale_scratch)."""
+    with tempfile.TemporaryDirectory(prefix=f"loraq-{os.getpid()}-") as d:
+        yield Path(d)
+
+
+def stale_scratch() -> list[Path]:
+    """This user's scratch folders whose process is gone (see pid_in_use)."""
+    tmp = tempfile.gettempdir()
+    try:
+        entries = sorted(os.listdir(tmp))
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        m = SCRATCH_RE.match(e)
+        if not m or pid_in_use(int(m["pid"])):
+            continue
+        p = Path(tmp) / e
+        with contextlib.suppress(OSError):
+            st = p.lstat()
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+                out.append(p)
+    return out
+
+
+def leftover_size(p: Path) -> int:
+    """Bytes held by a leftover temporary file or scratch folder."""
+    try:
+        if not p.is_dir() or p.is_symlink():
+            return p.lstat().st_size
+        return sum(f.lstat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+    except OSError:
+        return 0
+
+
+def remove_leftover(p: Path) -> None:
+    """Remove a leftover temporary file or scratch folder; OSError if it cannot be removed."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
         p.unlink()

@@ -20,8 +20,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .atomic import check_not_input, leftover_size
 from .compare.gates import enforce_gates, gate_failed
-from .compare.stage import Candidate, build_reference, compare_models
+from .compare.stage import Candidate, build_reference, compare_models, meta_path
 from .convert import convert_adapter
 from .errors import BadArguments, LoraqError
 from .ggml_types import file_type
@@ -213,6 +214,15 @@ def compare(
     _number("--chunks", chunks, 1, MAX_CHUNKS)
     _number("--threads", threads, 0, MAX_THREADS)
     ref = workdir / "reference.kld"
+    # Every output against every input before anything is written: the reference must not replace a candidate.
+    inputs = [
+        ("base model", base),
+        ("evaluation text", text),
+        *(("adapter", a) for a, _ in adapters),
+        *(("model", p) for p in (*merged, *runtime)),
+    ]
+    for o in (ref, meta_path(ref), *(workdir / n for n in ("report.json", "report.md", "report.html"))):
+        check_not_input(o, inputs)
     build_reference(base, adapters, text, ctx, chunks, ref, threads)
     cands = [Candidate("base", "base", "F16", base)]
     cands += [
@@ -427,7 +437,7 @@ def status(config: Path = typer.Argument(..., help="The pipeline's YAML config."
         pid = f" (pid {state.running_pid})" if state.running_pid else ""
         out.print(f"a run is in progress in {cfg.workdir_path}{pid}; this status may change when it finishes")
     if state.leftovers:
-        size = sum(p.stat().st_size for p in state.leftovers if p.exists())
+        size = sum(leftover_size(p) for p in state.leftovers)
         names = ", ".join(p.name for p in state.leftovers)
         out.print(
             f"{len(state.leftovers)} leftover temporary file(s) of an interrupted run ({_size(size)}), removed by the next run: {names}"

@@ -213,6 +213,10 @@ def _link_cases(d: Path) -> dict[str, tuple[list[str | Path], Path]]:
             ["compare", d / "base.gguf", "--lora", d / "adapter.gguf", "-f", w / "report.md", "-c", "32", "--chunks", "1", "-o", w],
             w / "report.md",
         ),
+        "compare-candidate-is-reference": (
+            ["compare", d / "base.gguf", "--lora", d / "adapter.gguf", "-f", d / "eval.txt", "--merged", w / "reference.kld", "-o", w],
+            w / "reference.kld",
+        ),
         "run-workdir-is-adapter-folder": (["run", _cfg(d, workdir="adapter")], d / "adapter"),
         "run-base-in-workdir": (["run", _cfg(d, base="work/merged-f16.gguf")], w / "merged-f16.gguf"),
         "run-text-in-workdir": (["run", _cfg(d, compare={"text": "work/report.md", "ctx": 32, "chunks": 1})], w / "report.md"),
@@ -227,6 +231,8 @@ def _make_links(d: Path) -> None:
     (d / "work").mkdir()
     shutil.copyfile(d / "base.gguf", d / "work" / "merged-f16.gguf")
     (d / "work" / "report.md").write_text(TEXT)
+    (d / "work" / "reference.kld").write_bytes(b"a candidate that happens to be named reference.kld")
+    (d / "eval.txt").write_text(TEXT)
 
 
 LINK_CASES = [
@@ -239,6 +245,7 @@ LINK_CASES = [
     "quantize-out-hardlinks-in",
     "quantize-out-symlinks-in",
     "compare-report-is-text",
+    "compare-candidate-is-reference",
     "run-workdir-is-adapter-folder",
     "run-base-in-workdir",
     "run-text-in-workdir",
@@ -465,3 +472,28 @@ def test_input_replaced_mid_stage(proj: Path, monkeypatch, case: str) -> None:
     assert _temps(work) == []
     monkeypatch.undo()
     assert [r.name for r in run_pipeline(cfg) if r.status == "ran"][-2:] == ["quantize:Q8_0", "quantize:Q4_0"]
+
+
+def test_stale_scratch_folder_reported_and_removed(proj: Path, capsys, monkeypatch, tmp_path: Path) -> None:
+    """A kill -9 while merge converts a PEFT folder leaves `$TMPDIR/loraq-<pid>-*` behind: status
+    reports it, the next run removes it; a live process's scratch folder is kept."""
+    import tempfile
+
+    scratch_root = tmp_path / "systmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    cfgp = _cfg(proj, quantize={"types": ["Q8_0"], "threads": 1})
+    run_pipeline(load_config(cfgp))
+    dead = scratch_root / "loraq-999999999-abc123"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "adapter-f32.gguf").write_bytes(b"x" * 3000)
+    live = scratch_root / f"loraq-{os.getpid()}-zzz"
+    live.mkdir()
+    capsys.readouterr()
+    assert run_cli(["status", str(cfgp)]) == 0
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "1 leftover temporary file(s)" in out and "loraq-999999999-abc123" in out and "2.9 KiB" in out, out
+    assert dead.exists()
+    code, err = _cli(capsys, "run", cfgp)
+    assert code == 0 and "removed 1 leftover temporary file(s)" in err and "loraq-999999999-abc123" in err, err
+    assert not dead.exists() and live.exists()

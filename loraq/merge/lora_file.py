@@ -6,12 +6,12 @@ in the base is an error rather than silently ignored, so nothing of the fine-tun
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import scratch_dir
 from ..convert import convert_adapter
 from ..errors import BadArguments, BadInput
 from ..gguf_io import GGUFFile, open_gguf
@@ -52,8 +52,8 @@ def load_adapter(path: Path | str, base: GGUFFile) -> LoraAdapter:
     """A GGUF LoRA file, or a PEFT adapter folder (converted against `base` first)."""
     path = Path(path)
     if path.is_dir():
-        with tempfile.TemporaryDirectory(prefix="loraq-") as tmp:
-            gguf_path = Path(tmp) / "adapter-f32.gguf"
+        with scratch_dir() as tmp:  # named with our pid: a kill -9 leaves it for the next run to remove
+            gguf_path = tmp / "adapter-f32.gguf"
             convert_adapter(path, base.path, gguf_path, outtype="f32")
             return _read_gguf_adapter(gguf_path, base, shown=path)
     if not path.exists():

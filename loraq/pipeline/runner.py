@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import InputChanged, check_not_input, check_regular, file_identity, io_error, stale_temps
+from ..atomic import (
+    InputChanged,
+    check_not_input,
+    check_regular,
+    file_identity,
+    io_error,
+    leftover_size,
+    remove_leftover,
+    stale_scratch,
+    stale_temps,
+)
 from ..compare.gates import GateFailure, check_gates
 from ..compare.report import load_report
 from ..compare.stage import Candidate, build_reference, compare_models, meta_path
@@ -327,21 +337,21 @@ def stage_status(cfg: Config) -> list[StageReport]:
 @dataclass
 class WorkdirState:
     running_pid: int | None  # a run holds the workdir's lock (0: its pid is unknown)
-    leftovers: list[Path]  # temporaries of killed runs, which the next run removes
+    leftovers: list[Path]  # temporaries and scratch folders of killed runs, which the next run removes
 
 
 def workdir_state(cfg: Config) -> WorkdirState:
     """Whether a run is in progress, and the leftovers of killed runs; takes no lock, writes nothing."""
     wd = cfg.workdir_path
-    return WorkdirState(running_pid(wd), stale_temps(wd))
+    return WorkdirState(running_pid(wd), stale_temps(wd) + stale_scratch())
 
 
 def _remove_leftovers(wd: Path, emit: Callable[[Event], None]) -> None:
     removed, kept, size = [], [], 0
-    for p in stale_temps(wd):
+    for p in stale_temps(wd) + stale_scratch():
         try:
-            n = p.stat().st_size
-            p.unlink()
+            n = leftover_size(p)
+            remove_leftover(p)
         except OSError as exc:
             kept.append({"path": str(p), "error": exc.strerror or str(exc)})
             continue
