@@ -158,6 +158,74 @@ def _n_weights(model: Path) -> int:
         return sum(t.n_elements for t in g.tensors)
 
 
+def score_variant(ref: ReferenceFile, cand: Candidate, threads: int = 0) -> VariantScore:
+    """One candidate scored against an open reference: its KLD statistics, size and bits per weight."""
+    stats = score(ref, cand, threads)
+    size = sum(p.stat().st_size for p in cand.size_files or [cand.model])
+    bpw = 8.0 * size / max(1, _n_weights(cand.model))
+    return VariantScore(cand.name, cand.kind, cand.type, cand.model, size, bpw, stats)
+
+
+def score_to_file(reference: Path, cand: Candidate, out: Path, threads: int = 0) -> VariantScore:
+    """`loraq run`'s score:<variant> stage: score one candidate and write it to `out` (write_score)."""
+    with ReferenceFile(reference) as ref:
+        s = score_variant(ref, cand, threads)
+    write_score(s, out)
+    return s
+
+
+def write_score(s: VariantScore, out: Path) -> None:
+    """A VariantScore as JSON, atomically. No path is stored (the workdir holds no absolute paths):
+    read_score takes it from the candidate. JSON writes floats with repr, so they read back exactly
+    and a report assembled from score files is byte-identical to one scored in a single pass."""
+    stats = {k: int(v) if isinstance(v, int | np.integer) else float(v) for k, v in s.stats.to_dict().items()}
+    doc = {"name": s.name, "kind": s.kind, "type": s.type, "size_bytes": int(s.size_bytes), "bpw": float(s.bpw), "stats": stats}
+    with atomic_output(out) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+
+
+def read_score(path: Path, cand: Candidate) -> VariantScore:
+    """A score file written by write_score for `cand`; BadInput if it is not one."""
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+        if doc["name"] != cand.name:
+            raise ValueError(f"it scores {doc['name']!r}, not {cand.name!r}")
+        stats = KLDResult(**doc["stats"])
+        return VariantScore(cand.name, cand.kind, cand.type, cand.model, int(doc["size_bytes"]), float(doc["bpw"]), stats)
+    except OSError as exc:
+        raise io_error(exc, path, "read") from exc
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise BadInput(f"{path} is not a loraq score file ({exc}); rerun with --force=compare") from None
+
+
+def assemble_report(reference: Path, scores: Sequence[VariantScore], text: Path, workdir: Path, gates: GateLimits = None) -> Report:
+    """report.json/.md/.html from scored variants (in report order); returns the report, whose
+    "gates" entry says whether every gate passed (the caller decides how to fail: gates.enforce_gates)."""
+    # A reference.kld made by llama-perplexity has no reference.json: fall back to what the .kld says.
+    meta: ReferenceMeta | None = json.loads(meta_path(reference).read_text()) if meta_path(reference).exists() else None
+    adapter_effect: KLDResult | None = None
+    for s in scores:
+        if s.kind == "base":
+            adapter_effect = s.stats
+    with ReferenceFile(reference) as ref:
+        n_chunk, n_ctx = ref.n_chunk, ref.n_ctx
+    ref_ppl = meta["ppl"] if meta else scores[0].stats.ppl_base if scores else float("nan")
+    report = build_report(
+        text_path=text,
+        text_tokens=int(meta["text_tokens"] if meta else n_chunk * n_ctx),
+        ctx=n_ctx,
+        chunks=n_chunk,
+        reference_name="f16+lora",
+        reference_ppl=ref_ppl,
+        adapter_effect=adapter_effect,
+        variants=scores,
+        gates=gates,
+        workdir=workdir,
+    )
+    write_reports(report, workdir, gates)
+    return report
+
+
 def compare_models(
     reference: Path,
     candidates: Sequence[Candidate],
@@ -176,33 +244,10 @@ def compare_models(
         inputs += [("model", Path(c.model)), *(("adapter", Path(a)) for a, _ in c.adapters)]
     for name in ("report.json", "report.md", "report.html"):
         check_not_input(Path(workdir) / name, inputs)
-    # A reference.kld made by llama-perplexity has no reference.json: fall back to what the .kld says.
-    meta: ReferenceMeta | None = json.loads(meta_path(reference).read_text()) if meta_path(reference).exists() else None
     scores: list[VariantScore] = []
-    adapter_effect: KLDResult | None = None
     with ReferenceFile(reference) as ref:
         for c in candidates:
             if on_variant:
                 on_variant(c.name)
-            stats = score(ref, c, threads)
-            size = sum(p.stat().st_size for p in c.size_files or [c.model])
-            bpw = 8.0 * size / max(1, _n_weights(c.model))
-            if c.kind == "base":
-                adapter_effect = stats
-            scores.append(VariantScore(c.name, c.kind, c.type, c.model, size, bpw, stats))
-        n_chunk, n_ctx = ref.n_chunk, ref.n_ctx
-        ref_ppl = meta["ppl"] if meta else scores[0].stats.ppl_base if scores else float("nan")
-    report = build_report(
-        text_path=text,
-        text_tokens=int(meta["text_tokens"] if meta else n_chunk * n_ctx),
-        ctx=n_ctx,
-        chunks=n_chunk,
-        reference_name="f16+lora",
-        reference_ppl=ref_ppl,
-        adapter_effect=adapter_effect,
-        variants=scores,
-        gates=gates,
-        workdir=workdir,
-    )
-    write_reports(report, workdir, gates)
-    return report
+            scores.append(score_variant(ref, c, threads))
+    return assemble_report(reference, scores, text, workdir, gates)
