@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from ..atomic import (
 )
 from ..compare.gates import GateFailure, check_gates
 from ..compare.report import load_report
-from ..compare.stage import Candidate, build_reference, compare_models, meta_path
+from ..compare.stage import Candidate, assemble_report, build_reference, meta_path, read_score, score_to_file
 from ..convert import convert_adapter
 from ..errors import BadArguments
 from ..merge import AdapterSpec, merge_model
@@ -37,6 +38,7 @@ from .lock import LOCK, running_pid, workdir_lock
 
 Event = dict[str, Any]
 STAGE_KINDS = ("convert", "merge", "quantize")
+SCORES = "scores"  # workdir/scores/<variant>.json: one per score:<variant> stage
 
 
 @dataclass
@@ -230,23 +232,37 @@ def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tu
             cands.append(Candidate(f"merged-{t}", "merged", t, s.outputs[0]))
         elif s.kind == "quantize-base":
             cands.append(Candidate(f"runtime-{t}", "runtime_lora", t, s.outputs[0], deployed, [s.outputs[0], *(p for p, _ in deployed)]))
-    inputs = {
-        "reference": ref,
-        **{x.name: x.model for x in cands if x.kind != "base"},
-        "base": base,
-        **{f"deployed{k}": p for k, (p, _) in enumerate(deployed)},
-    }
+    # One score:<variant> stage per candidate, its JSON checkpointed on its own: adding a type scores
+    # only that type's variants. Kind "compare", so --force=compare rescores every variant.
+    scores: list[Stage] = []
+    for x in cands:
+        out = wd / SCORES / f"{x.name}.json"
+        reads = [x.model, *(p for p, _ in x.adapters)]
+        upstream = [s.name for s in before if any(f in s.outputs for f in reads)]  # quantize, convert
+        scores.append(
+            Stage(
+                f"score:{x.name}",
+                "compare",
+                {"kind": x.kind, "type": x.type, "scales": [s for _, s in x.adapters], "ctx": c.ctx, "chunks": c.chunks},
+                {"reference": ref, "text": text, "model": x.model, **{f"adapter{k}": p for k, (p, _) in enumerate(x.adapters)}},
+                [out],
+                partial(score_to_file, ref, x, out, threads),
+                after=["reference", *upstream],
+            )
+        )
+    # The report only assembles the score files (fast). Gates are not a setting: run re-applies
+    # changed gates to the report without rescoring (check_run_gates).
     report = [wd / "report.json", wd / "report.md", wd / "report.html"]
     compare = Stage(
         "compare",
         "compare",
         {"variants": [x.name for x in cands]},
-        inputs,
+        {"reference": ref, "reference-meta": meta_path(ref), **{s.name: s.outputs[0] for s in scores}},
         report,
-        lambda: compare_models(ref, cands, text, wd, c.gates, threads),
-        after=["reference"] + [s.name for s in before if s.kind in ("quantize", "quantize-base", "convert")],
+        lambda: assemble_report(ref, [read_score(s.outputs[0], x) for s, x in zip(scores, cands, strict=True)], text, wd, c.gates),
+        after=["reference", *(s.name for s in scores)],
     )
-    return [reference, compare]
+    return [reference, *scores, compare]
 
 
 def check_run_gates(cfg: Config) -> list[GateFailure]:
@@ -343,12 +359,17 @@ class WorkdirState:
 def workdir_state(cfg: Config) -> WorkdirState:
     """Whether a run is in progress, and the leftovers of killed runs; takes no lock, writes nothing."""
     wd = cfg.workdir_path
-    return WorkdirState(running_pid(wd), stale_temps(wd) + stale_scratch())
+    return WorkdirState(running_pid(wd), _stale_temps(wd) + stale_scratch())
+
+
+def _stale_temps(wd: Path) -> list[Path]:
+    """Temporaries of killed runs in the workdir and in its scores/ folder."""
+    return stale_temps(wd) + stale_temps(wd / SCORES)
 
 
 def _remove_leftovers(wd: Path, emit: Callable[[Event], None]) -> None:
     removed, kept, size = [], [], 0
-    for p in stale_temps(wd) + stale_scratch():
+    for p in _stale_temps(wd) + stale_scratch():
         try:
             n = leftover_size(p)
             remove_leftover(p)
