@@ -424,6 +424,7 @@ def test_json_events_follow_the_schema(project, delivered):
     assert [e["event"] for e in fresh].count("summary") == 1 and fresh[-1]["event"] == "summary"
     ran = [e["stage"] for e in fresh if e["event"] == "stage_done"]
     assert ran[0] == "convert" and ran[-2:] == ["compare", "deliver"]
+    assert {"score:base", "score:merged-Q4_0", "score:runtime-Q4_0"} <= set(ran)  # one stage per scored variant
     assert fresh[-1]["dist"] == str(project / "work-events" / "dist")
 
     # The schema is not vacuous: each of these breaks it.
@@ -435,6 +436,7 @@ def test_json_events_follow_the_schema(project, delivered):
         {**done, "event": "stage_finished"},
         {**done, "outputs": [{"path": "x"}]},
         {**done, "stage": "quantize"},
+        {**done, "stage": "score:Q4_0"},  # a variant is base, merged-<TYPE> or runtime-<TYPE>
         {k: v for k, v in summary.items() if k != "exit_code"},
         {**summary, "exit_code": 3},  # a failure must carry its error and no dist
         {**summary, "error": "boom"},
