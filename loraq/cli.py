@@ -213,6 +213,7 @@ def compare(
     _number("--ctx", ctx, 1, MAX_CTX)
     _number("--chunks", chunks, 1, MAX_CHUNKS)
     _number("--threads", threads, 0, MAX_THREADS)
+    threads = cpu_threads(threads)
     ref = workdir / "reference.kld"
     # Every output against every input before anything is written: the reference must not replace a candidate.
     inputs = [

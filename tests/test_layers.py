@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "loraq": 0,  # loraq/__init__.py
     "loraq.errors": 0,
     "loraq.atomic": 0,
+    "loraq.cpus": 0,
     "loraq.ggml_types": 0,
     "loraq.gguf_io": 1,
     "loraq.kernels": 2,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from .. import FORMAT_VERSION, __version__
 from ..atomic import atomic_output, io_error
+from ..cpus import available_cpus
 from ..errors import BadArguments, BadInput
 
 MANIFEST = "manifest.json"
@@ -162,4 +162,5 @@ def record_stage(m: Manifest, name: str, kind: str, settings: dict, inputs: dict
 
 
 def cpu_threads(requested: int) -> int:
-    return requested if requested > 0 else (os.cpu_count() or 1)
+    """`requested`, or for 0 the CPUs this process may use (affinity and cgroup quota: loraq.cpus)."""
+    return requested if requested > 0 else available_cpus()
