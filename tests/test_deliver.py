@@ -25,8 +25,7 @@ from loraq.gguf_io import KVList, open_gguf
 from loraq.gguf_io.writer import GGUFStreamWriter, OutTensor
 from loraq.pipeline.config import DeliverBest, load_config
 from loraq.pipeline.deliver import CHATML_TEMPLATE, choose_best, ollama_chat
-from scripts import make_demo_adapter as mk_adapter
-from scripts import make_synthetic_model as mk_model
+from tiny_project import make_tiny_project
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "docs" / "events.schema.json").read_text())
@@ -39,12 +38,7 @@ LLAMA3_TEMPLATE = (
 
 
 def _inputs(d: Path, smollm2_q4_1: Path) -> Path:
-    """base.gguf, adapter/ and eval.txt in `d`, deterministic for the folder's name-free content."""
-    d.mkdir(parents=True, exist_ok=True)
-    mk_model.make_model(d / "base.gguf", smollm2_q4_1, n_embd=64, n_ff=128, n_layer=2, n_head=4, n_head_kv=2)
-    mk_adapter.make_adapter(d / "base.gguf", d / "adapter", rank=4, seed=0)
-    (d / "eval.txt").write_text("The quick brown fox jumps over the lazy dog. " * 60)
-    return d
+    return make_tiny_project(d, smollm2_q4_1)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ from loraq.compare.stage import Candidate, compare_models
 from loraq.errors import BadInput
 from loraq.pipeline.config import load_config
 from loraq.pipeline.runner import run_pipeline, stage_status
-from scripts import make_demo_adapter as mk_adapter
-from scripts import make_synthetic_model as mk_model
+from tiny_project import make_tiny_project
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "docs" / "events.schema.json").read_text())
@@ -29,11 +28,7 @@ REPORTS = ("report.json", "report.md", "report.html")
 
 @pytest.fixture(scope="module")
 def project(smollm2_q4_1, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("incr")
-    mk_model.make_model(d / "base.gguf", smollm2_q4_1, n_embd=64, n_ff=128, n_layer=2, n_head=4, n_head_kv=2)
-    mk_adapter.make_adapter(d / "base.gguf", d / "adapter", rank=4, seed=0)
-    (d / "eval.txt").write_text("The quick brown fox jumps over the lazy dog. " * 60)
-    return d
+    return make_tiny_project(tmp_path_factory.mktemp("incr"), smollm2_q4_1)
 
 
 def _write_cfg(d: Path, workdir: str, types: list[str]) -> Path:

@@ -29,20 +29,15 @@ from loraq.errors import BadInput
 from loraq.gguf_io import writer as gguf_writer
 from loraq.pipeline.config import load_config
 from loraq.pipeline.runner import run_pipeline
-from scripts import make_demo_adapter as mk_adapter
 from scripts import make_synthetic_model as mk_model
-
-TEXT = "The quick brown fox jumps over the lazy dog. " * 60
+from tiny_project import TEXT, make_tiny_project
 
 
 @pytest.fixture(scope="module")
 def inputs(smollm2_q4_1, tmp_path_factory) -> Path:
     """base.gguf, a PEFT folder adapter/, the same adapter as adapter.gguf, and eval.txt."""
-    d = tmp_path_factory.mktemp("io-inputs")
-    mk_model.make_model(d / "base.gguf", smollm2_q4_1, n_embd=64, n_ff=128, n_layer=2, n_head=4, n_head_kv=2)
-    mk_adapter.make_adapter(d / "base.gguf", d / "adapter", rank=4, seed=0)
+    d = make_tiny_project(tmp_path_factory.mktemp("io-inputs"), smollm2_q4_1)
     convert_adapter(d / "adapter", d / "base.gguf", d / "adapter.gguf")
-    (d / "eval.txt").write_text(TEXT)
     return d
 
 

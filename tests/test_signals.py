@@ -27,8 +27,7 @@ import yaml
 
 from loraq.pipeline.config import load_config
 from loraq.pipeline.runner import run_pipeline
-from scripts import make_demo_adapter as mk_adapter
-from scripts import make_synthetic_model as mk_model
+from tiny_project import make_tiny_project
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find worker processes")
 
@@ -90,10 +89,7 @@ def _hashes(work: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def proj(smollm2_q4_1, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("signals")
-    mk_model.make_model(d / "base.gguf", smollm2_q4_1, n_embd=64, n_ff=128, n_layer=2, n_head=4, n_head_kv=2)
-    mk_adapter.make_adapter(d / "base.gguf", d / "adapter", rank=4, seed=0)
-    (d / "eval.txt").write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    d = make_tiny_project(tmp_path_factory.mktemp("signals"), smollm2_q4_1)
     (d / "slow_loraq.py").write_text(WRAPPER)
     run_pipeline(load_config(_cfg(d, "uninterrupted", compare=True)))
     return d
