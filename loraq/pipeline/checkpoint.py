@@ -30,6 +30,18 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(_canon(obj).encode()).hexdigest()
 
 
+def sha256_file(p: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB pieces; an OSError becomes an IOFailure."""
+    h = hashlib.sha256()
+    try:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    except OSError as exc:
+        raise io_error(exc, p, "read") from exc
+    return h.hexdigest()
+
+
 class Manifest:
     """workdir/manifest.json: per-stage records plus the file-hash cache."""
 
@@ -68,15 +80,9 @@ class Manifest:
         hit = self.data["files"].get(key)
         if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
             return hit["sha256"]
-        h = hashlib.sha256()
-        try:
-            with open(p, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-        except OSError as exc:
-            raise io_error(exc, p, "read") from exc
-        self.data["files"][key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
-        return h.hexdigest()
+        h = sha256_file(p)
+        self.data["files"][key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h}
+        return h
 
     def save(self) -> None:
         """Write the manifest atomically, and only when its content changed."""

@@ -12,7 +12,6 @@ paths, no host names, so identical inputs give byte-identical dist/ folders on a
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from ..compare.report import load_report
 from ..compare.schema import Report, VariantRow
 from ..errors import BadArguments, BadInput, GateFailed
 from ..gguf_io import open_gguf
+from .checkpoint import sha256_file
 from .config import DeliverBest, DeliverConfig, Gates
 
 DIST = "dist"
@@ -308,17 +308,6 @@ def ollama_name(project: str, variant: str) -> str:
 # Writing dist/
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    except OSError as exc:
-        raise io_error(exc, path, "read") from exc
-    return h.hexdigest()
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     """A hard link (no extra space, no absolute path); a plain copy where the file system refuses."""
     try:
@@ -477,7 +466,7 @@ def deliver(spec: DeliverSpec) -> DeliverResult:
             _write_text(tmp / n, text)
         _write_text(tmp / CARD, card)
         names = sorted(p.name for p in tmp.iterdir())
-        _write_text(tmp / SUMS, "".join(f"{_sha256(tmp / n)}  {n}\n" for n in names))
+        _write_text(tmp / SUMS, "".join(f"{sha256_file(tmp / n)}  {n}\n" for n in names))
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         _swap_in(tmp, wd / DIST)
     except OSError as exc:
