@@ -183,18 +183,21 @@ def pid_in_use(pid: int) -> bool:
     return state != "Z" and b"loraq" in cmdline
 
 
-def stale_temps(folder: Path | str, name: str | None = None) -> list[Path]:
-    """Temporaries `.<name>.tmp-<pid>` in `folder` whose writer is gone (see pid_in_use)."""
+def _orphans(folder: Path | str, pattern: re.Pattern[str]) -> Iterator[tuple[Path, re.Match[str]]]:
+    """Entries of `folder` whose name `pattern` matches and whose `pid` group is no live loraq process."""
     try:
         entries = sorted(os.listdir(folder))
     except OSError:
-        return []
-    out = []
+        return
     for e in entries:
-        m = TEMP_RE.match(e)
-        if m and (name is None or m["name"] == name) and not pid_in_use(int(m["pid"])):
-            out.append(Path(folder) / e)
-    return out
+        m = pattern.match(e)
+        if m and not pid_in_use(int(m["pid"])):
+            yield Path(folder) / e, m
+
+
+def stale_temps(folder: Path | str, name: str | None = None) -> list[Path]:
+    """Temporaries `.<name>.tmp-<pid>` in `folder` (files, or folders such as dist/'s) whose writer is gone (see pid_in_use)."""
+    return [p for p, m in _orphans(folder, TEMP_RE) if name is None or m["name"] == name]
 
 
 def fsync_dir(folder: Path | str) -> None:
@@ -263,17 +266,8 @@ def scratch_dir() -> Iterator[Path]:
 
 def stale_scratch() -> list[Path]:
     """This user's scratch folders whose process is gone (see pid_in_use)."""
-    tmp = tempfile.gettempdir()
-    try:
-        entries = sorted(os.listdir(tmp))
-    except OSError:
-        return []
     out = []
-    for e in entries:
-        m = SCRATCH_RE.match(e)
-        if not m or pid_in_use(int(m["pid"])):
-            continue
-        p = Path(tmp) / e
+    for p, _ in _orphans(tempfile.gettempdir(), SCRATCH_RE):
         with contextlib.suppress(OSError):
             st = p.lstat()
             if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():

@@ -113,7 +113,8 @@ def delivered(project) -> dict:
     assert min(kld["merged-Q4_0"], kld["runtime-Q4_0"]) > bound
     deliver = {"files": ["merged-Q4_0", "runtime-Q8_0"], "best": {"max_kld_mean": bound, "prefer": "smallest"}}
     cfg = _write_cfg(project, "work", deliver=deliver)
-    (project / "work" / "dist.tmp-99999").mkdir()  # left by an interrupted delivery
+    (project / "work" / ".dist.tmp-999999999").mkdir()  # left by a delivery killed with -9
+    (project / "work" / ".dist.tmp-999999999" / "merged-Q8_0.gguf").write_bytes(b"half")
     out = _run(cfg, "--json")
     assert out.returncode == 0, out.stderr
     return {"cfg": cfg, "work": project / "work", "report": report, "bound": bound, "events": _events(out)}
@@ -137,6 +138,9 @@ def test_dist_holds_the_chosen_variants_as_links(delivered):
         assert not p.is_symlink() and p.read_bytes() == (work / name).read_bytes()
         assert p.stat().st_ino == (work / name).stat().st_ino  # a hard link, not a copy, on one file system
     assert not list(work.glob("dist.tmp-*")) and not list(work.glob("dist.old-*"))
+    assert not list(work.glob(".dist.tmp-*")) and not list(work.glob(".dist.old.tmp-*"))
+    leftovers = [e for e in delivered["events"] if e["event"] == "leftovers"]
+    assert [Path(p).name for e in leftovers for p in e["removed"]] == [".dist.tmp-999999999"]
     summary = delivered["events"][-1]
     assert summary["event"] == "summary" and summary["exit_code"] == 0 and summary["dist"] == str(dist)
     assert [s["stage"] for s in summary["stages"] if s["status"] == "ran"] == ["deliver"]
@@ -413,7 +417,8 @@ def test_json_events_follow_the_schema(project, delivered):
         errors = list(validator.iter_errors(e))
         assert not errors, (e, [x.message for x in errors])
         assert e["schema_version"] == 1
-    assert {e["event"] for e in events} == {"stage_started", "stage_skipped", "stage_done", "summary"}
+    # the fixture plants a killed delivery's folder, which the run reports removing
+    assert {e["event"] for e in events} == {"leftovers", "stage_started", "stage_skipped", "stage_done", "summary"}
     fresh = _events(out)
     assert [e["event"] for e in fresh].count("summary") == 1 and fresh[-1]["event"] == "summary"
     ran = [e["stage"] for e in fresh if e["event"] == "stage_done"]

@@ -329,15 +329,9 @@ def _write_text(path: Path, text: str) -> None:
         raise io_error(exc, path, "write") from exc
 
 
-def _clean_stale(workdir: Path) -> None:
-    """Remove build folders an interrupted delivery left beside dist/."""
-    for p in sorted(workdir.glob(f"{DIST}.tmp-*")) + sorted(workdir.glob(f"{DIST}.old-*")):
-        shutil.rmtree(p, ignore_errors=True)
-
-
 def _swap_in(tmp: Path, final: Path) -> None:
     """Rename the finished folder into place; the previous dist/ is removed only after that."""
-    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old.tmp-{os.getpid()}")
     try:
         if final.is_symlink() or final.is_file():
             final.unlink()
@@ -456,8 +450,9 @@ def deliver(spec: DeliverSpec) -> DeliverResult:
         wd.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise io_error(exc, wd, "create workdir") from exc
-    _clean_stale(wd)
-    tmp = wd / f"{DIST}.tmp-{os.getpid()}"
+    # Named as atomic_output names its temporaries: if this process is killed, `status` reports the
+    # folder and the next run removes it, like any other leftover (atomic.stale_temps).
+    tmp = wd / f".{DIST}.tmp-{os.getpid()}"
     try:
         tmp.mkdir()
         for n, src in sorted(files.items()):
