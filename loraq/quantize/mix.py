@@ -1,0 +1,210 @@
+"""Size-targeted mixes: each tensor's type chosen to minimise the predicted loss under a byte budget.
+
+llama-quantize's mixes are fixed rules. Here every tensor the ftype's rules would quantize gets a
+menu of types valid for its row length; each option's loss is predicted from the tensor itself
+(its quantization error, weighted per column by the importance matrix when there is one, so the
+loss estimates E‖ΔW·x‖² per token over the calibration data), times an optional per-tensor
+sensitivity. The menu choice is a multiple-choice knapsack, solved by the Lagrangian method: for a
+price λ per byte each tensor independently takes argmin(loss + λ·bytes); bisection on λ finds the
+cheapest price that fits, and the budget left over buys the best loss-per-byte upgrades.
+
+The result is a {tensor: type} map that the driver applies as anchored --tensor-type patterns, so
+llama-quantize given the same list (--tensor-type-file) and imatrix writes the same bytes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import BadArguments
+from ..ggml_types import GGMLType, ggml_type
+from ..gguf_io import GGUFFile
+from ..kernels import can_quantize, dequantize, quantize, read_f32
+
+# The types a mix may use: every block format llama.cpp runs on the CPU that loraq writes,
+# from 2.6 to 8.5 bits per weight. Types that need an importance matrix join only with one.
+CANDIDATES = ("q2_K", "q3_K", "iq4_xs", "iq4_nl", "q4_0", "q4_1", "q4_K", "q5_0", "q5_1", "q5_K", "q6_K", "q8_0")
+SAMPLE_ROWS = 128  # rows per tensor quantized to predict a type's loss: the error is a per-row sum
+
+
+@dataclass(frozen=True)
+class Option:
+    type: GGMLType
+    nbytes: int
+    loss: float
+
+
+def candidates(ne0: int, has_imatrix: bool, allowed: Sequence[str] = CANDIDATES) -> list[GGMLType]:
+    """The allowed types whose blocks tile a row of ne0 elements."""
+    out = []
+    for name in allowed:
+        t = ggml_type(name)
+        if ne0 % t.block == 0 and can_quantize(t) and (has_imatrix or name != "q2_K"):
+            out.append(t)
+    return out
+
+
+def sample_rows(n_rows: int, k: int = SAMPLE_ROWS) -> np.ndarray:
+    """Evenly spaced rows: deterministic, and spread over heads and experts."""
+    if n_rows <= k:
+        return np.arange(n_rows)
+    return np.unique(np.linspace(0, n_rows - 1, k).round().astype(np.int64))
+
+
+def row_errors(rows: np.ndarray, t: GGMLType, weights: np.ndarray | None) -> tuple[float, float]:
+    """(plain, weighted) mean per row of Σ_cols (x − deq(q(x)))², the weighted one with w_c = the
+    imatrix's mean x² per column (= E‖ΔW·x‖² per output row and token, cross terms dropped; equal
+    to plain without an imatrix). `rows` are quantized with the imatrix as llama-quantize would."""
+    q = quantize(rows, t, weights)
+    err = rows - dequantize(q, t, rows.shape)
+    per_col = np.einsum("ij,ij->j", err, err, dtype=np.float64) / max(1, rows.shape[0])
+    plain = float(per_col.sum())
+    return plain, plain if weights is None else float(per_col @ weights.astype(np.float64))
+
+
+def tensor_options(
+    g: GGUFFile, name: str, types: Sequence[GGMLType], weights: np.ndarray | None, sensitivity: float = 1.0
+) -> list[Option]:
+    """Each type's (bytes, predicted loss per token) for tensor `name`.
+
+    A matrix multiplied by the activations perturbs every output row: loss = n_rows × the weighted
+    row error. token_embd is looked up, one row per token: its loss is the plain row error, plus
+    the matrix term when it is also the (tied) output and the imatrix covers it."""
+    info = g.tensor(name)
+    n_rows = int(np.prod(info.ne[1:])) if len(info.ne) > 1 else 1
+    w = read_f32(g, info).reshape(n_rows, info.ne[0])
+    rows = np.ascontiguousarray(w[sample_rows(n_rows)])
+    del w
+    if weights is not None and weights.size != info.ne[0]:
+        weights = None  # per-expert imatrix slices: predict from the plain error
+    lookup = name == "token_embd.weight"
+    out = []
+    for t in types:
+        plain, weighted = row_errors(rows, t, weights)
+        if lookup:
+            loss = plain + (n_rows * weighted if weights is not None else 0.0)
+        else:
+            loss = n_rows * weighted
+        out.append(Option(t, t.row_bytes(info.ne[0]) * n_rows, loss * sensitivity))
+    return out
+
+
+def _hull(opts: Sequence[Option]) -> list[Option]:
+    """The lower convex hull in (bytes, loss): the options a Lagrangian price can select, cheapest
+    first. Dominated options (more bytes, no less loss) never can."""
+    pts = sorted(opts, key=lambda o: (o.nbytes, o.loss))
+    front: list[Option] = []
+    for o in pts:
+        if front and o.loss >= front[-1].loss:
+            continue
+        front.append(o)
+    hull: list[Option] = []
+    for o in front:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b lies on or above the segment a→o: never the unique minimiser for any price
+            if (b.loss - a.loss) * (o.nbytes - a.nbytes) >= (o.loss - a.loss) * (b.nbytes - a.nbytes):
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull
+
+
+def choose_mix(options: Mapping[str, Sequence[Option]], budget: int) -> dict[str, Option]:
+    """The option per tensor minimising Σ loss with Σ bytes ≤ budget (Lagrangian, then greedy fill)."""
+    hulls = {n: _hull(o) for n, o in options.items() if o}
+    floor = sum(h[0].nbytes for h in hulls.values())
+    if floor > budget:
+        raise BadArguments(f"the size target is below the smallest possible mix ({floor} bytes of quantized tensors > {budget})")
+
+    def pick(lam: float) -> dict[str, int]:
+        return {n: min(range(len(h)), key=lambda i: h[i].loss + lam * h[i].nbytes) for n, h in hulls.items()}
+
+    def size(sel: Mapping[str, int]) -> int:
+        return sum(hulls[n][i].nbytes for n, i in sel.items())
+
+    losses = [o.loss for h in hulls.values() for o in h]
+    lo, hi = 0.0, max(1e-30, max(losses, default=0.0))  # at λ = max loss per byte everything is cheapest
+    while size(pick(hi)) > budget:
+        hi *= 2
+    for _ in range(100):  # bisection on a monotone step function: 100 halvings exhaust a float
+        mid = (lo + hi) / 2
+        if size(pick(mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+    sel = pick(hi)
+    left = budget - size(sel)
+    # Spend what is left on the best remaining upgrades, one hull step at a time.
+    while True:
+        best, best_gain = None, 0.0
+        for n, i in sel.items():
+            h = hulls[n]
+            if i + 1 < len(h):
+                d = h[i + 1].nbytes - h[i].nbytes
+                if d <= left:
+                    gain = (h[i].loss - h[i + 1].loss) / d
+                    if gain > best_gain:
+                        best, best_gain = n, gain
+        if best is None:
+            break
+        i = sel[best]
+        left -= hulls[best][i + 1].nbytes - hulls[best][i].nbytes
+        sel[best] = i + 1
+    return {n: hulls[n][i] for n, i in sel.items()}
+
+
+def tensor_type_patterns(mix: Mapping[str, GGMLType | Option]) -> list[tuple[str, str]]:
+    """The mix as --tensor-type (pattern, type) pairs: anchored, so blk.1 never matches blk.11."""
+    out = []
+    for name, o in mix.items():
+        t = o.type if isinstance(o, Option) else o
+        out.append((f"^{re.escape(name)}$", t.name))
+    return out
+
+
+def format_tensor_type_file(pairs: Sequence[tuple[str, str]]) -> str:
+    """llama-quantize's --tensor-type-file: whitespace-separated PATTERN=TYPE words."""
+    return "".join(f"{p}={t}\n" for p, t in pairs)
+
+
+def parse_tensor_type_file(text: str, limit: int = 1 << 16) -> list[tuple[str, str]]:
+    """Read a --tensor-type-file as llama-quantize does (words split on whitespace, each NAME=TYPE)."""
+    words = text.split()
+    if len(words) > limit:
+        raise BadArguments(f"tensor type file has {len(words)} entries; at most {limit} are accepted")
+    out = []
+    for w in words:
+        name, sep, typ = w.partition("=")
+        if not sep or not name or not typ:
+            raise BadArguments(f"tensor type file: expected NAME=TYPE, got '{w[:80]}'")
+        out.append((name, ggml_type(typ).name))
+    return out
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def plan_options(
+    g: GGUFFile,
+    names: Sequence[str],
+    ne0: Mapping[str, int],
+    imatrix: Mapping[str, np.ndarray] | None,
+    sensitivity: Mapping[str, float] | None = None,
+    allowed: Sequence[str] = CANDIDATES,
+    progress: ProgressFn | None = None,
+) -> dict[str, list[Option]]:
+    """Every searched tensor's menu; `names` are the tensors the ftype's rules quantize."""
+    out = {}
+    for k, name in enumerate(names):
+        w = None if imatrix is None else imatrix.get(name)
+        types = candidates(ne0[name], w is not None or imatrix is not None, allowed)
+        s = 1.0 if sensitivity is None else sensitivity.get(name, 1.0)
+        out[name] = tensor_options(g, name, types, None if w is None else np.asarray(w, dtype=np.float32), s)
+        if progress:
+            progress(name, k + 1, len(names))
+    return out
