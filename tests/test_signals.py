@@ -47,6 +47,7 @@ if __name__ == "__main__":
     from loraq.gguf_io import writer
 
     driver.PARALLEL_MIN_ELEMENTS = 0
+    driver.USE_THREADS = False  # worker processes: the pool whose signal handling is under test
     slow = float(os.environ.get("LORAQ_TEST_SLOW", "0.05"))
     mark = Path(os.environ["LORAQ_TEST_MARK"])
 

@@ -257,6 +257,14 @@ def _qx_search(x, w, has_w, nmax, exact, L, scale_out):  # pragma: no cover - co
 _COMPILED: dict[str, Callable[..., Any] | None] = {}
 
 
+def available() -> bool:
+    """Whether the compiled kernels will run (numba installed, LORAQ_NO_JIT unset), without
+    importing numba."""
+    import importlib.util
+
+    return not os.environ.get("LORAQ_NO_JIT") and importlib.util.find_spec("numba") is not None
+
+
 def compiled(fn: Callable[..., Any]) -> Callable[..., Any] | None:
     """fn compiled by numba (cached on disk beside this module), or None without numba or with
     LORAQ_NO_JIT set. numba is imported on first use: processes that never quantize to a K type

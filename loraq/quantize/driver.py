@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +29,16 @@ from ..gguf_io import GGUFFile, KVList, open_gguf
 from ..gguf_io.reader import read_exact
 from ..gguf_io.writer import GGUFStreamWriter, OutTensor
 from ..kernels import can_quantize, dequantize, quantize
+from ..kernels.jit import available as jit_available
 from .rules import ModelFacts, TypeOptions, TypePlanner, category, iteration_order, requires_imatrix
 
 CHUNK_ELEMENTS = 1 << 21  # rows per work item ≈ 2M weights: bounded temporaries
-# Worker processes, not threads: the kernels are many numpy calls on ~1 MiB arrays and threads
-# serialize on the GIL between them (1.19x on 2 threads for Q4_K_M). Starting workers costs about
-# half a second, so models with less quantization work than this run in-process.
+# Worker threads when the heavy kernels run compiled (numba, GIL released): no start-up, one copy
+# of numba in memory, nothing pickled. Without numba, worker processes: the numpy kernels are many
+# calls on ~1 MiB arrays and threads serialize on the GIL between them (1.19x on 2 threads for
+# Q4_K_M). Starting processes costs about half a second, so models with less quantization work
+# than this run in-process.
+USE_THREADS: bool | None = None  # None: threads when numba is installed
 PARALLEL_MIN_ELEMENTS = 32 << 20
 
 # One output's part of a chunk: (target type, or None to copy the input; its imatrix slice or None)
@@ -242,6 +246,8 @@ def _pool(stack: ExitStack, threads: int, plans: list[tuple[list[PlanEntry], int
     work = sum(int(np.prod(e.ne)) for plan, _ in plans for e in plan if e.dst != e.src)
     if threads <= 1 or work < PARALLEL_MIN_ELEMENTS:
         return None
+    if USE_THREADS if USE_THREADS is not None else jit_available():
+        return stack.enter_context(_thread_guard(ThreadPoolExecutor(threads, thread_name_prefix="loraq-quantize")))
     # spawn, not fork: the parent may hold BLAS threads, which a forked child can deadlock on.
     pool = ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(ref,))
     return stack.enter_context(_pool_guard(pool))
@@ -255,6 +261,17 @@ def _pool_guard(pool: ProcessPoolExecutor) -> Iterator[ProcessPoolExecutor]:
         yield pool
     except BaseException:
         _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _thread_guard(pool: ThreadPoolExecutor) -> Iterator[ThreadPoolExecutor]:
+    """On an error or a signal, drop the queued chunks; the running ones (one each) finish."""
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
 
@@ -356,10 +373,12 @@ def _output_ref(w: GGUFStreamWriter, name: str) -> tuple[_OutputRef, int]:
 
 
 _OUTPUTS: dict[_OutputRef, int] = {}  # a worker's descriptors of the outputs it writes
-_READ_BUF = np.empty(0, np.uint8)  # a worker's input buffer, reused: no page faults per chunk
+_READ = threading.local()  # .buf: a worker's input buffer, reused: no page faults per chunk
 
 
 def _output_fd(ref: _OutputRef) -> int:
+    if _PARENT == 0:  # a thread of the process that holds the output open
+        return ref.fd
     fd = _OUTPUTS.get(ref)
     if fd is not None:
         return fd
@@ -391,11 +410,11 @@ def _pwrite_all(ref: _OutputRef, buf: np.ndarray, offset: int) -> int:
 
 def _read_rows(fd: int, path: Path, offset: int, n_rows: int, row_bytes: int, name: str) -> np.ndarray:
     """read_exact into the worker's reused buffer (valid until the next call)."""
-    global _READ_BUF
     nbytes = n_rows * row_bytes
-    if _READ_BUF.size < nbytes:
-        _READ_BUF = np.empty(nbytes, np.uint8)
-    view = _READ_BUF.data[:nbytes]
+    buf = getattr(_READ, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _READ.buf = np.empty(nbytes, np.uint8)
+    view = buf.data[:nbytes]
     got = 0
     try:
         while got < nbytes:
@@ -405,18 +424,29 @@ def _read_rows(fd: int, path: Path, offset: int, n_rows: int, row_bytes: int, na
             got += n
     except OSError as exc:
         raise io_error(exc, path, "read") from exc
-    return _READ_BUF[:nbytes].reshape(n_rows, row_bytes)
+    return buf[:nbytes].reshape(n_rows, row_bytes)
 
 
 def _quantize_into(
-    offset: int, n_rows: int, row_bytes: int, name: str, src: GGMLType, ne0: int, jobs: list[Job], dests: list[tuple[_OutputRef, int]]
+    inp: tuple[int, Path] | None,
+    offset: int,
+    n_rows: int,
+    row_bytes: int,
+    name: str,
+    src: GGMLType,
+    ne0: int,
+    jobs: list[Job],
+    dests: list[tuple[_OutputRef, int]],
 ) -> list[int]:
-    """_quantize_chunk in a worker process, which reads its rows itself from the input opened by
-    _init_worker and writes each output's blocks into that output's file at its place: only
-    arguments and byte counts cross between processes. Returns the bytes written per output."""
-    if _INPUT_ERROR is not None or _INPUT is None:
-        raise InputChanged(_INPUT_PATH, "it was being quantized") if _INPUT_ERROR == "changed" else BadInput(str(_INPUT_ERROR))
-    fd, path = _INPUT
+    """_quantize_chunk in a pool worker, which reads its rows itself (from `inp`, the parent's open
+    input, in a thread; from the input _init_worker opened, in a process) and writes each output's
+    blocks into that output's file at its place: only arguments and byte counts are passed
+    around. Returns the bytes written per output."""
+    if inp is None:
+        if _INPUT_ERROR is not None or _INPUT is None:
+            raise InputChanged(_INPUT_PATH, "it was being quantized") if _INPUT_ERROR == "changed" else BadInput(str(_INPUT_ERROR))
+        inp = _INPUT
+    fd, path = inp
     chunk = _read_rows(fd, path, offset, n_rows, row_bytes, name)
     parts = _quantize_chunk(chunk, name, src, ne0, jobs)
     return [_pwrite_all(ref, part, off) for (ref, off), part in zip(dests, parts)]
@@ -471,7 +501,16 @@ def _work_items(
             else:
                 dests = [(ref, off + start * rb) for (ref, off), rb in zip(outs, out_row_bytes)]
                 work = pool.submit(
-                    _quantize_into, info.offset + start * row_bytes, stop - start, row_bytes, info.name, info.type, ne0, jobs, dests
+                    _quantize_into,
+                    (fd, src.path) if isinstance(pool, ThreadPoolExecutor) else None,
+                    info.offset + start * row_bytes,
+                    stop - start,
+                    row_bytes,
+                    info.name,
+                    info.type,
+                    ne0,
+                    jobs,
+                    dests,
                 )
             yield _WorkItem(entries, start == 0, stop == info.n_rows, work)
             start = stop
