@@ -15,6 +15,7 @@ checks), else the exact bit trick."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -100,15 +101,19 @@ def _qkx2_search(x, w, nmax, rmin, rdelta, nstep, use_mad, L, scale_out, min_out
                 sl2[k] = zero
                 sxl[k] = zero
             for j in range(n):
-                for k in range(K):
-                    v = isc[k] * (x[b, j, k] - cur_min[k])
-                    if fast:
-                        q = np.rint(v)
-                    else:
+                if fast:  # (v + 1.5*2^23) - 1.5*2^23 rounds half to even, as rint, and vectorizes
+                    for k in range(K):
+                        v = isc[k] * (x[b, j, k] - cur_min[k])
+                        q = (v + magic) - magic
+                        la[j, k] = min(max(q, zero), fn)
+                else:
+                    for k in range(K):
+                        v = isc[k] * (x[b, j, k] - cur_min[k])
                         bits[0] = v + magic
                         q = np.float32((ibits[0] & 0x7FFFFF) - 0x400000)
-                    q = min(max(q, zero), fn) + zero  # int l: never -0.0
-                    la[j, k] = q
+                        la[j, k] = min(max(q, zero), fn) + zero  # int l: never -0.0
+                for k in range(K):
+                    q = la[j, k]
                     ww = w[b, j, k]
                     wl = ww * q
                     sl[k] += wl
@@ -133,13 +138,14 @@ def _qkx2_search(x, w, nmax, rmin, rdelta, nstep, use_mad, L, scale_out, min_out
             for k in range(K):
                 cur[k] = zero
             for j in range(n):
-                for k in range(K):
-                    diff = t_scale[k] * la[j, k] + t_min[k] - x[b, j, k]
-                    if use_mad:
-                        diff = abs(diff)
-                    else:
-                        diff = diff * diff
-                    cur[k] += w[b, j, k] * diff
+                if use_mad:
+                    for k in range(K):
+                        diff = t_scale[k] * la[j, k] + t_min[k] - x[b, j, k]
+                        cur[k] += w[b, j, k] * abs(diff)
+                else:
+                    for k in range(K):
+                        diff = t_scale[k] * la[j, k] + t_min[k] - x[b, j, k]
+                        cur[k] += w[b, j, k] * (diff * diff)
             for k in range(K):
                 if step < 0:
                     best[k] = cur[k]
@@ -255,6 +261,7 @@ def _qx_search(x, w, has_w, nmax, exact, L, scale_out):  # pragma: no cover - co
 
 
 _COMPILED: dict[str, Callable[..., Any] | None] = {}
+_LOCK = threading.Lock()
 
 
 def available() -> bool:
@@ -270,7 +277,11 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any] | None:
     LORAQ_NO_JIT set. numba is imported on first use: processes that never quantize to a K type
     do not pay for it."""
     name = fn.__name__
-    if name not in _COMPILED:
+    if name in _COMPILED:
+        return _COMPILED[name]
+    with _LOCK:  # the pool's threads ask at once: load (or compile) once
+        if name in _COMPILED:
+            return _COMPILED[name]
         try:
             if os.environ.get("LORAQ_NO_JIT"):
                 raise ImportError("disabled by LORAQ_NO_JIT")
