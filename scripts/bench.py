@@ -208,6 +208,12 @@ def bench_large(model: Path, tmp: Path) -> None:
     l_setup = "from pathlib import Path\nfrom loraq.quantize.driver import QuantizeOptions, quantize_model"
     c_setup = "import ctypes\nimport llama_cpp\nllama_cpp.llama_backend_init()"
     l_idle = child(l_setup, "pass")
+    # The first K-type quantize after an install or an edit compiles numba's kernels into its
+    # on-disk cache (~5 s, once); warm it outside the timed runs, as any earlier run would have.
+    child(
+        l_setup,
+        "import numpy as np\nfrom loraq.kernels import quantize\nfor t in ('q4_K', 'q6_K'): quantize(np.ones((1, 256), np.float32), t)",
+    )
     c_idle = child(c_setup, "pass") if not llama_ok else None
     print(
         f"child RSS after imports only: loraq {mib(l_idle['maxrss_kib'])}" + (f", llama.cpp {mib(c_idle['maxrss_kib'])}" if c_idle else "")
@@ -216,7 +222,8 @@ def bench_large(model: Path, tmp: Path) -> None:
     for t in ("Q8_0", "Q4_0", "Q4_K_M"):
         ours, theirs = tmp / f"loraq-{t}.gguf", tmp / f"llama-{t}.gguf"
         lr = child(l_setup, f"quantize_model(Path({str(model)!r}), Path({str(ours)!r}), {t!r}, QuantizeOptions(threads=2))")
-        # loraq quantizes in 2 worker processes: count the parent plus 2x the largest worker
+        # loraq quantizes in 2 threads (numba installed) or 2 worker processes: count the parent
+        # plus 2x the largest worker process, if any
         lr["maxrss_kib"] += 2 * lr.get("workers_kib", 0)
         if llama_ok:
             print(
@@ -251,7 +258,7 @@ def bench_large(model: Path, tmp: Path) -> None:
         print(llama_ok)
     print(
         "(seconds: the quantize call alone, imports excluded; RSS: the child's peak, imports included, plus 2x the"
-        " largest worker process for loraq;"
+        " largest worker process for loraq (none with numba: threads);"
         " l/c = loraq / llama.cpp, lower is better for loraq)"
     )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ class GGUFStreamWriter:
         self._pending = 0
         self._ctx: contextlib.AbstractContextManager[Path] | None = None
         self._f: io.BufferedWriter | None = None
+        self._tmp: Path | None = None
+        self._offsets: dict[str, int] = {}
 
     def _header(self) -> bytes:
         parts = [b"GGUF", struct.pack("<IQQ", 3, len(self.tensors), len(self._kvs))]
@@ -126,10 +129,15 @@ class GGUFStreamWriter:
 
     def __enter__(self) -> GGUFStreamWriter:
         self._ctx = atomic_output(self.path)
-        tmp = self._ctx.__enter__()
+        tmp = self._tmp = self._ctx.__enter__()
         try:
             self._f = open(tmp, "wb")
-            self._f.write(self._header())
+            head = self._header()
+            self._f.write(head)
+            offset = len(head)
+            for t in self.tensors:
+                self._offsets[t.name] = offset
+                offset += _pad(t.nbytes)
         except OSError as exc:
             self._abort(exc)
             raise io_error(exc, self.path, "write") from exc
@@ -163,6 +171,25 @@ class GGUFStreamWriter:
             raise LoraqError(f"internal: tensor {t.name} has {self._pending} bytes, expected {t.nbytes}")
         self._write(b"\0" * (_pad(t.nbytes) - t.nbytes))
         self._next += 1
+
+    def region(self, name: str) -> tuple[Path, int, int]:
+        """Where tensor `name`'s bytes belong, for writers in other processes (os.pwrite):
+        (the temporary file, its descriptor here, the absolute offset). The tensor still passes
+        through begin, skip (in place of append) and end, in order, once its bytes are there."""
+        assert self._f is not None and self._tmp is not None, "GGUFStreamWriter used outside its with block"
+        return self._tmp, self._f.fileno(), self._offsets[name]
+
+    def skip(self, nbytes: int) -> None:
+        """Account for `nbytes` of the current tensor written by someone else (see region)."""
+        t = self.tensors[self._next]
+        self._pending += nbytes
+        if self._pending > t.nbytes:
+            raise LoraqError(f"internal: tensor {t.name} has more than {t.nbytes} bytes")
+        assert self._f is not None, "GGUFStreamWriter used outside its with block"
+        try:
+            self._f.seek(nbytes, os.SEEK_CUR)
+        except OSError as exc:
+            raise io_error(exc, self.path, "write") from exc
 
     def _write(self, buf: bytes | memoryview) -> None:
         assert self._f is not None, "GGUFStreamWriter used outside its with block"

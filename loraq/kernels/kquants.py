@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .fp import to_f16
+from .jit import QkxJit, qkx_quants, qx_quants
 from .numeric import (
     F32,
     GROUP_MAX_EPS,
@@ -33,7 +34,6 @@ from .numeric import (
     MAGIC,
     Q3Quants,
     QkxResult,
-    QxResult,
     blend,
     fp16_round,
     make_qp_quants,
@@ -144,7 +144,7 @@ def q45_K(xb: np.ndarray, qw: None, nmax: int, rmin: float, rdelta: float, nstep
     av_x = np.sqrt(sum_x2 / F32(32))
     w = np.abs(xs)
     w += av_x[:, None, :]
-    r = QkxResult(xs, w, nmax, rmin, rdelta, nstep, False)
+    r = qkx_quants(xs, w, nmax, rmin, rdelta, nstep, False)
     scales = r.scale.reshape(g, 8, k)
     mins = r.the_min.reshape(g, 8, k)
     max_scale = _pos_max(scales)
@@ -175,7 +175,7 @@ class Search(NamedTuple):
 
     nb: int  # super-blocks in the chunk
     t: np.ndarray  # (G, 256, K) T layout
-    r: QkxResult
+    r: QkxResult | QkxJit
     sw: np.ndarray  # (G, ns, K) sum of the weights of each sub-block
     scales: np.ndarray  # (G, ns, K)
     mins: np.ndarray  # (G, ns, K)
@@ -197,7 +197,7 @@ def imat_search(xb: np.ndarray, qw: np.ndarray, sub: int, nmax: int, factor2: bo
     ns = QK_K // sub
     xs = t.reshape(g * ns, sub, k)
     w = _sigma2_weights(t, to_tlayout(qw), factor2).reshape(g * ns, sub, k)
-    r = QkxResult(xs, w, nmax, -0.9, 0.05, 36, False)
+    r = qkx_quants(xs, w, nmax, -0.9, 0.05, 36, False)
     return Search(len(xb), t, r, rsum(w).reshape(g, ns, k), r.scale.reshape(g, ns, k), r.the_min.reshape(g, ns, k))
 
 
@@ -251,7 +251,7 @@ def q2_K(xb: np.ndarray, qw: None = None) -> np.ndarray:
     t = to_tlayout(xb)
     g, _, k = t.shape
     xs = t.reshape(g * 16, 16, k)
-    r = QkxResult(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+    r = qkx_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
     scales = r.scale.reshape(g, 16, k)
     mins = r.the_min.reshape(g, 16, k)
     max_scale = _pos_max(scales)
@@ -351,8 +351,8 @@ def q3_K_imat(xb: np.ndarray, qw: np.ndarray) -> np.ndarray:
     xs = t.reshape(g * 16, 16, k)
     w = _sigma2_weights(t, to_tlayout(qw), True).reshape(g * 16, 16, k)
     sw = rsum(w).reshape(g, 16, k)
-    r = QxResult(xs, w, 4)
-    rb = QxResult(r.scale.reshape(g, 16, k), sw, 32, exact=True)  # scales may be NaN
+    r = qx_quants(xs, w, 4)
+    rb = qx_quants(r.scale.reshape(g, 16, k), sw, 32, exact=True)  # scales may be NaN
     return _q3_pack(t, len(xb), r.L, _pack_q3_scales(rb.L()), to_f16(rb.scale))
 
 
@@ -363,7 +363,7 @@ def q6_K(xb: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     t = to_tlayout(xb)
     g, _, k = t.shape
     xs = t.reshape(g * 16, 16, k)
-    r = QxResult(xs, None if qw is None else to_tlayout(qw).reshape(g * 16, 16, k), 32)  # impl: raw imatrix
+    r = qx_quants(xs, None if qw is None else to_tlayout(qw).reshape(g * 16, 16, k), 32)  # impl: raw imatrix
     scales = r.scale.reshape(g, 16, k)
     max_scale = signed_absmax(scales)
     zero = np.abs(max_scale) < GROUP_MAX_EPS

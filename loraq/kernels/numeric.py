@@ -136,15 +136,14 @@ def ni(v: np.ndarray) -> np.ndarray:
 def c_roundf(v: np.ndarray) -> np.ndarray:
     """C roundf (half away from zero) on float32, exactly.
 
-    np.rint rounds half to even, so it differs only at exact ties (|v - rint(v)| == 0.5, which
-    is exact in float32) where it went toward zero. trunc(v + 0.5) would be wrong: the add itself
-    rounds (0.49999997f + 0.5f == 1.0f)."""
-    r = np.rint(v)
-    tie = np.abs(v - r) == F32(0.5)
-    if tie.any():
-        vt = v[tie]
-        r[tie] = np.trunc(vt) + np.sign(vt)
-    return r
+    trunc(v + copysign(0.49999997f, v)): adding the largest float below one half never carries
+    a fraction below .5 across the next integer (below 0.5 the sum stays under 1; above, the
+    sum's rounding error is under half its ulp), while exact halves reach it (ties of the sum
+    round to even, which is the integer). trunc(v + 0.5) would be wrong: 0.49999997f + 0.5f
+    rounds to 1.0f."""
+    r = np.copysign(F32(0.49999997), v)  # the float just below 0.5: x + 0.5f itself could round up
+    r += v
+    return np.trunc(r, out=r)
 
 
 def safe_inv(d: np.ndarray) -> np.ndarray:

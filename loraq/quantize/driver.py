@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +23,22 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ..atomic import InputChanged, check_not_input, file_identity, io_error
-from ..errors import BadArguments, BadInput
+from ..errors import BadArguments, BadInput, IOFailure
 from ..ggml_types import FileType, GGMLType, file_type, ggml_type
 from ..gguf_io import GGUFFile, KVList, open_gguf
 from ..gguf_io.reader import read_exact
 from ..gguf_io.writer import GGUFStreamWriter, OutTensor
 from ..kernels import can_quantize, dequantize, quantize
+from ..kernels.jit import available as jit_available
 from .rules import ModelFacts, TypeOptions, TypePlanner, category, iteration_order, requires_imatrix
 
 CHUNK_ELEMENTS = 1 << 21  # rows per work item ≈ 2M weights: bounded temporaries
-# Worker processes, not threads: the kernels are many numpy calls on ~1 MiB arrays and threads
-# serialize on the GIL between them (1.19x on 2 threads for Q4_K_M). Starting workers costs about
-# half a second, so models with less quantization work than this run in-process.
+# Worker threads when the heavy kernels run compiled (numba, GIL released): no start-up, one copy
+# of numba in memory, nothing pickled. Without numba, worker processes: the numpy kernels are many
+# calls on ~1 MiB arrays and threads serialize on the GIL between them (1.19x on 2 threads for
+# Q4_K_M). Starting processes costs about half a second, so models with less quantization work
+# than this run in-process.
+USE_THREADS: bool | None = None  # None: threads when numba is installed
 PARALLEL_MIN_ELEMENTS = 32 << 20
 
 # One output's part of a chunk: (target type, or None to copy the input; its imatrix slice or None)
@@ -191,13 +195,16 @@ def quantize_many(
                 for ft, (_, out), (plan, _) in zip(ftypes, jobs, plans)
             ]
             per_tensor = [[plan[k] for plan, _ in plans] for k in range(len(plans[0][0]))]
-            items = _work_items(src, fd, per_tensor, opts, pool)
+            items = _work_items(src, fd, per_tensor, opts, pool, writers)
             for entries, first, last, parts in _in_order(items, 1 if pool is None else 4 * opts.threads):
                 if first:
                     for w in writers:
                         w.begin(entries[0].name)
                 for w, part in zip(writers, parts):
-                    w.append(part)
+                    if isinstance(part, int):  # written by a worker into w's file
+                        w.skip(part)
+                    elif isinstance(part, np.ndarray):
+                        w.append(part)
                 if last:
                     for w in writers:
                         w.end()
@@ -239,6 +246,8 @@ def _pool(stack: ExitStack, threads: int, plans: list[tuple[list[PlanEntry], int
     work = sum(int(np.prod(e.ne)) for plan, _ in plans for e in plan if e.dst != e.src)
     if threads <= 1 or work < PARALLEL_MIN_ELEMENTS:
         return None
+    if USE_THREADS if USE_THREADS is not None else jit_available():
+        return stack.enter_context(_thread_guard(ThreadPoolExecutor(threads, thread_name_prefix="loraq-quantize")))
     # spawn, not fork: the parent may hold BLAS threads, which a forked child can deadlock on.
     pool = ProcessPoolExecutor(threads, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(ref,))
     return stack.enter_context(_pool_guard(pool))
@@ -252,6 +261,17 @@ def _pool_guard(pool: ProcessPoolExecutor) -> Iterator[ProcessPoolExecutor]:
         yield pool
     except BaseException:
         _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _thread_guard(pool: ThreadPoolExecutor) -> Iterator[ThreadPoolExecutor]:
+    """On an error or a signal, drop the queued chunks; the running ones (one each) finish."""
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
 
@@ -276,12 +296,14 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
 _INPUT: tuple[int, Path] | None = None
 _INPUT_PATH = Path()
 _INPUT_ERROR: str | None = None
+_PARENT = 0
 
 
 def _init_worker(ref: _InputRef) -> None:
     """Pool initializer: die with the parent, leave Ctrl-C to the parent, open the parent's input."""
-    global _INPUT, _INPUT_ERROR, _INPUT_PATH
+    global _INPUT, _INPUT_ERROR, _INPUT_PATH, _PARENT
     _INPUT_PATH = Path(ref.path)
+    _PARENT = ref.parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles it and stops the pool
     _die_with_parent(ref.parent)
     fd = None
@@ -334,27 +356,114 @@ def _quantize_chunk(chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs:
     return out
 
 
-def _quantize_from_input(offset: int, n_rows: int, row_bytes: int, name: str, src: GGMLType, ne0: int, jobs: list[Job]) -> list[np.ndarray]:
-    """_quantize_chunk in a worker process, which reads its rows itself from the input opened by
-    _init_worker: the parent then moves only the (smaller) blocks, not the input, between processes."""
-    if _INPUT_ERROR is not None or _INPUT is None:
-        raise InputChanged(_INPUT_PATH, "it was being quantized") if _INPUT_ERROR == "changed" else BadInput(str(_INPUT_ERROR))
-    fd, path = _INPUT
-    chunk = read_exact(fd, path, offset, n_rows * row_bytes, name).reshape(n_rows, row_bytes)
-    return _quantize_chunk(chunk, name, src, ne0, jobs)
+class _OutputRef(NamedTuple):
+    """An output's temporary file as a worker opens it (as _InputRef: through the parent's
+    descriptor, else the path) and its (st_dev, st_ino), so a worker never writes elsewhere."""
+
+    path: str
+    fd: int
+    ident: tuple[int, int]
+
+
+def _output_ref(w: GGUFStreamWriter, name: str) -> tuple[_OutputRef, int]:
+    """(w's file for a worker, the absolute offset of tensor `name` in it)."""
+    tmp, fd, offset = w.region(name)
+    st = os.fstat(fd)
+    return _OutputRef(str(tmp), fd, (st.st_dev, st.st_ino)), offset
+
+
+_OUTPUTS: dict[_OutputRef, int] = {}  # a worker's descriptors of the outputs it writes
+_READ = threading.local()  # .buf: a worker's input buffer, reused: no page faults per chunk
+
+
+def _output_fd(ref: _OutputRef) -> int:
+    if _PARENT == 0:  # a thread of the process that holds the output open
+        return ref.fd
+    fd = _OUTPUTS.get(ref)
+    if fd is not None:
+        return fd
+    for p in (f"/proc/{_PARENT}/fd/{ref.fd}", ref.path):
+        with contextlib.suppress(OSError):
+            fd = os.open(p, os.O_WRONLY)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == ref.ident:
+                break
+            os.close(fd)
+            fd = None
+    if fd is None:
+        raise IOFailure(f"cannot write {ref.path}: the temporary output vanished while being written")
+    _OUTPUTS[ref] = fd
+    return fd
+
+
+def _pwrite_all(ref: _OutputRef, buf: np.ndarray, offset: int) -> int:
+    view = np.ascontiguousarray(buf).data.cast("B")
+    fd = _output_fd(ref)
+    done = 0
+    try:
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+    except OSError as exc:
+        raise io_error(exc, ref.path, "write") from exc
+    return done
+
+
+def _read_rows(fd: int, path: Path, offset: int, n_rows: int, row_bytes: int, name: str) -> np.ndarray:
+    """read_exact into the worker's reused buffer (valid until the next call)."""
+    nbytes = n_rows * row_bytes
+    buf = getattr(_READ, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _READ.buf = np.empty(nbytes, np.uint8)
+    view = buf.data[:nbytes]
+    got = 0
+    try:
+        while got < nbytes:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise BadInput(f"{path} is truncated inside tensor {name}")
+            got += n
+    except OSError as exc:
+        raise io_error(exc, path, "read") from exc
+    return buf[:nbytes].reshape(n_rows, row_bytes)
+
+
+def _quantize_into(
+    inp: tuple[int, Path] | None,
+    offset: int,
+    n_rows: int,
+    row_bytes: int,
+    name: str,
+    src: GGMLType,
+    ne0: int,
+    jobs: list[Job],
+    dests: list[tuple[_OutputRef, int]],
+) -> list[int]:
+    """_quantize_chunk in a pool worker, which reads its rows itself (from `inp`, the parent's open
+    input, in a thread; from the input _init_worker opened, in a process) and writes each output's
+    blocks into that output's file at its place: only arguments and byte counts are passed
+    around. Returns the bytes written per output."""
+    if inp is None:
+        if _INPUT_ERROR is not None or _INPUT is None:
+            raise InputChanged(_INPUT_PATH, "it was being quantized") if _INPUT_ERROR == "changed" else BadInput(str(_INPUT_ERROR))
+        inp = _INPUT
+    fd, path = inp
+    chunk = _read_rows(fd, path, offset, n_rows, row_bytes, name)
+    parts = _quantize_chunk(chunk, name, src, ne0, jobs)
+    return [_pwrite_all(ref, part, off) for (ref, off), part in zip(dests, parts)]
 
 
 class _WorkItem(NamedTuple):
-    """One row chunk of one tensor: the buffers of every output (a list, or a Future of it)."""
+    """One row chunk of one tensor: the buffers of every output, or the byte counts a worker
+    wrote into them (a list, or a Future of it)."""
 
     entries: list[PlanEntry]  # the tensor's plan entry for each output
     first: bool  # the tensor's first chunk
     last: bool  # the tensor's last chunk
-    work: list[np.ndarray] | Future[list[np.ndarray]]
+    work: list[np.ndarray] | Future[list[int]]
 
 
 def _work_items(
-    src: GGUFFile, fd: int, per_tensor: list[list[PlanEntry]], opts: QuantizeOptions, pool: Executor | None
+    src: GGUFFile, fd: int, per_tensor: list[list[PlanEntry]], opts: QuantizeOptions, pool: Executor | None, writers: list[GGUFStreamWriter]
 ) -> Iterator[_WorkItem]:
     """A work item for every row chunk of every tensor, in file order; `fd` is src's file, opened once."""
     for entries in per_tensor:
@@ -375,6 +484,8 @@ def _work_items(
             rows = read_exact(fd, src.path, info.offset, info.nbytes, info.name).reshape(info.n_rows, row_bytes)
         else:  # several chunks per worker, so one tensor can keep all workers busy
             step = max(1, min(step, -(-info.n_rows // (2 * opts.threads))))
+            outs = [_output_ref(w, info.name) for w in writers]
+            out_row_bytes = [e.dst.row_bytes(ne0) for e in entries]
         imats = [_imatrix_for(e, opts) for e in entries]
         start = 0
         while start < info.n_rows:
@@ -384,23 +495,33 @@ def _work_items(
                 (None if e.dst == e.src else e.dst, None if w is None else w[expert * ne0 : (expert + 1) * ne0])
                 for e, w in zip(entries, imats)
             ]
-            work: list[np.ndarray] | Future[list[np.ndarray]]
+            work: list[np.ndarray] | Future[list[int]]
             if pool is None:
                 work = _quantize_chunk(rows[start:stop], info.name, info.type, ne0, jobs)
             else:
+                dests = [(ref, off + start * rb) for (ref, off), rb in zip(outs, out_row_bytes)]
                 work = pool.submit(
-                    _quantize_from_input, info.offset + start * row_bytes, stop - start, row_bytes, info.name, info.type, ne0, jobs
+                    _quantize_into,
+                    (fd, src.path) if isinstance(pool, ThreadPoolExecutor) else None,
+                    info.offset + start * row_bytes,
+                    stop - start,
+                    row_bytes,
+                    info.name,
+                    info.type,
+                    ne0,
+                    jobs,
+                    dests,
                 )
             yield _WorkItem(entries, start == 0, stop == info.n_rows, work)
             start = stop
 
 
-def _in_order(items: Iterator[_WorkItem], width: int) -> Iterator[tuple[list[PlanEntry], bool, bool, list[np.ndarray]]]:
+def _in_order(items: Iterator[_WorkItem], width: int) -> Iterator[tuple[list[PlanEntry], bool, bool, list[np.ndarray] | list[int]]]:
     """Resolve work items in order, keeping `width` in flight across tensor boundaries: enough to
-    keep every worker busy while the parent writes, few enough to bound memory."""
+    keep every worker busy, few enough to bound memory."""
     pending: list[_WorkItem] = []
 
-    def done(item: _WorkItem) -> tuple[list[PlanEntry], bool, bool, list[np.ndarray]]:
+    def done(item: _WorkItem) -> tuple[list[PlanEntry], bool, bool, list[np.ndarray] | list[int]]:
         entries, first, last, work = item
         return entries, first, last, work if isinstance(work, list) else work.result()
 
@@ -427,14 +548,18 @@ def _imatrix_for(e: PlanEntry, opts: QuantizeOptions) -> np.ndarray | None:
 
 
 def _check_finite(name: str, raw: np.ndarray, t: GGMLType) -> None:
-    """llama-quantize validates every input row it reads (§4.7): NaN/Inf in a float tensor aborts."""
+    """llama-quantize validates every input row it reads (§4.7): NaN/Inf in a float tensor aborts.
+    Inf and NaN are the values whose exponent bits are all ones: with the sign cleared, exactly
+    the bit patterns from inf's upwards (one integer max, not a float classification pass)."""
     if t.name == "f32":
-        ok = np.isfinite(raw.view(np.float32)).all()
-    elif t.name == "f16":
-        ok = np.isfinite(raw.view(np.float16)).all()
-    elif t.name == "bf16":
-        ok = ((raw.view(np.uint16) & 0x7F80) != 0x7F80).all()  # exponent all ones: Inf or NaN
+        bits, inf = raw.view(np.uint32), 0x7F800000
+    elif t.name in ("f16", "bf16"):
+        bits, inf = raw.view(np.uint16), (0x7C00 if t.name == "f16" else 0x7F80)
     else:
         return
+    if bits.size == 0:
+        return
+    sign_cleared = np.bitwise_and(bits, bits.dtype.type(np.iinfo(bits.dtype).max >> 1))
+    ok = int(sign_cleared.max()) < inf
     if not ok:
         raise BadInput(f"tensor {name} has invalid data (NaN or Inf); fix the model that produced it")

@@ -1,0 +1,356 @@
+"""Compiled (numba) versions of the hottest scale search, used when numba is installed.
+
+make_qkx2_quants (q4_K / q5_K / q2_K without an imatrix) runs 22 candidate scales per sub-block;
+in numpy every candidate is ~16 passes over the chunk (subtract, multiply, round, clip, three
+products and sums, the error's five operations and its sum), which keeps the K types slower
+than llama.cpp's scalar C. Here each candidate is two fused loops over a group's (n, K) tile,
+in L1, with the K lanes (independent blocks) innermost so LLVM vectorizes across blocks.
+
+Parity with ggml (and with numeric.QkxResult, which stays the reference and the fallback):
+float32 everywhere, in the C order of operations; no fastmath (no FMA contraction, no
+reassociation: each lane's sums are sequential in j); error_model "numpy" so x/0 is inf as in C;
+nearest_int is np.rint while |v| is below 2^22 - 1 for every lane of the group (as QkxResult
+checks), else the exact bit trick."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .numeric import QkxResult, QxResult
+
+F32 = np.float32
+
+
+def _qkx2_search(x, w, nmax, rmin, rdelta, nstep, use_mad, L, scale_out, min_out):  # pragma: no cover - compiled
+    """make_qkx2_quants for T-layout sub-blocks x, w (B, n, K) float32. Writes the chosen L
+    (B, n, K) uint8 (0 for max == min blocks), the scale and the_min = -min (B, K)."""
+    B, n, K = x.shape
+    fn = np.float32(nmax)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    magic = np.float32(12582912.0)
+    safe = np.float32(4194303.0)
+    mn = np.empty(K, np.float32)
+    mx = np.empty(K, np.float32)
+    sum_w = np.empty(K, np.float32)
+    sum_x = np.empty(K, np.float32)
+    cur_min = np.empty(K, np.float32)
+    isc = np.empty(K, np.float32)
+    scale = np.empty(K, np.float32)
+    best = np.empty(K, np.float32)
+    sl = np.empty(K, np.float32)
+    sl2 = np.empty(K, np.float32)
+    sxl = np.empty(K, np.float32)
+    t_scale = np.empty(K, np.float32)
+    t_min = np.empty(K, np.float32)
+    cur = np.empty(K, np.float32)
+    take = np.empty(K, np.bool_)
+    deg = np.empty(K, np.bool_)
+    la = np.empty((n, K), np.float32)
+    bits = np.empty(1, np.float32)
+    ibits = bits.view(np.int32)
+    for b in range(B):
+        finite = True
+        for k in range(K):
+            v = x[b, 0, k]
+            mn[k] = v
+            mx[k] = v
+            sum_w[k] = w[b, 0, k]
+            sum_x[k] = w[b, 0, k] * v
+            if v - v != zero:
+                finite = False
+        for j in range(1, n):
+            for k in range(K):
+                v = x[b, j, k]
+                if v < mn[k]:
+                    mn[k] = v
+                if v > mx[k]:
+                    mx[k] = v
+                ww = w[b, j, k]
+                sum_w[k] += ww
+                sum_x[k] += ww * v
+                if v - v != zero:  # inf or NaN: only the exact nearest_int will do
+                    finite = False
+        for k in range(K):
+            if mn[k] > zero:
+                mn[k] = zero
+            deg[k] = mx[k] == mn[k]
+            cur_min[k] = mn[k]
+            isc[k] = fn / (mx[k] - mn[k])
+            scale[k] = one / isc[k]
+            best[k] = zero
+        for step in range(-1, nstep + 1):
+            if step >= 0:
+                c = np.float32(rmin) + np.float32(rdelta) * np.float32(step) + fn
+                for k in range(K):
+                    isc[k] = c / (mx[k] - cur_min[k])
+            # rint equals nearest_int while |isc*(x - cur_min)| <= 2^22 - 1 in every lane
+            fast = finite
+            for k in range(K):
+                hi = isc[k] * (mx[k] - cur_min[k])
+                lo = isc[k] * (cur_min[k] - mn[k])
+                if not (hi <= safe and lo <= safe and isc[k] >= zero):
+                    fast = False
+            for k in range(K):
+                sl[k] = zero
+                sl2[k] = zero
+                sxl[k] = zero
+            for j in range(n):
+                if fast:  # (v + 1.5*2^23) - 1.5*2^23 rounds half to even, as rint, and vectorizes
+                    for k in range(K):
+                        v = isc[k] * (x[b, j, k] - cur_min[k])
+                        q = (v + magic) - magic
+                        la[j, k] = min(max(q, zero), fn)
+                else:
+                    for k in range(K):
+                        v = isc[k] * (x[b, j, k] - cur_min[k])
+                        bits[0] = v + magic
+                        q = np.float32((ibits[0] & 0x7FFFFF) - 0x400000)
+                        la[j, k] = min(max(q, zero), fn) + zero  # int l: never -0.0
+                for k in range(K):
+                    q = la[j, k]
+                    ww = w[b, j, k]
+                    wl = ww * q
+                    sl[k] += wl
+                    sl2[k] += wl * q
+                    sxl[k] += wl * x[b, j, k]
+            if step < 0:  # the first guess: its error is the one to beat, its L the default
+                for k in range(K):
+                    t_scale[k] = scale[k]
+                    t_min[k] = mn[k]
+                    take[k] = True
+            else:
+                for k in range(K):
+                    det = sum_w[k] * sl2[k] - sl[k] * sl[k]
+                    ts = (sum_w[k] * sxl[k] - sum_x[k] * sl[k]) / det
+                    tm = (sl2[k] * sum_x[k] - sl[k] * sxl[k]) / det
+                    if tm > zero:
+                        tm = zero
+                        ts = sxl[k] / sl2[k]
+                    t_scale[k] = ts
+                    t_min[k] = tm
+                    take[k] = det > zero
+            for k in range(K):
+                cur[k] = zero
+            for j in range(n):
+                if use_mad:
+                    for k in range(K):
+                        diff = t_scale[k] * la[j, k] + t_min[k] - x[b, j, k]
+                        cur[k] += w[b, j, k] * abs(diff)
+                else:
+                    for k in range(K):
+                        diff = t_scale[k] * la[j, k] + t_min[k] - x[b, j, k]
+                        cur[k] += w[b, j, k] * (diff * diff)
+            for k in range(K):
+                if step < 0:
+                    best[k] = cur[k]
+                elif take[k] and cur[k] < best[k]:
+                    best[k] = cur[k]
+                    scale[k] = t_scale[k]
+                    cur_min[k] = t_min[k]
+                else:
+                    take[k] = False
+            for j in range(n):
+                for k in range(K):
+                    if take[k]:
+                        L[b, j, k] = np.uint8(la[j, k])
+        for k in range(K):
+            if deg[k]:
+                scale_out[b, k] = zero
+                min_out[b, k] = -mn[k]
+                for j in range(n):
+                    L[b, j, k] = 0
+            else:
+                scale_out[b, k] = scale[k]
+                min_out[b, k] = -cur_min[k]
+
+
+def _qx_search(x, w, has_w, nmax, exact, L, scale_out):  # pragma: no cover - compiled
+    """make_qx_quants(n, nmax, x, L, rmse_type 1, w) for T-layout blocks x (B, n, K); w the
+    weights, or (has_w False) x*x. Writes L (B, n, K) uint8 in [0, 2*nmax-1] and the scale (B, K),
+    both 0 where max |x| < 1e-15. As numeric.QxResult: np.rint while `exact` is False (|iscale*x|
+    <= nmax + 0.9 by construction), ggml's bit trick (NaN -> 0) when x may hold NaN."""
+    B, n, K = x.shape
+    fn = np.float32(nmax)
+    zero = np.float32(0.0)
+    lo = -fn
+    hi = fn - np.float32(1.0)
+    magic = np.float32(12582912.0)
+    eps = np.float32(1e-15)
+    amax = np.empty(K, np.float32)
+    mx = np.empty(K, np.float32)
+    isc = np.empty(K, np.float32)
+    best_is = np.empty(K, np.float32)
+    scale = np.empty(K, np.float32)
+    best = np.empty(K, np.float32)
+    slx = np.empty(K, np.float32)
+    sl2 = np.empty(K, np.float32)
+    bits = np.empty(1, np.float32)
+    ibits = bits.view(np.int32)
+    for b in range(B):
+        for k in range(K):  # signed value of the first largest |x| (NaN never wins)
+            amax[k] = zero
+            mx[k] = zero
+        for j in range(n):
+            for k in range(K):
+                v = x[b, j, k]
+                if abs(v) > amax[k]:
+                    amax[k] = abs(v)
+                    mx[k] = v
+        for k in range(K):
+            if abs(mx[k]) < eps:
+                mx[k] = np.float32(1.0)
+                amax[k] = zero  # marks an all-zero block
+            else:
+                amax[k] = np.float32(1.0)
+        for step in range(-10, 10):
+            if step == 0:
+                continue
+            for k in range(K):
+                if step == -10:
+                    isc[k] = -fn / mx[k]
+                else:
+                    isc[k] = -(fn + np.float32(0.1) * np.float32(step)) / mx[k]
+                slx[k] = zero
+                sl2[k] = zero
+            for j in range(n):
+                for k in range(K):
+                    xv = x[b, j, k]
+                    v = xv * isc[k]
+                    if exact:
+                        bits[0] = v + magic
+                        q = np.float32((ibits[0] & 0x7FFFFF) - 0x400000)
+                    else:
+                        q = np.rint(v)
+                    if q < lo:
+                        q = lo
+                    elif q > hi:
+                        q = hi
+                    ww = w[b, j, k] if has_w else xv * xv
+                    slx[k] += (ww * xv) * q
+                    sl2[k] += (ww * q) * q
+            for k in range(K):
+                if step == -10:
+                    scale[k] = slx[k] / sl2[k] if sl2[k] != zero else zero
+                    best[k] = scale[k] * slx[k]
+                    best_is[k] = isc[k]
+                elif sl2[k] > zero and slx[k] * slx[k] > best[k] * sl2[k]:
+                    scale[k] = slx[k] / sl2[k]
+                    best[k] = scale[k] * slx[k]
+                    best_is[k] = isc[k]
+        for j in range(n):
+            for k in range(K):
+                v = x[b, j, k] * best_is[k]
+                if exact:
+                    bits[0] = v + magic
+                    q = np.float32((ibits[0] & 0x7FFFFF) - 0x400000)
+                else:
+                    q = np.rint(v)
+                if q < lo:
+                    q = lo
+                elif q > hi:
+                    q = hi
+                L[b, j, k] = np.uint8(q + fn) if amax[k] != zero else np.uint8(0)
+        for k in range(K):
+            scale_out[b, k] = scale[k] if amax[k] != zero else zero
+
+
+_COMPILED: dict[str, Callable[..., Any] | None] = {}
+_LOCK = threading.Lock()
+
+
+def available() -> bool:
+    """Whether the compiled kernels will run (numba installed, LORAQ_NO_JIT unset), without
+    importing numba."""
+    import importlib.util
+
+    return not os.environ.get("LORAQ_NO_JIT") and importlib.util.find_spec("numba") is not None
+
+
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any] | None:
+    """fn compiled by numba (cached on disk beside this module), or None without numba or with
+    LORAQ_NO_JIT set. numba is imported on first use: processes that never quantize to a K type
+    do not pay for it."""
+    name = fn.__name__
+    if name in _COMPILED:
+        return _COMPILED[name]
+    with _LOCK:  # the pool's threads ask at once: load (or compile) once
+        if name in _COMPILED:
+            return _COMPILED[name]
+        try:
+            if os.environ.get("LORAQ_NO_JIT"):
+                raise ImportError("disabled by LORAQ_NO_JIT")
+            from numba import njit
+        except ImportError:
+            _COMPILED[name] = None
+        else:
+            _COMPILED[name] = njit(cache=True, nogil=True, error_model="numpy")(fn)
+    return _COMPILED[name]
+
+
+def qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool) -> QkxResult | QkxJit:
+    """make_qkx2_quants / make_qkx3_quants: compiled when numba is there, else numeric.QkxResult."""
+    if compiled(_qkx2_search) is None:
+        return QkxResult(x, w, nmax, rmin, rdelta, nstep, use_mad)
+    return QkxJit(x, w, nmax, rmin, rdelta, nstep, use_mad)
+
+
+def qx_quants(x: np.ndarray, w: np.ndarray | None, nmax: int, exact: bool = False) -> QxResult | QxJit:
+    """make_qx_quants: compiled when numba is there, else numeric.QxResult."""
+    if compiled(_qx_search) is None:
+        return QxResult(x, w, nmax, exact)
+    return QxJit(x, w, nmax, exact)
+
+
+class QxJit:
+    """numeric.QxResult's interface (scale, L(idx)) from the compiled search."""
+
+    def __init__(self, x: np.ndarray, w: np.ndarray | None, nmax: int, exact: bool = False):
+        B, n, K = x.shape
+        self.Lall = np.empty((B, n, K), np.uint8)
+        self.scale = np.empty((B, K), F32)
+        search = compiled(_qx_search)
+        assert search is not None
+        x = np.ascontiguousarray(x, F32)
+        search(x, x if w is None else np.ascontiguousarray(w, F32), w is not None, nmax, exact, self.Lall, self.scale)
+
+    def L(self, idx: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        if idx is None:
+            return self.Lall
+        b, k = idx
+        return self.Lall[b, :, k]
+
+
+class QkxJit:
+    """numeric.QkxResult's interface (scale, the_min, L(idx)) from the compiled search."""
+
+    def __init__(self, x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
+        B, n, K = x.shape
+        self.Lall = np.empty((B, n, K), np.uint8)
+        self.scale = np.empty((B, K), F32)
+        self.the_min = np.empty((B, K), F32)
+        search = compiled(_qkx2_search)
+        assert search is not None
+        search(
+            np.ascontiguousarray(x, F32),
+            np.ascontiguousarray(w, F32),
+            nmax,
+            rmin,
+            rdelta,
+            nstep,
+            use_mad,
+            self.Lall,
+            self.scale,
+            self.the_min,
+        )
+
+    def L(self, idx: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        if idx is None:
+            return self.Lall
+        b, k = idx
+        return self.Lall[b, :, k]
