@@ -15,8 +15,11 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import typer
+from gguf import GGUFValueType
 from rich.console import Console
 from rich.table import Table
 
@@ -33,6 +36,7 @@ from .pipeline.checkpoint import cpu_threads
 from .pipeline.config import MAX_CHUNKS, MAX_CTX, MAX_SCALE, MAX_THREADS, Config, Gates, load_config
 from .pipeline.runner import Event, build_stages, check_run_gates, run_pipeline, stage_status, workdir_state
 from .quantize.driver import QuantizeOptions, QuantizeResult, quantize_model
+from .quantize.imatrix_file import quant_weights, quantize_kvs, read_imatrix, select_entries
 
 app = typer.Typer(
     add_completion=False,
@@ -142,15 +146,20 @@ def merge(
 @app.command()
 def quantize(
     args: list[str] = typer.Argument(..., help="IN [OUT] TYPE, as llama-quantize."),
-    imatrix: Path | None = typer.Option(None, "--imatrix", help="Importance matrix (GGUF or legacy .dat)."),
+    # a str, not a Path: quantize.imatrix.file records the argument as typed, as llama-quantize does
+    imatrix: str | None = typer.Option(None, "--imatrix", help="Importance matrix (GGUF or legacy .dat)."),
     output_tensor_type: str | None = typer.Option(None, "--output-tensor-type"),
     token_embedding_type: str | None = typer.Option(None, "--token-embedding-type"),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="PATTERN=TYPE; first match wins; repeatable."),
     pure: bool = typer.Option(False, "--pure", help="No mixture rules: every quantizable tensor gets TYPE."),
     leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor"),
     allow_requantize: bool = typer.Option(False, "--allow-requantize"),
-    include_weights: list[str] = typer.Option([], "--include-weights"),
-    exclude_weights: list[str] = typer.Option([], "--exclude-weights"),
+    include_weights: list[str] = typer.Option(
+        [], "--include-weights", help="Use imatrix data only for tensors whose name contains this; repeatable."
+    ),
+    exclude_weights: list[str] = typer.Option(
+        [], "--exclude-weights", help="Use no imatrix data for tensors whose name contains this; repeatable."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the size; write nothing."),
     threads: int = typer.Option(0, "--threads", "-t", help="Worker threads (0: all cores)."),
 ) -> None:
@@ -160,9 +169,9 @@ def quantize(
     _number("--threads", threads, 0, MAX_THREADS)
     inp, fobj = Path(args[0]), file_type(args[-1])
     dest = Path(args[1]) if len(args) == 3 else inp.parent / f"ggml-model-{fobj.name}.gguf"
-    # Both select which tensors use imatrix data, so they act only with --imatrix (as in llama-quantize).
-    if imatrix is not None or include_weights or exclude_weights:
-        raise BadArguments("--imatrix, --include-weights and --exclude-weights arrive with the imatrix stage; not supported yet")
+    weights, kvs = _imatrix_options(imatrix, include_weights, exclude_weights)
+    if imatrix and not dry_run:
+        check_not_input(dest, {"imatrix": imatrix})
     tts = []
     for spec in tensor_type:
         pat, sep, t = spec.partition("=")
@@ -170,7 +179,7 @@ def quantize(
             raise BadArguments(f"--tensor-type expects PATTERN=TYPE, got '{spec}'")
         tts.append((pat, t))
     opts = QuantizeOptions(
-        output_tensor_type, token_embedding_type, tts, pure, leave_output_tensor, allow_requantize, None, cpu_threads(threads)
+        output_tensor_type, token_embedding_type, tts, pure, leave_output_tensor, allow_requantize, weights, cpu_threads(threads), kvs
     )
     if dry_run:
         _print_plan(quantize_model(inp, None, fobj.name, opts, dry_run=True))
@@ -178,6 +187,24 @@ def quantize(
     with _progress(len(open_gguf(inp).tensors), f"quantize {fobj.name}") as tick:
         res = quantize_model(inp, dest, fobj.name, opts, on_tensor=tick)
     out.print(f"wrote {dest}: {_size(res.size_bytes)}, {res.bpw:.2f} bpw, {res.n_fallback} shape fallbacks")
+
+
+def _imatrix_options(
+    path: str | None, include: list[str], exclude: list[str]
+) -> tuple[dict[str, np.ndarray] | None, list[tuple[str, GGUFValueType, Any]]]:
+    """--imatrix with llama-quantize's entry filters -> per-tensor weights and the KVs to record.
+    The filters select which tensors get imatrix data; without --imatrix they do nothing (as in
+    llama-quantize). No entry left: quantize as without an imatrix, and record nothing."""
+    if include and exclude:
+        raise BadArguments("--include-weights and --exclude-weights cannot be used together")
+    if path is None:
+        return None, []
+    if not path:
+        raise BadArguments("--imatrix needs a file name")
+    data = select_entries(read_imatrix(path, require_metadata=True), include, exclude)
+    if not data.entries:
+        return None, []
+    return quant_weights(data), quantize_kvs(path, data)
 
 
 def _print_plan(res: QuantizeResult) -> None:
