@@ -272,6 +272,54 @@ def compare(
     enforce_gates(report, gates)
 
 
+@contextmanager
+def _progress_of(label: str) -> Iterator[Callable[[int, int], None]]:
+    """Like _progress, for work whose total is known only once it starts: update(done, total)."""
+    if not err.is_terminal:
+        yield lambda *_: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+    ) as p:
+        task = p.add_task(label, total=None)
+        yield lambda done, total: p.update(task, completed=done, total=total)
+
+
+@app.command()
+def imatrix(
+    model: Path = typer.Argument(..., help="Model GGUF (e.g. the merged F16: the fine-tune's own activations)."),
+    text: Path = typer.Option(..., "-f", "--file", help="Calibration text (UTF-8), or a .jsonl of chat conversations."),
+    output: Path = typer.Option(Path("imatrix.gguf"), "-o", "--output", help="Output: GGUF imatrix, or legacy format if it ends in .dat."),
+    lora: list[Path] = typer.Option([], "--lora", help="Adapter applied at runtime (GGUF LoRA or PEFT folder), scale 1.0; repeatable."),
+    lora_scaled: list[str] = typer.Option([], "--lora-scaled", help="PATH:SCALE; repeatable."),
+    ctx: int = typer.Option(512, "-c", "--ctx", help="Tokens per chunk (as llama-imatrix -c)."),
+    chunks: int | None = typer.Option(None, "--chunks", help="Chunks to process (default: all the text gives)."),
+    process_output: bool = typer.Option(False, "--process-output", help="Collect output.weight too (not with tied embeddings)."),
+    threads: int = typer.Option(0, "--threads", "-t"),
+) -> None:
+    """Importance matrix (llama-imatrix's per-column Σx² and counts) from the engine over calibration text."""
+    from .imatrix.collect import collect_imatrix
+    from .quantize.imatrix_file import write_imatrix_dat, write_imatrix_gguf
+
+    adapters = [(p, 1.0) for p in lora] + _parse_scaled(lora_scaled)
+    _number("--ctx", ctx, 1, MAX_CTX)
+    if chunks is not None:
+        _number("--chunks", chunks, 1, MAX_CHUNKS)
+    _number("--threads", threads, 0, MAX_THREADS)
+    inputs = [("model", model), ("calibration text", text), *(("adapter", a) for a, _ in adapters)]
+    check_not_input(output, inputs)
+    with _progress_of("imatrix") as update:
+        res = collect_imatrix(model, text, ctx, chunks, adapters, process_output, cpu_threads(threads), update)
+    write = write_imatrix_dat if output.suffix.lower() == ".dat" else write_imatrix_gguf
+    write(output, res.data)  # atomic: a temporary beside it, renamed
+    d = res.data
+    out.print(
+        f"wrote {output}: {len(d.entries)} tensors, {d.chunk_count} chunks of {d.chunk_size} tokens ({res.kind}, {res.text_tokens} tokens in the text)"
+    )
+
+
 @app.command()
 def inspect(file: Path = typer.Argument(..., help="A GGUF file.")) -> None:
     """Metadata, tensor table, type histogram and bits per weight of a GGUF."""
