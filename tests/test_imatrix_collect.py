@@ -194,6 +194,18 @@ def test_cli_writes_gguf_and_dat(synth256: Path, text_file: Path, tmp_path: Path
         np.testing.assert_allclose(b.entries[n].sums, e.sums / e.counts[:, None] * 2, rtol=1e-6)
 
 
+def test_chat_jsonl_calibration(synth256: Path, tmp_path: Path) -> None:
+    """A JSONL of conversations goes through the model's chat template into the same collection."""
+    import json
+
+    f = tmp_path / "chats.jsonl"
+    chat = [{"role": "user", "content": "What is a fox?"}, {"role": "assistant", "content": "A small wild canid. " * 6}]
+    f.write_text("".join(json.dumps({"messages": chat}) + "\n" for _ in range(4)), encoding="utf-8")
+    res = collect_imatrix(synth256, f, 32, 3)
+    assert res.kind == "chat" and res.tokens == 96 and res.data.chunk_count == 3
+    assert all(e.counts.tolist() == [96.0] for e in res.data.entries.values())
+
+
 def test_errors(synth256: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(BadArguments, match="fewer than one chunk"):
         collect_imatrix(synth256, text_file, 1 << 16, 1)

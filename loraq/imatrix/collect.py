@@ -20,8 +20,8 @@ loraq matches it:
 * MoE (`mul_mat_id`, per-expert slices): loraq's engine refuses MoE models, so there is none.
 
 Differences, on purpose: llama-imatrix drops a micro-batch of fewer than 16 rows (only a chunk
-tail of 1-15 tokens past its 512-row ubatch can be that small); loraq counts every row. It needs
-two chunks of text where one suffices here. It also computes the text's perplexity; loraq does
+tail of 1-15 tokens past its 512-row ubatch can be that small); loraq counts every row.
+llama-imatrix refuses a text of fewer than two chunks; loraq needs one. It also computes the text's perplexity; loraq does
 not (the logits are not computed at all unless `process_output` needs the output matmul)."""
 
 from __future__ import annotations
