@@ -274,13 +274,15 @@ def test_good_hostile_baselines_parse(tmp_path):
     assert d.legacy and d.entries[W].counts.tolist() == [1] and d.chunk_count == 1
 
 
-def test_cli_rejects_hostile_imatrix_and_writes_nothing(tmp_path, capsys):
+@pytest.mark.parametrize("raw,fragment", [pytest.param(r, f, id=i) for i, r, f in HOSTILE])
+def test_cli_rejects_hostile_imatrix_and_writes_nothing(tmp_path, capsys, raw, fragment):
+    """Through the command line: exit 4, one stderr line, no output and no temporary file."""
     model = H.write(tmp_path / "m.gguf", H.model([(W, (32, 4)), ("output_norm.weight", (32,))]))
-    bad = H.write(tmp_path / "bad.dat", _dat([(W.encode(), 1, [NAN] * 32)]))
+    bad = H.write(tmp_path / "bad.imatrix", raw)
     before = sorted(p.name for p in tmp_path.iterdir())
     code = run_cli(["quantize", str(model), str(tmp_path / "out.gguf"), "Q8_0", "--imatrix", str(bad)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 4 and len(err) == 1 and "nan" in err[0].lower(), err
+    assert code == 4 and len(err) == 1 and fragment in err[0].lower(), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
