@@ -15,11 +15,8 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import typer
-from gguf import GGUFValueType
 from rich.console import Console
 from rich.table import Table
 
@@ -36,7 +33,7 @@ from .pipeline.checkpoint import cpu_threads
 from .pipeline.config import MAX_CHUNKS, MAX_CTX, MAX_SCALE, MAX_THREADS, Config, Gates, load_config
 from .pipeline.runner import Event, build_stages, check_run_gates, run_pipeline, stage_status, workdir_state
 from .quantize.driver import QuantizeOptions, QuantizeResult, quantize_model
-from .quantize.imatrix_file import quant_weights, quantize_kvs, read_imatrix, select_entries
+from .quantize.imatrix_file import for_quantize
 
 app = typer.Typer(
     add_completion=False,
@@ -169,7 +166,7 @@ def quantize(
     _number("--threads", threads, 0, MAX_THREADS)
     inp, fobj = Path(args[0]), file_type(args[-1])
     dest = Path(args[1]) if len(args) == 3 else inp.parent / f"ggml-model-{fobj.name}.gguf"
-    weights, kvs = _imatrix_options(imatrix, include_weights, exclude_weights)
+    weights, kvs = for_quantize(imatrix, include_weights, exclude_weights)
     if imatrix and not dry_run:
         check_not_input(dest, {"imatrix": imatrix})
     tts = []
@@ -187,24 +184,6 @@ def quantize(
     with _progress(len(open_gguf(inp).tensors), f"quantize {fobj.name}") as tick:
         res = quantize_model(inp, dest, fobj.name, opts, on_tensor=tick)
     out.print(f"wrote {dest}: {_size(res.size_bytes)}, {res.bpw:.2f} bpw, {res.n_fallback} shape fallbacks")
-
-
-def _imatrix_options(
-    path: str | None, include: list[str], exclude: list[str]
-) -> tuple[dict[str, np.ndarray] | None, list[tuple[str, GGUFValueType, Any]]]:
-    """--imatrix with llama-quantize's entry filters -> per-tensor weights and the KVs to record.
-    The filters select which tensors get imatrix data; without --imatrix they do nothing (as in
-    llama-quantize). No entry left: quantize as without an imatrix, and record nothing."""
-    if include and exclude:
-        raise BadArguments("--include-weights and --exclude-weights cannot be used together")
-    if path is None:
-        return None, []
-    if not path:
-        raise BadArguments("--imatrix needs a file name")
-    data = select_entries(read_imatrix(path, require_metadata=True), include, exclude)
-    if not data.entries:
-        return None, []
-    return quant_weights(data), quantize_kvs(path, data)
 
 
 def _print_plan(res: QuantizeResult) -> None:

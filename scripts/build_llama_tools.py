@@ -80,7 +80,7 @@ def build(jobs: int) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Build llama-quantize, llama-imatrix and llama-perplexity (dev only).")
     ap.add_argument("--jobs", "-j", type=int, default=2)
     args = ap.parse_args()
     print(build(args.jobs))

@@ -274,13 +274,15 @@ def test_good_hostile_baselines_parse(tmp_path):
     assert d.legacy and d.entries[W].counts.tolist() == [1] and d.chunk_count == 1
 
 
-def test_cli_rejects_hostile_imatrix_and_writes_nothing(tmp_path, capsys):
+@pytest.mark.parametrize("raw,fragment", [pytest.param(r, f, id=i) for i, r, f in HOSTILE])
+def test_cli_rejects_hostile_imatrix_and_writes_nothing(tmp_path, capsys, raw, fragment):
+    """Through the command line: exit 4, one stderr line, no output and no temporary file."""
     model = H.write(tmp_path / "m.gguf", H.model([(W, (32, 4)), ("output_norm.weight", (32,))]))
-    bad = H.write(tmp_path / "bad.dat", _dat([(W.encode(), 1, [NAN] * 32)]))
+    bad = H.write(tmp_path / "bad.imatrix", raw)
     before = sorted(p.name for p in tmp_path.iterdir())
     code = run_cli(["quantize", str(model), str(tmp_path / "out.gguf"), "Q8_0", "--imatrix", str(bad)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 4 and len(err) == 1 and "nan" in err[0].lower(), err
+    assert code == 4 and len(err) == 1 and fragment in err[0].lower(), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -301,9 +303,11 @@ def _run(argv: list[str | Path]) -> None:
 
 @pytest.mark.interop
 def test_llama_imatrix_roundtrips_loraq_files(tmp_path):
-    """`llama-imatrix --in-file` (no text: it only loads, merges and saves) rewrites loraq's GGUF
+    """`llama-imatrix --in-file` (no text: it only loads, merges and saves; -m is required but not
+    loaded) rewrites loraq's GGUF
     byte for byte, converts loraq's .dat as loraq's merge does, and merges two files as loraq does."""
     exe = _tool("llama-imatrix")
+    merge_only = [exe, "-m", tmp_path / "no-model.gguf", "-c", "128"]
     a, b = sample(1, 128, 4), sample(2, 128, 3)
     b.datasets = ["other.txt"]
     fa, fb, fd = (
@@ -311,15 +315,15 @@ def test_llama_imatrix_roundtrips_loraq_files(tmp_path):
         write_imatrix_gguf(tmp_path / "b.gguf", b),
         write_imatrix_dat(tmp_path / "a.dat", a),
     )
-    _run([exe, "--in-file", fa, "-c", "128", "-o", tmp_path / "theirs-a.gguf"])
+    _run([*merge_only, "--in-file", fa, "-o", tmp_path / "theirs-a.gguf"])
     assert (tmp_path / "theirs-a.gguf").read_bytes() == fa.read_bytes()
-    _run([exe, "--in-file", fa, "--in-file", fb, "-c", "128", "-o", tmp_path / "theirs-ab.gguf"])
+    _run([*merge_only, "--in-file", fa, "--in-file", fb, "-o", tmp_path / "theirs-ab.gguf"])
     mine = write_imatrix_gguf(tmp_path / "ab.gguf", merge_imatrix([read_imatrix(fa), read_imatrix(fb)], 128))
     assert (tmp_path / "theirs-ab.gguf").read_bytes() == mine.read_bytes()
-    _run([exe, "--in-file", fd, "-c", "128", "-o", tmp_path / "theirs-d.gguf"])
+    _run([*merge_only, "--in-file", fd, "-o", tmp_path / "theirs-d.gguf"])
     mine = write_imatrix_gguf(tmp_path / "d.gguf", merge_imatrix([read_imatrix(fd)], 128))
     assert (tmp_path / "theirs-d.gguf").read_bytes() == mine.read_bytes()
-    _run([exe, "--in-file", fa, "-c", "128", "--output-format", "dat", "-o", tmp_path / "theirs-a.dat"])
+    _run([*merge_only, "--in-file", fa, "--output-format", "dat", "-o", tmp_path / "theirs-a.dat"])
     assert (tmp_path / "theirs-a.dat").read_bytes() == fd.read_bytes()
 
 

@@ -427,6 +427,25 @@ def quantize_kvs(file_arg: str, data: ImatrixData) -> list[tuple[str, V, Any]]:
     return kvs
 
 
+def for_quantize(
+    path: str | None, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> tuple[dict[str, np.ndarray] | None, list[tuple[str, V, Any]]]:
+    """`llama-quantize --imatrix PATH [--include-weights P]... | [--exclude-weights P]...` ->
+    (QuantizeOptions.imatrix, QuantizeOptions.kv_overrides). PATH is recorded as given. Without
+    a file the filters do nothing; with no entry left after them the model is quantized as
+    without an imatrix and nothing is recorded (as llama-quantize does)."""
+    if include and exclude:
+        raise BadArguments("--include-weights and --exclude-weights cannot be used together")
+    if path is None:
+        return None, []
+    if not path:
+        raise BadArguments("--imatrix needs a file name")
+    data = select_entries(read_imatrix(path, require_metadata=True), include, exclude)
+    if not data.entries:
+        return None, []
+    return quant_weights(data), quantize_kvs(path, data)
+
+
 def describe(data: ImatrixData) -> str:
     kind = "legacy .dat" if data.legacy else "GGUF"
     ds = ", ".join(data.datasets) or "no dataset"
@@ -441,6 +460,7 @@ __all__ = [
     "ImatrixData",
     "ImatrixEntry",
     "describe",
+    "for_quantize",
     "merge_imatrix",
     "quant_weights",
     "quantize_kvs",
