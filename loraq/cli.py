@@ -33,6 +33,7 @@ from .pipeline.checkpoint import cpu_threads
 from .pipeline.config import MAX_CHUNKS, MAX_CTX, MAX_SCALE, MAX_THREADS, Config, Gates, load_config
 from .pipeline.runner import Event, build_stages, check_run_gates, run_pipeline, stage_status, workdir_state
 from .quantize.driver import QuantizeOptions, QuantizeResult, quantize_model
+from .quantize.imatrix_file import for_quantize
 
 app = typer.Typer(
     add_completion=False,
@@ -142,15 +143,20 @@ def merge(
 @app.command()
 def quantize(
     args: list[str] = typer.Argument(..., help="IN [OUT] TYPE, as llama-quantize."),
-    imatrix: Path | None = typer.Option(None, "--imatrix", help="Importance matrix (GGUF or legacy .dat)."),
+    # a str, not a Path: quantize.imatrix.file records the argument as typed, as llama-quantize does
+    imatrix: str | None = typer.Option(None, "--imatrix", help="Importance matrix (GGUF or legacy .dat)."),
     output_tensor_type: str | None = typer.Option(None, "--output-tensor-type"),
     token_embedding_type: str | None = typer.Option(None, "--token-embedding-type"),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="PATTERN=TYPE; first match wins; repeatable."),
     pure: bool = typer.Option(False, "--pure", help="No mixture rules: every quantizable tensor gets TYPE."),
     leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor"),
     allow_requantize: bool = typer.Option(False, "--allow-requantize"),
-    include_weights: list[str] = typer.Option([], "--include-weights"),
-    exclude_weights: list[str] = typer.Option([], "--exclude-weights"),
+    include_weights: list[str] = typer.Option(
+        [], "--include-weights", help="Use imatrix data only for tensors whose name contains this; repeatable."
+    ),
+    exclude_weights: list[str] = typer.Option(
+        [], "--exclude-weights", help="Use no imatrix data for tensors whose name contains this; repeatable."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the size; write nothing."),
     threads: int = typer.Option(0, "--threads", "-t", help="Worker threads (0: all cores)."),
 ) -> None:
@@ -160,9 +166,9 @@ def quantize(
     _number("--threads", threads, 0, MAX_THREADS)
     inp, fobj = Path(args[0]), file_type(args[-1])
     dest = Path(args[1]) if len(args) == 3 else inp.parent / f"ggml-model-{fobj.name}.gguf"
-    # Both select which tensors use imatrix data, so they act only with --imatrix (as in llama-quantize).
-    if imatrix is not None or include_weights or exclude_weights:
-        raise BadArguments("--imatrix, --include-weights and --exclude-weights arrive with the imatrix stage; not supported yet")
+    weights, kvs = for_quantize(imatrix, include_weights, exclude_weights)
+    if imatrix and not dry_run:
+        check_not_input(dest, {"imatrix": imatrix})
     tts = []
     for spec in tensor_type:
         pat, sep, t = spec.partition("=")
@@ -170,7 +176,7 @@ def quantize(
             raise BadArguments(f"--tensor-type expects PATTERN=TYPE, got '{spec}'")
         tts.append((pat, t))
     opts = QuantizeOptions(
-        output_tensor_type, token_embedding_type, tts, pure, leave_output_tensor, allow_requantize, None, cpu_threads(threads)
+        output_tensor_type, token_embedding_type, tts, pure, leave_output_tensor, allow_requantize, weights, cpu_threads(threads), kvs
     )
     if dry_run:
         _print_plan(quantize_model(inp, None, fobj.name, opts, dry_run=True))
@@ -243,6 +249,54 @@ def compare(
     report = compare_models(ref, cands, text, workdir, gates, threads)
     _print_report(workdir)
     enforce_gates(report, gates)
+
+
+@contextmanager
+def _progress_of(label: str) -> Iterator[Callable[[int, int], None]]:
+    """Like _progress, for work whose total is known only once it starts: update(done, total)."""
+    if not err.is_terminal:
+        yield lambda *_: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+    ) as p:
+        task = p.add_task(label, total=None)
+        yield lambda done, total: p.update(task, completed=done, total=total)
+
+
+@app.command()
+def imatrix(
+    model: Path = typer.Argument(..., help="Model GGUF (e.g. the merged F16: the fine-tune's own activations)."),
+    text: Path = typer.Option(..., "-f", "--file", help="Calibration text (UTF-8), or a .jsonl of chat conversations."),
+    output: Path = typer.Option(Path("imatrix.gguf"), "-o", "--output", help="Output: GGUF imatrix, or legacy format if it ends in .dat."),
+    lora: list[Path] = typer.Option([], "--lora", help="Adapter applied at runtime (GGUF LoRA or PEFT folder), scale 1.0; repeatable."),
+    lora_scaled: list[str] = typer.Option([], "--lora-scaled", help="PATH:SCALE; repeatable."),
+    ctx: int = typer.Option(512, "-c", "--ctx", help="Tokens per chunk (as llama-imatrix -c)."),
+    chunks: int | None = typer.Option(None, "--chunks", help="Chunks to process (default: all the text gives)."),
+    process_output: bool = typer.Option(False, "--process-output", help="Collect output.weight too (not with tied embeddings)."),
+    threads: int = typer.Option(0, "--threads", "-t"),
+) -> None:
+    """Importance matrix (llama-imatrix's per-column Σx² and counts) from the engine over calibration text."""
+    from .imatrix.collect import collect_imatrix
+    from .quantize.imatrix_file import write_imatrix_dat, write_imatrix_gguf
+
+    adapters = [(p, 1.0) for p in lora] + _parse_scaled(lora_scaled)
+    _number("--ctx", ctx, 1, MAX_CTX)
+    if chunks is not None:
+        _number("--chunks", chunks, 1, MAX_CHUNKS)
+    _number("--threads", threads, 0, MAX_THREADS)
+    inputs = [("model", model), ("calibration text", text), *(("adapter", a) for a, _ in adapters)]
+    check_not_input(output, inputs)
+    with _progress_of("imatrix") as update:
+        res = collect_imatrix(model, text, ctx, chunks, adapters, process_output, cpu_threads(threads), update)
+    write = write_imatrix_dat if output.suffix.lower() == ".dat" else write_imatrix_gguf
+    write(output, res.data)  # atomic: a temporary beside it, renamed
+    d = res.data
+    out.print(
+        f"wrote {output}: {len(d.entries)} tensors, {d.chunk_count} chunks of {d.chunk_size} tokens ({res.kind}, {res.text_tokens} tokens in the text)"
+    )
 
 
 @app.command()

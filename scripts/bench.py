@@ -304,6 +304,8 @@ def main() -> None:
 
         section("4. compare engine: tokens/s vs llama.cpp (same F16 SmolLM2, tokens, ctx, threads); peak RSS vs depth")
         run_script_main("bench_engine", [])
+        section("5. imatrix collection: tokens/s vs llama-imatrix (same F16 SmolLM2, text, ctx, threads)")
+        run_script_main("bench_imatrix", [])
 
     print(f"\n(total {time.perf_counter() - t_all:.0f} s)")
 

@@ -76,9 +76,14 @@ CASES = [
     ("config-nan-adapter", ["run", "c-nan.yaml", "--json"], BAD_INPUT, "nan"),
     # settings that do not work yet are refused, never accepted and ignored
     ("config-imatrix", ["run", "c-imatrix.yaml"], BAD_ARGS, "imatrix: the imatrix stage is not available yet"),
-    ("quantize-imatrix", ["quantize", "{f16}", "out.gguf", "Q4_K_M", "--imatrix", "afile"], BAD_ARGS, "not supported yet"),
-    ("quantize-include-weights", ["quantize", "{f16}", "out.gguf", "Q4_K_M", "--include-weights", "attn_v"], BAD_ARGS, "not supported yet"),
-    ("quantize-exclude-weights", ["quantize", "{f16}", "out.gguf", "Q4_K_M", "--exclude-weights", "attn_v"], BAD_ARGS, "not supported yet"),
+    ("quantize-imatrix-missing", ["quantize", "{f16}", "out.gguf", "Q4_K_M", "--imatrix", "nope.dat"], BAD_ARGS, "imatrix file not found"),
+    ("quantize-imatrix-is-text", ["quantize", "{f16}", "out.gguf", "Q4_K_M", "--imatrix", "afile"], BAD_INPUT, "neither a gguf file"),
+    (
+        "quantize-include-and-exclude-weights",
+        ["quantize", "{f16}", "out.gguf", "Q4_K_M", "--include-weights", "attn_v", "--exclude-weights", "ffn"],
+        BAD_ARGS,
+        "cannot be used together",
+    ),
     # messages are plain text: brackets in a path are not markup, and "[/x]" does not break the edge
     ("path-with-brackets", ["quantize", "br[run]/stub.gguf", "out.gguf", "Q8_0"], BAD_INPUT, "br[run]/stub.gguf"),
     ("path-with-markup-close", ["inspect", "m[/x]/y.gguf"], BAD_ARGS, "m[/x]/y.gguf"),

@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "loraq.merge": 4,
     "loraq.llama": 5,
     "loraq.compare": 6,
+    "loraq.imatrix": 6,
     "loraq.pipeline": 7,
     "loraq.cli": 8,
     "loraq.__main__": 9,  # `python -m loraq`: exists to import cli, so it sits above it

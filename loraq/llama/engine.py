@@ -129,6 +129,10 @@ class _Lora:
     b_kind: str
 
 
+# observer(tensor name, float32 input rows) sees every weight matmul's input before any rounding
+Observer = Callable[[str, np.ndarray], None]
+
+
 @dataclass
 class _Linear:
     """y = W·x (+ Σ scale·B·(A·x)) (+ bias), as build_lora_mm followed by the optional bias add."""
@@ -137,6 +141,8 @@ class _Linear:
     kind: str  # vec_dot kind of w
     bias: np.ndarray | None = None
     loras: list[_Lora] = field(default_factory=list)
+    name: str = ""  # the GGUF tensor name, for the observer
+    observer: Observer | None = None
 
     def __call__(self, x: np.ndarray, emulate: bool, rounded: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """`rounded` caches x's conversions by kind when several weights read the same x (q/k/v, gate/up)."""
@@ -149,9 +155,16 @@ class _Linear:
                 rounded[kind] = round_activations(x, kind)
             return rounded[kind]
 
+        obs = self.observer
+        if obs is not None:
+            obs(self.name, x)
         y = conv(self.kind) @ self.w.T
         for lo in self.loras:
+            if obs is not None:  # build_lora_mm's mul_mat(a, x), whose src0 llama.cpp names "<W>.lora_a"
+                obs(self.name + ".lora_a", x)
             ax = conv(lo.a_kind) @ lo.a.T
+            if obs is not None:  # and mul_mat(b, a·x): B sees A·x before the scale
+                obs(self.name + ".lora_b", ax)
             if emulate:
                 ax = round_activations(ax, lo.b_kind)
             y += np.float32(lo.scale) * (ax @ lo.b.T)
@@ -292,12 +305,14 @@ class Engine:
         threads: int = 0,
         emulate_activations: bool = True,
         kv_type: str = "f32",
+        observer: Observer | None = None,
     ):
         if kv_type not in ("f32", "f16"):
             raise BadArguments(f"kv_type must be 'f32' or 'f16', got {kv_type!r}")
         self.path = Path(model_path)
         self.emulate = emulate_activations
         self.kv_type = kv_type
+        self.observer = observer  # sees each weight matmul's input (loraq.imatrix); None costs nothing
         if threads > 0:
             set_blas_threads(threads)
         with open_gguf(self.path) as g:
@@ -353,7 +368,7 @@ class Engine:
             raise BadInput(f"{self.path}: tensor {name} is {w.ndim}-D; the engine handles dense 2-D weights only (no MoE)")
         bias_name = name[: -len(".weight")] + ".bias"
         bias = read_f32(g, g.tensor(bias_name)).reshape(-1) if g.has_tensor(bias_name) else None
-        return _Linear(w, vec_dot_kind(t.type), bias, self._loras.get(name, []))
+        return _Linear(w, vec_dot_kind(t.type), bias, self._loras.get(name, []), name, self.observer)
 
     def _vector(self, g: GGUFFile, name: str) -> np.ndarray:
         if not g.has_tensor(name):
@@ -499,12 +514,14 @@ class Engine:
         return lw.ffn_down(act, em) + ffn_inp
 
     # -- driver ---------------------------------------------------------------------------------
-    def run(self, tokens: np.ndarray, on_logits: Callable[[int, np.ndarray], None], rows: slice | None = None) -> None:
+    def run(self, tokens: np.ndarray, on_logits: Callable[[int, np.ndarray], None] | None, rows: slice | None = None) -> None:
         """Evaluate each row of `tokens` (n_chunks, n_ctx) independently from position 0 and call
         on_logits(chunk_index, logits float32 (n_ctx, n_vocab)) for every chunk, in order.
 
         `rows` limits the logits to those positions (e.g. the scored half of a chunk): the output
-        projection is a fifth of a small model's work and unscored positions need none of it."""
+        projection is a fifth of a small model's work and unscored positions need none of it.
+        `on_logits=None` skips the output projection altogether (an observer that needs only the
+        blocks' matmul inputs)."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or tokens.shape[1] < 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise BadArguments(f"tokens must be an integer array of shape (n_chunks, n_ctx), got {tokens.dtype} {tokens.shape}")
@@ -521,6 +538,8 @@ class Engine:
                 for c in range(n_chunks):
                     h[c] = self._block(lw, h[c], cos, sin)
                 del lw
+            if on_logits is None:
+                return
             norm, out = self._output(g)
             for c in range(n_chunks):
                 x = self._rms_norm(h[c] if rows is None else h[c][rows], norm)

@@ -17,7 +17,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from gguf import GGUFValueType
@@ -55,6 +55,9 @@ class QuantizeOptions:
     allow_requantize: bool = False
     imatrix: dict[str, np.ndarray] | None = None  # tensor name -> per-column weights (mean x²)
     threads: int = 1
+    # llama-quantize's kv_overrides, set after the input's KVs in this order (each moved to the
+    # end): the quantize.imatrix.* KVs (imatrix_file.quantize_kvs)
+    kv_overrides: list[tuple[str, GGUFValueType, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -133,17 +136,25 @@ def plan_quantize(src: GGUFFile, ftype: FileType, opts: QuantizeOptions, dry_run
                 raise BadArguments(f"tensor {name} needs type {c.type.name}, which loraq cannot write yet")
             if requires_imatrix(ftype, c.type, name) and opts.imatrix is None and not dry_run:
                 raise BadArguments(f"{ftype.name} needs an importance matrix for {name} ({c.type.name}); pass --imatrix")
+            if requires_imatrix(ftype, c.type, name) and opts.imatrix is not None and name not in opts.imatrix and not dry_run:
+                raise BadInput(
+                    f"the importance matrix has no entry for {name}, which {ftype.name} quantizes to {c.type.name} "
+                    "(the result would be garbage); use an imatrix computed on this model, or drop --include/--exclude-weights"
+                )
         plan.append(PlanEntry(name, t.ne, t.type, c.type if c.quantize else t.type, c.reason))
     return plan, planner.n_fallback
 
 
-def output_kvs(src: GGUFFile, ftype: FileType) -> KVList:
-    """Input KVs in order, then quantization_version and file_type moved to the end (§4.8)."""
+def output_kvs(src: GGUFFile, ftype: FileType, overrides: list[tuple[str, GGUFValueType, Any]] | None = None) -> KVList:
+    """Input KVs in order, then quantization_version and file_type moved to the end, split keys
+    removed, then the overrides (§4.8)."""
     kvs = KVList((k, kv.raw) for k, kv in src.kvs.items())
     kvs.set("general.quantization_version", GGUFValueType.UINT32, 2)
     kvs.set("general.file_type", GGUFValueType.UINT32, ftype.id)
     for k in ("split.no", "split.count", "split.tensors.count"):
         kvs.remove(k)
+    for key, vtype, value in overrides or ():
+        kvs.set(key, vtype, value)
     return kvs
 
 
@@ -191,7 +202,9 @@ def quantize_many(
         with ExitStack() as stack:
             pool = _pool(stack, opts.threads, plans, _InputRef(str(inp), fd, os.getpid(), ident))
             writers = [
-                stack.enter_context(GGUFStreamWriter(out, output_kvs(src, ft), [OutTensor(e.name, e.ne, e.dst) for e in plan]))
+                stack.enter_context(
+                    GGUFStreamWriter(out, output_kvs(src, ft, opts.kv_overrides), [OutTensor(e.name, e.ne, e.dst) for e in plan])
+                )
                 for ft, (_, out), (plan, _) in zip(ftypes, jobs, plans)
             ]
             per_tensor = [[plan[k] for plan, _ in plans] for k in range(len(plans[0][0]))]
@@ -486,7 +499,7 @@ def _work_items(
             step = max(1, min(step, -(-info.n_rows // (2 * opts.threads))))
             outs = [_output_ref(w, info.name) for w in writers]
             out_row_bytes = [e.dst.row_bytes(ne0) for e in entries]
-        imats = [_imatrix_for(e, opts) for e in entries]
+        imats = [None if e.dst == e.src else _imatrix_for(e, opts) for e in entries]  # a copy uses none
         start = 0
         while start < info.n_rows:
             stop = min(start + step, (start // per_expert + 1) * per_expert)

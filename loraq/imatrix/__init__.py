@@ -1,0 +1,1 @@
+"""Importance matrices: collection through the engine (collect)."""
