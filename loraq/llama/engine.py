@@ -7,11 +7,17 @@ build_lora_mm / build_inp_embd) and ggml's CPU ops (rms_norm with a double sum, 
 theta recurrence, soft_max_ext with scale then mask, SwiGLU as silu(gate)·up).
 
 Streaming (docs/design.md ground rule 2): `Engine.run` embeds every chunk (dequantizing only the
-token_embd rows it needs), then loads ONE layer's weights (float32, through `kernels.dequantize`),
-pushes all chunks' hidden states through it chunk by chunk, frees it and moves on; the output
-matrix comes last and is applied per chunk. Peak memory is the hidden states (n_chunks·n_ctx·n_embd
-floats) plus the largest of one layer's float32 weights and the float32 output matrix (plus one
-chunk's logits): it does not grow with the number of layers. Adapters' A/B matrices are held
+token_embd rows it needs), then loads ONE layer's weights (float32, through dequant.py, whole
+tensors at once), pushes all chunks' hidden states through it, frees it and moves on; the output
+matrix comes last and is applied per chunk. Chunks go through a layer in groups whose widest
+activation is ~32 MiB (all 8×256 of a SmolLM2 compare at once): each projection is one GEMM over
+the group's rows instead of one per chunk (about twice the BLAS throughput at 256 rows), the
+attention is a few stacked matmuls per group, and a query block skips the keys it cannot see.
+The last layer computes only the positions whose logits are wanted (its k and v need every
+position, its attention output and feed-forward do not). Peak memory is the hidden states
+(n_chunks·n_ctx·n_embd floats) plus the largest of one layer's float32 weights and the float32
+output matrix (plus a group's activations and one chunk's logits): it does not grow with the
+number of layers. Adapters' A/B matrices are held
 whole (a rank-16 adapter is ~3 % of SmolLM2). Loading is sequential: prefetching the next layer in
 a worker thread saved ~1 % on 2 cores (BLAS already uses both) and would double the weights held.
 
@@ -29,8 +35,11 @@ Q8_K-quantized activations; F16/Q8_0 LoRA A and B matrices likewise. Measured ag
 * Q4_0 SmolLM2: ~5e-3 either way, again the floor (Q8_0 rounding turns ulp differences into whole
   quantization steps); but the quantity `compare` reports, KLD(F16 ‖ Q4_0), is 1.7 % low without
   emulation and 0.4 % low with it (llama.cpp 0.3024, loraq 0.2973 / 0.3012).
-Emulation costs ~15 % of the run time on SmolLM2 F16 (numpy's float16 casts); it stays on for every
-weight type. `emulate_activations=False` gives plain float32 semantics.
+Emulation costs ~10 % of the run time (Q8_0 blocks, and F16 rounding done on the float32 bit
+pattern: round_f16); it stays on for every weight type. `emulate_activations=False` gives plain
+float32 semantics. BLAS results depend on a row's place in a GEMM at the ulp level, so a chunk's
+logits depend (that little, and deterministically) on the chunks grouped with it; emulation can
+turn such an ulp into a quantization step, as above, which is the floor these figures measure.
 
 The KV cache is F32 by default (llama.cpp with type_k=type_v=F32). `kv_type="f16"` emulates
 llama.cpp's default F16 cache (K, V rounded to F16; Q and the softmax rounded to F16 for the two
