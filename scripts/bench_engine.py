@@ -100,12 +100,14 @@ best = time.perf_counter() - t0
 print("@@KLD", r.kld_mean)
 """
 
+_SCORE_OLD = _SCORE.replace(', args["kv_cache"])', ")")
+
 # A child forked from a big parent inherits its RSS in ru_maxrss; a small launcher forks instead.
 _LAUNCH = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)"
 
 
-def child(body: str, **args) -> dict:
-    code = _CHILD.format(root=str(ROOT), args=json.dumps(args), body=body)
+def child(body: str, root: Path = ROOT, **args) -> dict:
+    code = _CHILD.format(root=str(root), args=json.dumps(args), body=body)
     env = dict(os.environ)
     if args.get("threads"):
         env["OPENBLAS_NUM_THREADS"] = str(args["threads"])  # numpy's BLAS, for the loraq child
@@ -175,7 +177,7 @@ def versus_perplexity(tool: Path, f16: Path, text: Path, tmp: Path, a: argparse.
     )
     for qtype in ("Q4_K_M", "Q8_0"):
         model = quantized(cache, f16, qtype)
-        peer, peer_eval, mine, mine_all, kl = [], [], [], [], {}
+        peer, peer_eval, mine, mine_all, old, kl = [], [], [], [], [], {}
         for _ in range(a.rounds):
             dt, ev, out = perplexity(
                 tool, a.threads, a.ctx, a.chunks, "-m", str(model), "--kl-divergence-base", str(ref), "--kl-divergence"
@@ -188,10 +190,19 @@ def versus_perplexity(tool: Path, f16: Path, text: Path, tmp: Path, a: argparse.
             mine.append(r["seconds"])
             kl["loraq"] = r.get("kld", float("nan"))
             mine_all.append(child(_LORAQ, model=str(model), threads=a.threads, repeat=1, tokens=str(tmp / "ptoks.npy"))["seconds"])
+            if a.before:  # an older checkout's compare stage, in the same rounds (it has no kv_cache: f32)
+                old.append(
+                    child(
+                        _SCORE_OLD, root=a.before, reference=str(ref), model=str(model), threads=a.threads, tokens=str(tmp / "ptoks.npy")
+                    )["seconds"]
+                )
         p, e, q, qa = (statistics.median(v) for v in (peer, peer_eval, mine, mine_all))
         print(f"{qtype:7s} llama-perplexity --kl-divergence: {p:6.2f} s {n / p:7.1f} tok/s (its prompt eval {e:.2f} s)")
         print(f"{qtype:7s} loraq compare score (kv {kv}):     {q:6.2f} s {n / q:7.1f} tok/s   ratio {p / q:.2f}")
         print(f"{qtype:7s} loraq engine, every logit:         {qa:6.2f} s {n / qa:7.1f} tok/s   ratio {p / qa:.2f}")
+        if old:
+            o = statistics.median(old)
+            print(f"{qtype:7s} before ({a.before}): {o:6.2f} s {n / o:7.1f} tok/s   ratio {p / o:.2f}")
         print(f"{qtype:7s} KLD(F16 ‖ {qtype}): llama-perplexity {kl['llama']:.6f}, loraq {kl['loraq']:.6f}")
         print(f"        (rounds, s: peer {', '.join(f'{x:.1f}' for x in peer)}; loraq {', '.join(f'{x:.1f}' for x in mine)})")
 
@@ -246,6 +257,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds against llama-perplexity (median)")
+    ap.add_argument("--before", type=Path, help="an older loraq checkout whose compare stage joins the llama-perplexity rounds")
     ap.add_argument("--only-perplexity", action="store_true", help="only the comparison with native llama-perplexity")
     a = ap.parse_args()
 
