@@ -161,7 +161,10 @@ def versus_perplexity(tool: Path, f16: Path, text: Path, tmp: Path, a: argparse.
     cache = f16.parent
     n = a.ctx * a.chunks
     ref = tmp / "reference.kld"
-    perplexity(tool, a.threads, a.ctx, a.chunks, "-m", str(f16), "-f", str(text), "--kl-divergence-base", str(ref))
+    if a.reference:  # a reference file kept from an earlier run with the same text, ctx and chunks
+        ref = a.reference
+    else:
+        perplexity(tool, a.threads, a.ctx, a.chunks, "-m", str(f16), "-f", str(text), "--kl-divergence-base", str(ref))
     with open(ref, "rb") as f:  # the tokens llama-perplexity evaluated, for the all-logits run
         f.seek(20)
         toks = np.frombuffer(f.read(4 * n), dtype="<i4").reshape(a.chunks, a.ctx).copy()
@@ -258,6 +261,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds against llama-perplexity (median)")
     ap.add_argument("--before", type=Path, help="an older loraq checkout whose compare stage joins the llama-perplexity rounds")
+    ap.add_argument("--reference", type=Path, help="reuse this llama-perplexity base file (same text, ctx, chunks)")
     ap.add_argument("--only-perplexity", action="store_true", help="only the comparison with native llama-perplexity")
     a = ap.parse_args()
 
