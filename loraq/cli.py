@@ -210,6 +210,7 @@ def compare(
     max_kld_mean: float | None = typer.Option(None, "--max-kld-mean", help="Gate: fail (exit 3) above this mean KLD."),
     min_same_top: float | None = typer.Option(None, "--min-same-top", help="Gate: fail below this same-top fraction."),
     threads: int = typer.Option(0, "--threads", "-t"),
+    kv_cache: str = typer.Option("f32", "--kv-cache", help="KV cache the engine emulates: f32, or f16 (llama-perplexity's default)."),
 ) -> None:
     """KL divergence of each file against base + adapter (llama-perplexity --kl-divergence, many at once)."""
     adapters = [(p, 1.0) for p in lora] + _parse_scaled(lora_scaled)
@@ -220,6 +221,8 @@ def compare(
     _number("--chunks", chunks, 1, MAX_CHUNKS)
     _number("--threads", threads, 0, MAX_THREADS)
     threads = cpu_threads(threads)
+    if kv_cache not in ("f32", "f16"):
+        raise BadArguments(f"--kv-cache must be f32 or f16, got {kv_cache!r}")
     ref = workdir / "reference.kld"
     # Every output against every input before anything is written: the reference must not replace a candidate.
     inputs = [
@@ -230,7 +233,7 @@ def compare(
     ]
     for o in (ref, meta_path(ref), *(workdir / n for n in ("report.json", "report.md", "report.html"))):
         check_not_input(o, inputs)
-    build_reference(base, adapters, text, ctx, chunks, ref, threads)
+    build_reference(base, adapters, text, ctx, chunks, ref, threads, kv_cache=kv_cache)
     cands = [Candidate("base", "base", "F16", base)]
     cands += [
         Candidate(p.stem if p.stem.startswith("merged") else f"merged-{p.stem}", "merged", p.stem.rsplit("-", 1)[-1], p) for p in merged
@@ -246,7 +249,7 @@ def compare(
         )
         for p in runtime
     ]
-    report = compare_models(ref, cands, text, workdir, gates, threads)
+    report = compare_models(ref, cands, text, workdir, gates, threads, kv_cache=kv_cache)
     _print_report(workdir)
     enforce_gates(report, gates)
 

@@ -8,7 +8,15 @@
    n_chunks × n_ctx tokens, each chunk evaluated from position 0. Best of --repeat runs, each
    engine in its own fresh child process so neither warms the other's caches.
 2. Agreement of the two on those tokens (KLD mean, max |Δlogit|, same top).
-3. Peak RSS of loraq's engine on synthetic models (n_embd 256, n_ff 768) with 4 and 8 layers,
+3. The compare stage against native llama-perplexity (when built: $LORAQ_LLAMA_BIN, else
+   $LORAQ_CACHE/llama.cpp-build/bin): scoring SmolLM2 Q4_K_M and Q8_0 (quantized by loraq from the
+   F16, byte-identical to llama-quantize's) against one F16 reference file (written by
+   llama-perplexity --kl-divergence-base, not timed), same text, ctx, chunks and threads.
+   llama-perplexity --kl-divergence is timed as a whole process (what a user waits for); loraq as
+   `compare.stage.score` (engine + KLD statistics), and its engine alone with every position's
+   logits. The runs are interleaved, peer then loraq, --rounds times; medians are reported, so a
+   busy machine slows both sides alike.
+4. Peak RSS of loraq's engine on synthetic models (n_embd 256, n_ff 768) with 4 and 8 layers,
    each in a fresh child process (getrusage ru_maxrss and VmHWM).
 
 No timing is asserted (docs/design.md rule 5)."""
@@ -20,9 +28,12 @@ import importlib
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from scripts import fetch_smollm2, make_synthetic_model
@@ -78,12 +89,25 @@ if args.get("logits"):
     np.save(args["logits"], out)
 """
 
+_SCORE = """
+from loraq.compare.kld_file import ReferenceFile
+from loraq.compare.stage import Candidate, score
+from pathlib import Path
+t0 = time.perf_counter()
+with ReferenceFile(args["reference"]) as ref:
+    r = score(ref, Candidate("x", "merged", "x", Path(args["model"])), args["threads"], args["kv_cache"])
+best = time.perf_counter() - t0
+print("@@KLD", r.kld_mean)
+"""
+
+_SCORE_OLD = _SCORE.replace(', args["kv_cache"])', ")")
+
 # A child forked from a big parent inherits its RSS in ru_maxrss; a small launcher forks instead.
 _LAUNCH = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)"
 
 
-def child(body: str, **args) -> dict:
-    code = _CHILD.format(root=str(ROOT), args=json.dumps(args), body=body)
+def child(body: str, root: Path = ROOT, **args) -> dict:
+    code = _CHILD.format(root=str(root), args=json.dumps(args), body=body)
     env = dict(os.environ)
     if args.get("threads"):
         env["OPENBLAS_NUM_THREADS"] = str(args["threads"])  # numpy's BLAS, for the loraq child
@@ -92,7 +116,98 @@ def child(body: str, **args) -> dict:
     if proc.returncode != 0 or line is None:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"child failed (rc {proc.returncode}): {tail}")
-    return json.loads(line.removeprefix("@@RESULT "))
+    res = json.loads(line.removeprefix("@@RESULT "))
+    kld = next((ln for ln in proc.stdout.splitlines() if ln.startswith("@@KLD ")), None)
+    if kld:
+        res["kld"] = float(kld.split()[1])
+    return res
+
+
+def llama_bin() -> Path | None:
+    """The folder of native llama.cpp tools, if built ($LORAQ_LLAMA_BIN, else the cache's build)."""
+    d = Path(os.environ.get("LORAQ_LLAMA_BIN") or fetch_smollm2.cache_dir() / "llama.cpp-build" / "bin")
+    return d if (d / "llama-perplexity").is_file() else None
+
+
+def quantized(cache: Path, f16: Path, qtype: str) -> Path:
+    from loraq.quantize.driver import QuantizeOptions, quantize_model
+
+    out = cache / f"smollm2-{qtype}.gguf"
+    if not out.exists():
+        quantize_model(f16, out, qtype, QuantizeOptions(threads=2))
+    return out
+
+
+def perplexity(tool: Path, threads: int, ctx: int, chunks: int, *args: str) -> tuple[float, float, str]:
+    """(process seconds, prompt-eval seconds from llama's own timer, output) of one llama-perplexity run."""
+    t0 = time.perf_counter()
+    p = subprocess.run(
+        [str(tool), "-t", str(threads), "-c", str(ctx), "--chunks", str(chunks), *args], capture_output=True, text=True, check=False
+    )
+    dt = time.perf_counter() - t0
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        raise RuntimeError(f"llama-perplexity failed (rc {p.returncode}): {out.strip().splitlines()[-1:]}")
+    m = re.search(r"prompt eval time =\s*([0-9.]+) ms", out)
+    return dt, float(m.group(1)) / 1000 if m else float("nan"), out
+
+
+def versus_perplexity(tool: Path, f16: Path, text: Path, tmp: Path, a: argparse.Namespace) -> None:
+    import numpy as np
+
+    from loraq.pipeline.config import CompareConfig
+
+    kv = CompareConfig.model_fields["kv_cache"].default  # the compare stage as it runs by default
+    cache = f16.parent
+    n = a.ctx * a.chunks
+    ref = tmp / "reference.kld"
+    if a.reference:  # a reference file kept from an earlier run with the same text, ctx and chunks
+        ref = a.reference
+    else:
+        perplexity(tool, a.threads, a.ctx, a.chunks, "-m", str(f16), "-f", str(text), "--kl-divergence-base", str(ref))
+    with open(ref, "rb") as f:  # the tokens llama-perplexity evaluated, for the all-logits run
+        f.seek(20)
+        toks = np.frombuffer(f.read(4 * n), dtype="<i4").reshape(a.chunks, a.ctx).copy()
+    from loraq.gguf_io import open_gguf
+
+    with open_gguf(f16) as g:
+        if g.get("tokenizer.ggml.add_bos_token", False):
+            toks[:, 0] = int(g.get("tokenizer.ggml.bos_token_id"))
+    np.save(tmp / "ptoks.npy", toks)
+    print(
+        f"\n== compare stage vs llama-perplexity {tool}: SmolLM2 {a.chunks} chunks × n_ctx {a.ctx} = {n} tokens, "
+        f"{a.threads} threads, interleaved, median of {a.rounds}"
+    )
+    for qtype in ("Q4_K_M", "Q8_0"):
+        model = quantized(cache, f16, qtype)
+        peer, peer_eval, mine, mine_all, old, kl = [], [], [], [], [], {}
+        for _ in range(a.rounds):
+            dt, ev, out = perplexity(
+                tool, a.threads, a.ctx, a.chunks, "-m", str(model), "--kl-divergence-base", str(ref), "--kl-divergence"
+            )
+            peer.append(dt)
+            peer_eval.append(ev)
+            m = re.search(r"Mean\s+KLD:\s+([-0-9.e]+)", out)
+            kl["llama"] = float(m.group(1)) if m else float("nan")
+            r = child(_SCORE, reference=str(ref), model=str(model), threads=a.threads, kv_cache=kv, tokens=str(tmp / "ptoks.npy"))
+            mine.append(r["seconds"])
+            kl["loraq"] = r.get("kld", float("nan"))
+            mine_all.append(child(_LORAQ, model=str(model), threads=a.threads, repeat=1, tokens=str(tmp / "ptoks.npy"))["seconds"])
+            if a.before:  # an older checkout's compare stage, in the same rounds (it has no kv_cache: f32)
+                old.append(
+                    child(
+                        _SCORE_OLD, root=a.before, reference=str(ref), model=str(model), threads=a.threads, tokens=str(tmp / "ptoks.npy")
+                    )["seconds"]
+                )
+        p, e, q, qa = (statistics.median(v) for v in (peer, peer_eval, mine, mine_all))
+        print(f"{qtype:7s} llama-perplexity --kl-divergence: {p:6.2f} s {n / p:7.1f} tok/s (its prompt eval {e:.2f} s)")
+        print(f"{qtype:7s} loraq compare score (kv {kv}):     {q:6.2f} s {n / q:7.1f} tok/s   ratio {p / q:.2f}")
+        print(f"{qtype:7s} loraq engine, every logit:         {qa:6.2f} s {n / qa:7.1f} tok/s   ratio {p / qa:.2f}")
+        if old:
+            o = statistics.median(old)
+            print(f"{qtype:7s} before ({a.before}): {o:6.2f} s {n / o:7.1f} tok/s   ratio {p / o:.2f}")
+        print(f"{qtype:7s} KLD(F16 ‖ {qtype}): llama-perplexity {kl['llama']:.6f}, loraq {kl['loraq']:.6f}")
+        print(f"        (rounds, s: peer {', '.join(f'{x:.1f}' for x in peer)}; loraq {', '.join(f'{x:.1f}' for x in mine)})")
 
 
 def smollm2_f16(cache: Path) -> Path:
@@ -144,6 +259,10 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds against llama-perplexity (median)")
+    ap.add_argument("--before", type=Path, help="an older loraq checkout whose compare stage joins the llama-perplexity rounds")
+    ap.add_argument("--reference", type=Path, help="reuse this llama-perplexity base file (same text, ctx, chunks)")
+    ap.add_argument("--only-perplexity", action="store_true", help="only the comparison with native llama-perplexity")
     a = ap.parse_args()
 
     import numpy as np
@@ -158,6 +277,16 @@ def main() -> None:
     model = smollm2_f16(cache)
     with tempfile.TemporaryDirectory(prefix="loraq-bench-engine-") as tmp:
         tmp = Path(tmp)
+        tool = llama_bin()
+        if tool is not None:
+            text = tmp / "text.txt"
+            body = "\n\n".join(importlib.import_module(m).__doc__ or "" for m in STDLIB_TEXT)
+            text.write_text(body * 4)
+            versus_perplexity(tool / "llama-perplexity", model, text, tmp, a)
+        else:
+            print("\n(native llama-perplexity not built: set LORAQ_LLAMA_BIN; the comparison with it is skipped)")
+        if a.only_perplexity:
+            return
         flat, bos = text_tokens(model, a.ctx * a.chunks)
         toks = chunk_tokens(flat, a.ctx, a.chunks, bos=bos)
         np.save(tmp / "toks.npy", toks)

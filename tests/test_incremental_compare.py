@@ -31,7 +31,7 @@ def project(smollm2_q4_1, tmp_path_factory) -> Path:
     return make_tiny_project(tmp_path_factory.mktemp("incr"), smollm2_q4_1)
 
 
-def _write_cfg(d: Path, workdir: str, types: list[str]) -> Path:
+def _write_cfg(d: Path, workdir: str, types: list[str], kv_cache: str | None = None) -> Path:
     cfg = {
         "name": "incr",
         "workdir": workdir,
@@ -40,7 +40,9 @@ def _write_cfg(d: Path, workdir: str, types: list[str]) -> Path:
         "quantize": {"types": types},
         "compare": {"text": "eval.txt", "ctx": 32, "chunks": 2, "gates": {"max_kld_mean": 10.0}},
     }
-    p = d / f"{workdir}-{'-'.join(types)}.yaml"
+    if kv_cache is not None:
+        cfg["compare"]["kv_cache"] = kv_cache  # type: ignore[index]
+    p = d / f"{workdir}-{'-'.join(types)}{'-' + kv_cache if kv_cache else ''}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
 
@@ -145,3 +147,23 @@ def test_damaged_or_foreign_score_file(project, tmp_path):
     other.write_text("{}")
     with pytest.raises(BadInput, match="not a loraq score file"):
         read_score(other, Candidate("base", "base", "F16", project / "base.gguf"))
+
+
+def test_kv_cache_is_a_setting_of_reference_and_scores(project):
+    """compare.kv_cache changes the numbers: the reference and every score rerun, and the report says which."""
+    first = run_pipeline(load_config(_write_cfg(project, "work-kv", ["Q8_0"])))
+    assert "reference" in _ran(first)
+    work = load_config(_write_cfg(project, "work-kv", ["Q8_0"])).workdir_path
+    assert json.loads((work / "report.json").read_text())["text"]["kv_cache"] == "f32"
+    kld32 = json.loads((work / "report.json").read_text())["variants"][1]["kld_mean"]
+
+    cfg16 = load_config(_write_cfg(project, "work-kv", ["Q8_0"], kv_cache="f16"))
+    status = {r.name: r.reason for r in stage_status(cfg16)}
+    assert status["quantize:Q8_0"] == "up-to-date"  # nothing upstream of compare is redone
+    assert all(status[k] != "up-to-date" for k in ("reference", *SCORES_Q8))
+    second = run_pipeline(cfg16)
+    assert _ran(second) == ["reference", *SCORES_Q8, "compare"]
+    report = json.loads((work / "report.json").read_text())
+    assert report["text"]["kv_cache"] == "f16"
+    assert report["variants"][1]["kld_mean"] != kld32
+    assert "KV cache: f16" in (work / "report.md").read_text()

@@ -61,6 +61,7 @@ def build_report(
     variants: Sequence[VariantScore],
     gates: GateLimits = None,
     workdir: Path | str | None = None,
+    kv_cache: str = "f32",
 ) -> Report:
     """The report, its "gates" entry filled in by gates.check_gates.
 
@@ -95,7 +96,13 @@ def build_report(
         )
     report: Report = {
         "loraq_version": __version__,
-        "text": {"path": _rel(text_path, workdir), "tokens": int(text_tokens), "ctx": int(ctx), "chunks": int(chunks)},
+        "text": {
+            "path": _rel(text_path, workdir),
+            "tokens": int(text_tokens),
+            "ctx": int(ctx),
+            "chunks": int(chunks),
+            "kv_cache": kv_cache,
+        },
         "reference": {"name": reference_name, "ppl": _num(reference_ppl)},
         "adapter_effect": {"kld_mean": a_kld},
         "variants": rows,

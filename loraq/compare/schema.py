@@ -33,6 +33,7 @@ class TextInfo(TypedDict):
     tokens: int
     ctx: int
     chunks: int
+    kv_cache: str  # "f32" | "f16": the engine's KV cache, as llama-perplexity's -ctk/-ctv (default f16)
 
 
 class ReferenceInfo(TypedDict):

@@ -41,6 +41,7 @@ class ReferenceMeta(TypedDict):
     text_tokens: int
     ctx: int
     chunks: int
+    kv_cache: str
 
 
 @dataclass
@@ -103,15 +104,19 @@ def build_reference(
     out: Path,
     threads: int = 0,
     progress: Callable[[str], None] | None = None,
+    kv_cache: str = "f32",
 ) -> ReferenceMeta:
-    """Evaluate base + adapters and write `out` (.kld) plus `out.json` (PPL, token counts)."""
+    """Evaluate base + adapters and write `out` (.kld) plus `out.json` (PPL, token counts).
+
+    `kv_cache` "f16" emulates llama.cpp's default F16 KV cache (what a stock llama-perplexity run
+    uses), "f32" an F32 cache; reference and candidates must be evaluated with the same."""
     inputs = [("base model", Path(base)), ("evaluation text", Path(text)), *(("adapter", Path(a)) for a, _ in adapters)]
     for label, p in inputs:
         check_regular(p, label)
     for o in (out, meta_path(out)):
         check_not_input(o, inputs)
     stored, evaluated, n_text = evaluation_tokens(base, text, ctx, chunks)
-    eng = Engine(base, adapters=list(adapters), threads=threads)
+    eng = Engine(base, adapters=list(adapters), threads=threads, kv_type=kv_cache)
     ppl_acc = PerplexityAccumulator(ctx, stored)  # the reference's own PPL, as llama-perplexity prints it
 
     def chunk_done(i: int, logits: np.ndarray) -> None:
@@ -123,7 +128,7 @@ def build_reference(
     with ReferenceWriter(out, ctx, eng.n_vocab, stored) as w:
         eng.run(evaluated, chunk_done, rows=scored(ctx))
     ppl = ppl_acc.result()
-    meta: ReferenceMeta = {"ppl": float(ppl.ppl), "text_tokens": n_text, "ctx": ctx, "chunks": len(stored)}
+    meta: ReferenceMeta = {"ppl": float(ppl.ppl), "text_tokens": n_text, "ctx": ctx, "chunks": len(stored), "kv_cache": kv_cache}
     with atomic_output(meta_path(out)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
     return meta
@@ -133,8 +138,8 @@ def meta_path(kld: Path) -> Path:
     return kld.with_suffix(".json")
 
 
-def score(ref: ReferenceFile, cand: Candidate, threads: int = 0) -> KLDResult:
-    eng = Engine(cand.model, adapters=cand.adapters, threads=threads)
+def score(ref: ReferenceFile, cand: Candidate, threads: int = 0, kv_cache: str = "f32") -> KLDResult:
+    eng = Engine(cand.model, adapters=cand.adapters, threads=threads, kv_type=kv_cache)
     if eng.n_vocab != ref.n_vocab:
         raise BadInput(f"{cand.model} has {eng.n_vocab} tokens in its vocabulary, the reference {ref.n_vocab}")
     acc = KLDAccumulator(ref)
@@ -158,18 +163,18 @@ def _n_weights(model: Path) -> int:
         return sum(t.n_elements for t in g.tensors)
 
 
-def score_variant(ref: ReferenceFile, cand: Candidate, threads: int = 0) -> VariantScore:
+def score_variant(ref: ReferenceFile, cand: Candidate, threads: int = 0, kv_cache: str = "f32") -> VariantScore:
     """One candidate scored against an open reference: its KLD statistics, size and bits per weight."""
-    stats = score(ref, cand, threads)
+    stats = score(ref, cand, threads, kv_cache)
     size = sum(p.stat().st_size for p in cand.size_files or [cand.model])
     bpw = 8.0 * size / max(1, _n_weights(cand.model))
     return VariantScore(cand.name, cand.kind, cand.type, cand.model, size, bpw, stats)
 
 
-def score_to_file(reference: Path, cand: Candidate, out: Path, threads: int = 0) -> VariantScore:
+def score_to_file(reference: Path, cand: Candidate, out: Path, threads: int = 0, kv_cache: str = "f32") -> VariantScore:
     """`loraq run`'s score:<variant> stage: score one candidate and write it to `out` (write_score)."""
     with ReferenceFile(reference) as ref:
-        s = score_variant(ref, cand, threads)
+        s = score_variant(ref, cand, threads, kv_cache)
     write_score(s, out)
     return s
 
@@ -198,7 +203,9 @@ def read_score(path: Path, cand: Candidate) -> VariantScore:
         raise BadInput(f"{path} is not a loraq score file ({exc}); rerun with --force=compare") from None
 
 
-def assemble_report(reference: Path, scores: Sequence[VariantScore], text: Path, workdir: Path, gates: GateLimits = None) -> Report:
+def assemble_report(
+    reference: Path, scores: Sequence[VariantScore], text: Path, workdir: Path, gates: GateLimits = None, kv_cache: str = "f32"
+) -> Report:
     """report.json/.md/.html from scored variants (in report order); returns the report, whose
     "gates" entry says whether every gate passed (the caller decides how to fail: gates.enforce_gates)."""
     # A reference.kld made by llama-perplexity has no reference.json: fall back to what the .kld says.
@@ -221,6 +228,7 @@ def assemble_report(reference: Path, scores: Sequence[VariantScore], text: Path,
         variants=scores,
         gates=gates,
         workdir=workdir,
+        kv_cache=kv_cache,
     )
     write_reports(report, workdir, gates)
     return report
@@ -234,6 +242,7 @@ def compare_models(
     gates: GateLimits = None,
     threads: int = 0,
     on_variant: Callable[[str], None] | None = None,
+    kv_cache: str = "f32",
 ) -> Report:
     """Score every candidate against `reference` (.kld) and write report.json/.md/.html.
 
@@ -249,5 +258,5 @@ def compare_models(
         for c in candidates:
             if on_variant:
                 on_variant(c.name)
-            scores.append(score_variant(ref, c, threads))
-    return assemble_report(reference, scores, text, workdir, gates)
+            scores.append(score_variant(ref, c, threads, kv_cache))
+    return assemble_report(reference, scores, text, workdir, gates, kv_cache)

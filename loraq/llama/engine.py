@@ -7,11 +7,17 @@ build_lora_mm / build_inp_embd) and ggml's CPU ops (rms_norm with a double sum, 
 theta recurrence, soft_max_ext with scale then mask, SwiGLU as silu(gate)·up).
 
 Streaming (docs/design.md ground rule 2): `Engine.run` embeds every chunk (dequantizing only the
-token_embd rows it needs), then loads ONE layer's weights (float32, through `kernels.read_f32`),
-pushes all chunks' hidden states through it chunk by chunk, frees it and moves on; the output
-matrix comes last and is applied per chunk. Peak memory is the hidden states (n_chunks·n_ctx·n_embd
-floats) plus the largest of one layer's float32 weights and the float32 output matrix (plus one
-chunk's logits): it does not grow with the number of layers. Adapters' A/B matrices are held
+token_embd rows it needs), then loads ONE layer's weights (float32, through dequant.py, whole
+tensors at once), pushes all chunks' hidden states through it, frees it and moves on; the output
+matrix comes last and is applied per chunk. Chunks go through a layer in groups whose widest
+activation is ~32 MiB (all 8×256 of a SmolLM2 compare at once): each projection is one GEMM over
+the group's rows instead of one per chunk (about twice the BLAS throughput at 256 rows), the
+attention is a few stacked matmuls per group, and a query block skips the keys it cannot see.
+The last layer computes only the positions whose logits are wanted (its k and v need every
+position, its attention output and feed-forward do not). Peak memory is the hidden states
+(n_chunks·n_ctx·n_embd floats) plus the largest of one layer's float32 weights and the float32
+output matrix (plus a group's activations and one chunk's logits): it does not grow with the
+number of layers. Adapters' A/B matrices are held
 whole (a rank-16 adapter is ~3 % of SmolLM2). Loading is sequential: prefetching the next layer in
 a worker thread saved ~1 % on 2 cores (BLAS already uses both) and would double the weights held.
 
@@ -29,8 +35,11 @@ Q8_K-quantized activations; F16/Q8_0 LoRA A and B matrices likewise. Measured ag
 * Q4_0 SmolLM2: ~5e-3 either way, again the floor (Q8_0 rounding turns ulp differences into whole
   quantization steps); but the quantity `compare` reports, KLD(F16 ‖ Q4_0), is 1.7 % low without
   emulation and 0.4 % low with it (llama.cpp 0.3024, loraq 0.2973 / 0.3012).
-Emulation costs ~15 % of the run time on SmolLM2 F16 (numpy's float16 casts); it stays on for every
-weight type. `emulate_activations=False` gives plain float32 semantics.
+Emulation costs ~10 % of the run time (Q8_0 blocks, and F16 rounding done on the float32 bit
+pattern: round_f16); it stays on for every weight type. `emulate_activations=False` gives plain
+float32 semantics. BLAS results depend on a row's place in a GEMM at the ulp level, so a chunk's
+logits depend (that little, and deterministically) on the chunks grouped with it; emulation can
+turn such an ulp into a quantization step, as above, which is the floor these figures measure.
 
 The KV cache is F32 by default (llama.cpp with type_k=type_v=F32). `kv_type="f16"` emulates
 llama.cpp's default F16 cache (K, V rounded to F16; Q and the softmax rounded to F16 for the two
@@ -51,9 +60,10 @@ import numpy as np
 
 from ..errors import BadArguments, BadInput
 from ..ggml_types import GGMLType
-from ..gguf_io import GGUFFile, open_gguf
-from ..kernels import dequantize, read_f32
+from ..gguf_io import GGUFFile, TensorInfo, open_gguf
+from ..kernels import dequantize
 from ..merge.lora_file import load_adapter
+from .dequant import dequantize_tensor
 
 ARCHS = ("llama", "qwen2", "qwen3")
 _NEOX = ("qwen2", "qwen3")  # llama.cpp's llama_model_rope_type: NEOX; llama is NORM (adjacent pairs)
@@ -85,12 +95,33 @@ def vec_dot_kind(t: GGMLType) -> str:
     raise BadInput(f"the engine has no matmul rule for tensor type {t.name}")
 
 
+def round_f16(x: np.ndarray) -> np.ndarray:
+    """x.astype(float16).astype(float32), bit for bit, at ~2.5x the speed of numpy's casts.
+
+    Normal F16 range: round the float32 to 11 significant bits, nearest even, on its bit pattern
+    (add 0xFFF plus the lowest kept bit, clear the low 13 bits; a carry moves into the exponent as
+    it should). Below 2^-14 F16 is subnormal, a fixed step of 2^-24: rint(x·2^24)·2^-24, exact in
+    float32. From 65520 up the F16 is ±inf; NaN stays NaN."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32)
+    out = ((u + (np.uint32(0xFFF) + ((u >> 13) & 1))) & np.uint32(0xFFFFE000)).view(np.float32)
+    ax = np.abs(x)
+    small = ax < np.float32(2.0**-14)
+    if small.any():
+        out[small] = np.rint(x[small] * np.float32(2.0**24)) * np.float32(2.0**-24)
+    big = ~(ax < np.float32(65520))
+    if big.any():
+        xb = x[big]
+        out[big] = np.where(np.isnan(xb), xb, np.copysign(np.float32(np.inf), xb))
+    return out
+
+
 def round_activations(x: np.ndarray, kind: str) -> np.ndarray:
     """x (rows, k) float32 as ggml's from_float(vec_dot_type) then to_float would give it back."""
     if kind == "f32":
         return x
     if kind == "f16":
-        return x.astype(np.float16).astype(np.float32)
+        return round_f16(x)
     if kind == "bf16":  # ggml_fp32_to_bf16: round to nearest even on the top 16 bits
         u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
         r = ((u + (np.uint32(0x7FFF) + ((u >> 16) & 1))) & np.uint32(0xFFFF0000)).view(np.float32)
@@ -100,23 +131,30 @@ def round_activations(x: np.ndarray, kind: str) -> np.ndarray:
         if k % 32:
             return x
         b = x.reshape(n, k // 32, 32)
-        amax = np.abs(b).max(axis=2, keepdims=True)
+        t = np.abs(b)  # the one full-size temporary: |x|, then x·id, then the result
+        amax = t.max(axis=2, keepdims=True)
         d = (amax / np.float32(127)).astype(np.float32)
         with np.errstate(divide="ignore"):
             inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-        q = np.rint(b * inv)
-        return (q * d.astype(np.float16).astype(np.float32)).reshape(n, k)
+        np.multiply(b, inv, out=t)
+        np.rint(t, out=t)
+        t *= d.astype(np.float16).astype(np.float32)
+        return t.reshape(n, k)
     if kind == "q8_k":  # quantize_row_q8_K_ref: iscale = -127/max (signed max), nearest_int, d = 1/iscale (f32)
         if k % 256:
             return x
         b = x.reshape(n, k // 256, 256)
-        idx = np.abs(b).argmax(axis=2)[..., None]  # first index of the largest |x|, as the C loop's '>'
+        t = np.abs(b)
+        idx = t.argmax(axis=2)[..., None]  # first index of the largest |x|, as the C loop's '>'
         mx = np.take_along_axis(b, idx, axis=2)
         with np.errstate(divide="ignore"):
             iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
             d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
-        q = np.minimum(np.rint(b * iscale), np.float32(127))
-        return (q * d).reshape(n, k)
+        np.multiply(b, iscale, out=t)
+        np.rint(t, out=t)
+        np.minimum(t, np.float32(127), out=t)
+        t *= d
+        return t.reshape(n, k)
     raise ValueError(kind)
 
 
@@ -253,6 +291,24 @@ def _hparams(g: GGUFFile) -> HParams:
     )
 
 
+def retain_freed_memory() -> bool:
+    """Best effort (glibc): keep freed blocks in the heap instead of returning them to the kernel.
+
+    glibc serves big allocations with mmap and gives them back on free, so every numpy temporary
+    of a block's arithmetic starts as fresh pages, each faulted in on first touch. In this VM that
+    made an elementwise op 10-20x slower than its arithmetic (Q8_0 dequantization of 16 Ki blocks:
+    9-12 ms -> 0.5-0.8 ms). Raising the mmap and trim thresholds lets the next temporary reuse
+    the pages of the last. The peak is unchanged (the same arrays are alive at once); what goes is
+    giving memory back to the system between two chunks, which a run of the engine doesn't need."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def set_blas_threads(n: int) -> bool:
     """Best effort: set numpy's OpenBLAS thread count (numpy wheels bundle scipy-openblas)."""
     if n <= 0:
@@ -315,6 +371,7 @@ class Engine:
         self.observer = observer  # sees each weight matmul's input (loraq.imatrix); None costs nothing
         if threads > 0:
             set_blas_threads(threads)
+        retain_freed_memory()
         with open_gguf(self.path) as g:
             self.hp = _hparams(g)
             self.tied = not g.has_tensor("output.weight")
@@ -363,17 +420,17 @@ class Engine:
         if not g.has_tensor(name):
             raise BadInput(f"{self.path}: missing tensor {name}")
         t = g.tensor(name)
-        w = read_f32(g, t)
+        w = _read_f32(g, t)
         if w.ndim != 2:
             raise BadInput(f"{self.path}: tensor {name} is {w.ndim}-D; the engine handles dense 2-D weights only (no MoE)")
         bias_name = name[: -len(".weight")] + ".bias"
-        bias = read_f32(g, g.tensor(bias_name)).reshape(-1) if g.has_tensor(bias_name) else None
+        bias = _read_f32(g, g.tensor(bias_name)).reshape(-1) if g.has_tensor(bias_name) else None
         return _Linear(w, vec_dot_kind(t.type), bias, self._loras.get(name, []), name, self.observer)
 
     def _vector(self, g: GGUFFile, name: str) -> np.ndarray:
         if not g.has_tensor(name):
             raise BadInput(f"{self.path}: missing tensor {name}")
-        return read_f32(g, g.tensor(name)).reshape(-1)
+        return _read_f32(g, g.tensor(name)).reshape(-1)
 
     def _layer(self, g: GGUFFile, il: int) -> LayerWeights:
         p = f"blk.{il}."
@@ -422,7 +479,9 @@ class Engine:
         sq = x * x
         mean = (np.add.reduce(sq, axis=-1, dtype=np.float64, keepdims=True) / n).astype(np.float32)
         scale = np.float32(1) / np.sqrt(mean + np.float32(self.hp.eps))
-        return (x * scale) * w
+        sq = np.multiply(x, scale, out=sq)
+        sq *= w
+        return sq
 
     def _rope_cache(self, n_ctx: int, freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """cos/sin (n_ctx, n_rot/2) as ggml_rope_cache_init: theta_i = p·theta_scale^i by repeated f32 multiply."""
@@ -439,10 +498,12 @@ class Engine:
         return np.cos(th.astype(np.float64)).astype(np.float32), np.sin(th.astype(np.float64)).astype(np.float32)
 
     def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """x (T, H, D): NORM rotates adjacent pairs (0,1),(2,3)…; NEOX rotates (i, i+n_rot/2)."""
+        """x (G, T, H, D): NORM rotates adjacent pairs (0,1),(2,3)…; NEOX rotates (i, i+n_rot/2)."""
         n_rot = self.hp.n_rot
         c, s = cos[:, None, :], sin[:, None, :]
-        out = x.copy()
+        out = np.empty_like(x)
+        if n_rot < x.shape[-1]:
+            out[..., n_rot:] = x[..., n_rot:]
         if self.hp.neox:
             x0, x1 = x[..., : n_rot // 2], x[..., n_rot // 2 : n_rot]
             out[..., : n_rot // 2] = x0 * c - x1 * s
@@ -453,40 +514,52 @@ class Engine:
             out[..., 1:n_rot:2] = x0 * s + x1 * c
         return out
 
-    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """q (T, H, D), k/v (T, Hkv, D) -> (T, H·D). Causal; soft_max_ext(kq·scale + mask) with the
-        sum in double as ggml's; q head h reads kv head h // (H / Hkv) (ggml_mul_mat broadcast)."""
-        T, H, D = q.shape
-        Hkv = k.shape[1]
+    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """q (G, Tq, H, D) at positions `pos` (ascending), k/v (G, T, Hkv, D) for G chunks -> (G, Tq, H·D).
+        Causal; soft_max_ext(kq·scale + mask) with the sum in double as ggml's; q head h reads kv
+        head h // (H / Hkv) (ggml_mul_mat broadcast)."""
+        G, Tq, H, D = q.shape
+        T, Hkv = k.shape[1], k.shape[2]
         grp = H // Hkv
         scale = np.float32(1.0 / math.sqrt(D))  # 1.0f/sqrtf(float(n_embd_head))
         if self.kv_type == "f16":  # F16 cache; kq = mul_mat(k, q) then sees q as F16
-            k = k.astype(np.float16).astype(np.float32)
-            v = v.astype(np.float16).astype(np.float32)
-            q = q.astype(np.float16).astype(np.float32)
-        mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), k=1)
-        qh = q.transpose(1, 0, 2).reshape(Hkv, grp * T, D)  # kv-head-major: heads of one group together
-        kh = k.transpose(1, 2, 0)  # (Hkv, D, T)
-        vh = v.transpose(1, 0, 2)  # (Hkv, T, D)
-        out = np.empty((Hkv, grp * T, D), dtype=np.float32)
-        step = max(1, (1 << 24) // (grp * T * T))  # kv heads per batch: score blocks of at most 64 MiB
-        for h0 in range(0, Hkv, step):
-            h1 = min(Hkv, h0 + step)
-            s = np.matmul(qh[h0:h1], kh[h0:h1]).reshape(h1 - h0, grp, T, T)
-            s *= scale
-            s += mask
-            s -= s.max(axis=-1, keepdims=True)
-            np.exp(s, out=s)
-            s *= (1.0 / np.add.reduce(s, axis=-1, dtype=np.float64, keepdims=True)).astype(np.float32)
-            if self.kv_type == "f16":  # kqv = mul_mat(v, kq): F16 V converts kq to F16
-                s = s.astype(np.float16).astype(np.float32)
-            out[h0:h1] = np.matmul(s.reshape(h1 - h0, grp * T, T), vh[h0:h1])
-        return out.reshape(H, T, D).transpose(1, 0, 2).reshape(T, H * D)
+            k, v, q = round_f16(k), round_f16(v), round_f16(q)
+        # (chunk, kv head) pairs, each a contiguous matrix so that every product is one BLAS call;
+        # the q heads of one group are stacked so that they share that call.
+        qh = np.ascontiguousarray(q.reshape(G, Tq, Hkv, grp, D).transpose(0, 2, 3, 1, 4)).reshape(G * Hkv, grp * Tq, D)
+        kh = np.ascontiguousarray(k.transpose(0, 2, 3, 1)).reshape(G * Hkv, D, T)
+        vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3)).reshape(G * Hkv, T, D)
+        # Causal: a query block needs the keys up to its last position only (ggml computes the masked
+        # scores too; they become exp(-inf) = 0 either way, so skipping them changes no sum).
+        blocks = [(0, Tq)] if Tq < 128 else [(0, Tq // 2), (Tq // 2, Tq)]
+        out = np.empty((G * Hkv, grp, Tq, D), dtype=np.float32)
+        qg = qh.reshape(G * Hkv, grp, Tq, D)
+        for b0, b1 in blocks:
+            nk = int(pos[b1 - 1]) + 1  # keys 0 .. last query position of the block
+            mask = np.where(np.arange(nk)[None, :] > pos[b0:b1, None], np.float32(-np.inf), np.float32(0))
+            nb = b1 - b0
+            step = max(1, (1 << 24) // (grp * nb * nk))  # pairs per batch: score blocks of at most 64 MiB
+            for h0 in range(0, G * Hkv, step):
+                h1 = min(G * Hkv, h0 + step)
+                qb = qg[h0:h1, :, b0:b1] if len(blocks) > 1 else qh[h0:h1]
+                s = np.matmul(qb.reshape(h1 - h0, grp * nb, D), kh[h0:h1, :, :nk]).reshape(h1 - h0, grp, nb, nk)
+                s *= scale
+                s += mask
+                s -= s.max(axis=-1, keepdims=True)
+                np.exp(s, out=s)
+                s *= (1.0 / np.add.reduce(s, axis=-1, dtype=np.float64, keepdims=True)).astype(np.float32)
+                if self.kv_type == "f16":  # kqv = mul_mat(v, kq): F16 V converts kq to F16
+                    s = round_f16(s)
+                out[h0:h1, :, b0:b1] = np.matmul(s.reshape(h1 - h0, grp * nb, nk), vh[h0:h1, :nk]).reshape(h1 - h0, grp, nb, D)
+        return out.reshape(G, Hkv, grp, Tq, D).transpose(0, 3, 1, 2, 4).reshape(G, Tq, H * D)
 
-    def _block(self, lw: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    def _block(self, lw: LayerWeights, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, keep: slice | None = None) -> np.ndarray:
+        """One block over G chunks at once, x (G, T, n_embd): every matmul sees all G·T rows.
+        With `keep`, only those positions' outputs are computed (the last layer: the rest are
+        never read), though every position's k and v still are."""
         hp, em = self.hp, self.emulate
-        T = x.shape[0]
-        cur = self._rms_norm(x, lw.attn_norm)
+        G, T, E = x.shape
+        cur = self._rms_norm(x, lw.attn_norm).reshape(G * T, E)
         nq, nk = hp.n_head * hp.head_dim_k, hp.n_head_kv * hp.head_dim_k
         rx: dict[str, np.ndarray] = {}
         if len(lw.qkv) == 1:
@@ -494,24 +567,41 @@ class Engine:
             q, k, v = qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]
         else:
             q, k, v = (lin(cur, em, rx) for lin in lw.qkv)
-        q = q.reshape(T, hp.n_head, hp.head_dim_k)
-        k = k.reshape(T, hp.n_head_kv, hp.head_dim_k)
-        v = v.reshape(T, hp.n_head_kv, hp.head_dim_v)
+        del cur, rx
+        q = q.reshape(G, T, hp.n_head, hp.head_dim_k)
+        k = k.reshape(G, T, hp.n_head_kv, hp.head_dim_k)
+        v = v.reshape(G, T, hp.n_head_kv, hp.head_dim_v)
         if lw.qk_norm is not None:
             q = self._rms_norm(q, lw.qk_norm[0])
             k = self._rms_norm(k, lw.qk_norm[1])
-        q = self._rope(q, cos, sin)
+        if keep is not None:
+            q = q[:, keep]
+            q = self._rope(q, cos[keep], sin[keep])
+            x = x[:, keep]
+        else:
+            q = self._rope(q, cos, sin)
         k = self._rope(k, cos, sin)
-        att = self._attention(q, k, v)
-        ffn_inp = lw.attn_output(att, em) + x
+        att = self._attention(q, k, v, np.arange(T)[keep] if keep is not None else np.arange(T))
+        Tq = att.shape[1]
+        ffn_inp = lw.attn_output(att.reshape(G * Tq, -1), em)
+        ffn_inp += x.reshape(G * Tq, E)
+        del att, q, k, v
         cur = self._rms_norm(ffn_inp, lw.ffn_norm)
         rx = {}
         up = lw.ffn_up(cur, em, rx)
         gate = lw.ffn_gate(cur, em, rx)
-        # swiglu: silu(gate) * up, silu(x) = x / (1 + exp(-x))
+        del cur, rx
+        # swiglu: silu(gate) * up, silu(x) = x / (1 + exp(-x)), in place on gate
         with np.errstate(over="ignore"):
-            act = gate / (np.float32(1) + np.exp(-gate)) * up
-        return lw.ffn_down(act, em) + ffn_inp
+            act = np.negative(gate)
+            np.exp(act, out=act)
+            act += np.float32(1)
+            np.divide(gate, act, out=act)
+            act *= up
+        del up, gate
+        out = lw.ffn_down(act, em)
+        out += ffn_inp
+        return out.reshape(G, Tq, E)
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self, tokens: np.ndarray, on_logits: Callable[[int, np.ndarray], None] | None, rows: slice | None = None) -> None:
@@ -519,9 +609,9 @@ class Engine:
         on_logits(chunk_index, logits float32 (n_ctx, n_vocab)) for every chunk, in order.
 
         `rows` limits the logits to those positions (e.g. the scored half of a chunk): the output
-        projection is a fifth of a small model's work and unscored positions need none of it.
-        `on_logits=None` skips the output projection altogether (an observer that needs only the
-        blocks' matmul inputs)."""
+        projection is a fifth of a small model's work and unscored positions need none of it, nor
+        the last layer's attention output and feed-forward. `on_logits=None` skips the output
+        projection altogether (an observer that needs only the blocks' matmul inputs)."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or tokens.shape[1] < 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise BadArguments(f"tokens must be an integer array of shape (n_chunks, n_ctx), got {tokens.dtype} {tokens.shape}")
@@ -529,22 +619,55 @@ class Engine:
             raise BadInput(f"token ids must lie in [0, {self.hp.n_vocab}); got {tokens.min()}..{tokens.max()}")
         tokens = tokens.astype(np.int64)
         n_chunks, n_ctx = tokens.shape
+        keep = None
+        if rows is not None:
+            start, stop, step = rows.indices(n_ctx)
+            keep = slice(start, stop) if step == 1 and stop > start else None
         with open_gguf(self.path) as g:
             h = self._embed(g, tokens)  # (n_chunks, n_ctx, n_embd)
             ff = self._vector(g, "rope_freqs.weight") if g.has_tensor("rope_freqs.weight") else None
             cos, sin = self._rope_cache(n_ctx, ff)
+            # chunks per group: the widest activation (n_ff or the fused qkv) of a group stays ~32 MiB
+            G = max(1, min(n_chunks, _GROUP_ELEMENTS // (n_ctx * self._widest(g))))
+            last = self.hp.n_layer - 1
             for il in range(self.hp.n_layer):
                 lw = self._layer(g, il)
-                for c in range(n_chunks):
-                    h[c] = self._block(lw, h[c], cos, sin)
+                cut = keep if il == last else None
+                if cut is not None:
+                    hk = np.empty((n_chunks, cut.stop - cut.start, h.shape[2]), dtype=np.float32)
+                for c0 in range(0, n_chunks, G):
+                    y = self._block(lw, h[c0 : c0 + G], cos, sin, cut)
+                    if cut is None:
+                        h[c0 : c0 + G] = y
+                    else:
+                        hk[c0 : c0 + G] = y
                 del lw
             if on_logits is None:
                 return
+            if keep is not None:
+                h = hk
+                rows = None  # h holds only the kept positions now
             norm, out = self._output(g)
             for c in range(n_chunks):
                 x = self._rms_norm(h[c] if rows is None else h[c][rows], norm)
                 on_logits(c, out(x, self.emulate))
             del out
+
+    def _widest(self, g: GGUFFile) -> int:
+        """The widest activation row of a block: n_ff, the (fused) qkv width or n_embd."""
+        t = g.tensor("blk.0.ffn_up.weight") if g.has_tensor("blk.0.ffn_up.weight") else None
+        n_ff = t.ne[1] if t is not None else 0
+        hp = self.hp
+        return max(n_ff, hp.n_embd, (hp.n_head + 2 * hp.n_head_kv) * hp.head_dim_k)
+
+
+def _read_f32(g: GGUFFile, t: TensorInfo) -> np.ndarray:
+    """kernels.read_f32 through dequant.dequantize_tensor (whole-tensor numpy, not 16 rows a call)."""
+    return dequantize_tensor(g.read_raw(t), t.type, t.shape)
+
+
+# activation elements per chunk group (see Engine.run): 8 Mi floats, 32 MiB per temporary
+_GROUP_ELEMENTS = 1 << 23
 
 
 def logits_for(model_path: Path | str, tokens: np.ndarray, adapters: Sequence[tuple[Path | str, float]] = (), **kw) -> np.ndarray:
@@ -560,4 +683,14 @@ def logits_for(model_path: Path | str, tokens: np.ndarray, adapters: Sequence[tu
     return out
 
 
-__all__ = ["Engine", "HParams", "chunk_tokens", "logits_for", "round_activations", "set_blas_threads", "vec_dot_kind"]
+__all__ = [
+    "Engine",
+    "HParams",
+    "chunk_tokens",
+    "logits_for",
+    "retain_freed_memory",
+    "round_activations",
+    "round_f16",
+    "set_blas_threads",
+    "vec_dot_kind",
+]

@@ -86,6 +86,7 @@ class CompareConfig(_Strict):
     chunks: int = Field(16, gt=0, le=MAX_CHUNKS)
     runtime_lora: bool = True
     gates: Gates = Field(default_factory=Gates)
+    kv_cache: Literal["f32", "f16"] = "f32"  # the engine's KV cache; f16 is llama-perplexity's default
 
 
 class DeliverBest(_Strict):

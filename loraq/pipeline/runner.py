@@ -213,10 +213,10 @@ def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tu
     reference = Stage(
         "reference",
         "reference",
-        {"ctx": c.ctx, "chunks": c.chunks, "scales": [s for _, s in adapters]},
+        {"ctx": c.ctx, "chunks": c.chunks, "scales": [s for _, s in adapters], "kv_cache": c.kv_cache},
         ref_inputs,
         [ref, meta_path(ref)],
-        lambda: build_reference(base, adapters, text, c.ctx, c.chunks, ref, threads),
+        lambda: build_reference(base, adapters, text, c.ctx, c.chunks, ref, threads, kv_cache=c.kv_cache),
     )
     convert = next((s for s in before if s.kind == "convert"), None)
     # Runtime candidates use the adapter a user deploys: the converted GGUF where there is one.
@@ -243,10 +243,17 @@ def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tu
             Stage(
                 f"score:{x.name}",
                 "compare",
-                {"kind": x.kind, "type": x.type, "scales": [s for _, s in x.adapters], "ctx": c.ctx, "chunks": c.chunks},
+                {
+                    "kind": x.kind,
+                    "type": x.type,
+                    "scales": [s for _, s in x.adapters],
+                    "ctx": c.ctx,
+                    "chunks": c.chunks,
+                    "kv_cache": c.kv_cache,
+                },
                 {"reference": ref, "text": text, "model": x.model, **{f"adapter{k}": p for k, (p, _) in enumerate(x.adapters)}},
                 [out],
-                partial(score_to_file, ref, x, out, threads),
+                partial(score_to_file, ref, x, out, threads, c.kv_cache),
                 after=["reference", *upstream],
             )
         )
@@ -259,7 +266,9 @@ def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tu
         {"variants": [x.name for x in cands]},
         {"reference": ref, "reference-meta": meta_path(ref), **{s.name: s.outputs[0] for s in scores}},
         report,
-        lambda: assemble_report(ref, [read_score(s.outputs[0], x) for s, x in zip(scores, cands, strict=True)], text, wd, c.gates),
+        lambda: assemble_report(
+            ref, [read_score(s.outputs[0], x) for s, x in zip(scores, cands, strict=True)], text, wd, c.gates, c.kv_cache
+        ),
         after=["reference", *(s.name for s in scores)],
     )
     return [reference, *scores, compare]
