@@ -61,11 +61,12 @@ def build_report(
     variants: Sequence[VariantScore],
     gates: GateLimits = None,
     workdir: Path | str | None = None,
+    engine: str = "numpy",
 ) -> Report:
     """The report, its "gates" entry filled in by gates.check_gates.
 
     `adapter_effect` is KLD(reference ‖ base without adapter): a KLDResult or its kld_mean. Paths
-    under `workdir` are written relative to it."""
+    under `workdir` are written relative to it. `engine` names what computed the logits (compare.engine)."""
     for v in variants:
         if v.kind not in KINDS:
             raise ValueError(f"variant {v.name}: kind must be one of {KINDS}, got {v.kind!r}")
@@ -96,6 +97,7 @@ def build_report(
     report: Report = {
         "loraq_version": __version__,
         "text": {"path": _rel(text_path, workdir), "tokens": int(text_tokens), "ctx": int(ctx), "chunks": int(chunks)},
+        "engine": {"name": engine},
         "reference": {"name": reference_name, "ppl": _num(reference_ppl)},
         "adapter_effect": {"kld_mean": a_kld},
         "variants": rows,

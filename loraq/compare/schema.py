@@ -35,6 +35,10 @@ class TextInfo(TypedDict):
     chunks: int
 
 
+class EngineInfo(TypedDict):
+    name: str  # compare.engine: "numpy" or "llama.cpp"
+
+
 class ReferenceInfo(TypedDict):
     name: str
     ppl: float | None
@@ -52,6 +56,7 @@ class GateSummary(TypedDict):
 class Report(TypedDict):
     loraq_version: str
     text: TextInfo
+    engine: EngineInfo
     reference: ReferenceInfo
     adapter_effect: AdapterEffect
     variants: list[VariantRow]

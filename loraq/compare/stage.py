@@ -22,7 +22,8 @@ import numpy as np
 from ..atomic import atomic_output, check_not_input, check_readable, check_regular, io_error
 from ..errors import BadArguments, BadInput
 from ..gguf_io import open_gguf
-from ..llama.engine import Engine, chunk_tokens
+from ..llama.engine import chunk_tokens
+from ..llama.llama_cpp_engine import make_engine
 from ..llama.tokenizer import Tokenizer
 from .gates import GateLimits
 from .kld_file import ReferenceFile, ReferenceWriter, first_scored
@@ -103,6 +104,7 @@ def build_reference(
     out: Path,
     threads: int = 0,
     progress: Callable[[str], None] | None = None,
+    engine: str = "numpy",
 ) -> ReferenceMeta:
     """Evaluate base + adapters and write `out` (.kld) plus `out.json` (PPL, token counts)."""
     inputs = [("base model", Path(base)), ("evaluation text", Path(text)), *(("adapter", Path(a)) for a, _ in adapters)]
@@ -111,7 +113,7 @@ def build_reference(
     for o in (out, meta_path(out)):
         check_not_input(o, inputs)
     stored, evaluated, n_text = evaluation_tokens(base, text, ctx, chunks)
-    eng = Engine(base, adapters=list(adapters), threads=threads)
+    eng = make_engine(engine, base, list(adapters), threads)
     ppl_acc = PerplexityAccumulator(ctx, stored)  # the reference's own PPL, as llama-perplexity prints it
 
     def chunk_done(i: int, logits: np.ndarray) -> None:
@@ -133,8 +135,8 @@ def meta_path(kld: Path) -> Path:
     return kld.with_suffix(".json")
 
 
-def score(ref: ReferenceFile, cand: Candidate, threads: int = 0) -> KLDResult:
-    eng = Engine(cand.model, adapters=cand.adapters, threads=threads)
+def score(ref: ReferenceFile, cand: Candidate, threads: int = 0, engine: str = "numpy") -> KLDResult:
+    eng = make_engine(engine, cand.model, cand.adapters, threads)
     if eng.n_vocab != ref.n_vocab:
         raise BadInput(f"{cand.model} has {eng.n_vocab} tokens in its vocabulary, the reference {ref.n_vocab}")
     acc = KLDAccumulator(ref)
@@ -158,18 +160,18 @@ def _n_weights(model: Path) -> int:
         return sum(t.n_elements for t in g.tensors)
 
 
-def score_variant(ref: ReferenceFile, cand: Candidate, threads: int = 0) -> VariantScore:
+def score_variant(ref: ReferenceFile, cand: Candidate, threads: int = 0, engine: str = "numpy") -> VariantScore:
     """One candidate scored against an open reference: its KLD statistics, size and bits per weight."""
-    stats = score(ref, cand, threads)
+    stats = score(ref, cand, threads, engine)
     size = sum(p.stat().st_size for p in cand.size_files or [cand.model])
     bpw = 8.0 * size / max(1, _n_weights(cand.model))
     return VariantScore(cand.name, cand.kind, cand.type, cand.model, size, bpw, stats)
 
 
-def score_to_file(reference: Path, cand: Candidate, out: Path, threads: int = 0) -> VariantScore:
+def score_to_file(reference: Path, cand: Candidate, out: Path, threads: int = 0, engine: str = "numpy") -> VariantScore:
     """`loraq run`'s score:<variant> stage: score one candidate and write it to `out` (write_score)."""
     with ReferenceFile(reference) as ref:
-        s = score_variant(ref, cand, threads)
+        s = score_variant(ref, cand, threads, engine)
     write_score(s, out)
     return s
 
@@ -198,7 +200,9 @@ def read_score(path: Path, cand: Candidate) -> VariantScore:
         raise BadInput(f"{path} is not a loraq score file ({exc}); rerun with --force=compare") from None
 
 
-def assemble_report(reference: Path, scores: Sequence[VariantScore], text: Path, workdir: Path, gates: GateLimits = None) -> Report:
+def assemble_report(
+    reference: Path, scores: Sequence[VariantScore], text: Path, workdir: Path, gates: GateLimits = None, engine: str = "numpy"
+) -> Report:
     """report.json/.md/.html from scored variants (in report order); returns the report, whose
     "gates" entry says whether every gate passed (the caller decides how to fail: gates.enforce_gates)."""
     # A reference.kld made by llama-perplexity has no reference.json: fall back to what the .kld says.
@@ -221,6 +225,7 @@ def assemble_report(reference: Path, scores: Sequence[VariantScore], text: Path,
         variants=scores,
         gates=gates,
         workdir=workdir,
+        engine=engine,
     )
     write_reports(report, workdir, gates)
     return report
@@ -234,6 +239,7 @@ def compare_models(
     gates: GateLimits = None,
     threads: int = 0,
     on_variant: Callable[[str], None] | None = None,
+    engine: str = "numpy",
 ) -> Report:
     """Score every candidate against `reference` (.kld) and write report.json/.md/.html.
 
@@ -249,5 +255,5 @@ def compare_models(
         for c in candidates:
             if on_variant:
                 on_variant(c.name)
-            scores.append(score_variant(ref, c, threads))
-    return assemble_report(reference, scores, text, workdir, gates)
+            scores.append(score_variant(ref, c, threads, engine))
+    return assemble_report(reference, scores, text, workdir, gates, engine)

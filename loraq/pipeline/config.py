@@ -86,6 +86,9 @@ class CompareConfig(_Strict):
     chunks: int = Field(16, gt=0, le=MAX_CHUNKS)
     runtime_lora: bool = True
     gates: Gates = Field(default_factory=Gates)
+    # numpy: loraq's own float32 pass (no dependency); llama.cpp: llama-cpp-python's kernels on any
+    # accelerator it was built for (the extra loraq[llama-cpp]), for big models
+    engine: Literal["numpy", "llama.cpp"] = "numpy"
 
 
 class DeliverBest(_Strict):
