@@ -298,6 +298,9 @@ def main() -> None:
         section("4. compare engine: tokens/s vs llama.cpp (same F16 SmolLM2, tokens, ctx, threads); peak RSS vs depth")
         run_script_main("bench_engine", [])
 
+        section("4b. compare.engine numpy vs llama.cpp, as the compare stage runs them: tokens/s, KLD/PPL agreement")
+        run_script_main("bench_compare_engines", [])
+
     print(f"\n(total {time.perf_counter() - t_all:.0f} s)")
 
 
