@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraq.errors import BadArguments
-from loraq.llama.llama_cpp_engine import INSTALL_HINT, load_llama_cpp, make_engine
+from loraq.errors import BadArguments, BadInput
+from loraq.llama.llama_cpp_engine import INSTALL_HINT, check_adapter_targets, load_llama_cpp, make_engine
 from loraq.pipeline.config import load_config
 from loraq.pipeline.runner import build_stages, run_pipeline, stage_status
 from tiny_project import make_tiny_project
@@ -112,3 +112,22 @@ def test_engine_is_part_of_the_score_checkpoint_and_the_report(project):
     # came out byte-identical, and the report (which names the engine) is reassembled.
     keyed = {s.name: s.settings.get("engine") for s in build_stages(cfg2) if s.kind in ("reference", "compare")}
     assert keyed == {"reference": "llama.cpp", "score:base": "llama.cpp", "score:merged-Q8_0": "llama.cpp", "compare": "llama.cpp"}
+
+
+def test_adapters_llama_cpp_would_abort_on_are_refused_first(project, synth256, tmp_path):
+    """llama.cpp asserts (the process aborts, no message) on a token_embd LoRA of a tied model; the
+    engine checks every adapter as the numpy engine does before llama.cpp sees it."""
+    from loraq.convert import convert_adapter
+    from scripts import make_demo_adapter
+
+    base = project / "base.gguf"
+    make_demo_adapter.make_adapter(base, tmp_path / "embd", rank=4, targets=["embed_tokens"], layers=[])
+    embd = tmp_path / "embd.gguf"
+    convert_adapter(tmp_path / "embd", base, embd, outtype="f32")
+    with pytest.raises(BadInput, match="tied embeddings"):
+        check_adapter_targets(base, embd)
+    own = tmp_path / "own.gguf"
+    convert_adapter(project / "adapter", base, own, outtype="f16")
+    check_adapter_targets(base, own)  # the project's own adapter is fine
+    with pytest.raises(BadInput, match="do not fit the base tensor"):  # made for the 64-wide model
+        check_adapter_targets(synth256, own)

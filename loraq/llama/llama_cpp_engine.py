@@ -41,6 +41,7 @@ import numpy as np
 from ..cpus import available_cpus
 from ..errors import BadArguments, BadInput, LoraqError
 from ..gguf_io import open_gguf
+from ..merge.lora_file import load_adapter
 
 ENGINES = ("numpy", "llama.cpp")
 INSTALL_HINT = "pip install 'loraq[llama-cpp]'"
@@ -78,15 +79,16 @@ def _last_error() -> str:
 
 
 def check_adapter_targets(model: Path, adapter: Path) -> None:
-    """Refuse what llama.cpp would silently ignore or abort on, as the numpy engine does: a LoRA on a
-    tensor its graph does not multiply through build_lora_mm, or on token_embd of a tied model
-    (llama.cpp would also apply it to the output projection and assert, docs/llama-cpp.md §3.3)."""
+    """Refuse what llama.cpp would abort on or silently ignore, as the numpy engine does: an adapter
+    that is malformed for this model (load_adapter: metadata typed as llama.cpp's getters assert
+    them, shapes, NaN), a LoRA on token_embd of a tied model (llama.cpp would also apply it to the
+    output projection and assert, docs/llama-cpp.md §3.3), or on a tensor its graph does not
+    multiply through build_lora_mm."""
     with open_gguf(model) as g:
         tied = not g.has_tensor("output.weight")
         names = {t.name for t in g.tensors}
+        targets = set(load_adapter(adapter, g).pairs)
     used = {"token_embd.weight", "output.weight"} | {n for n in names if n.startswith("blk.") and n.split(".")[2] in _GRAPH_LORA}
-    with open_gguf(adapter) as a:
-        targets = {t.name.rsplit(".", 1)[0] for t in a.tensors if t.name.endswith((".lora_a", ".lora_b"))}
     for name in sorted(targets):
         if name == "token_embd.weight" and tied:
             raise BadInput(
