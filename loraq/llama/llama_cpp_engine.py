@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import tempfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import scratch_dir
 from ..cpus import available_cpus
 from ..errors import BadArguments, BadInput, LoraqError
 from ..gguf_io import open_gguf
@@ -146,7 +146,7 @@ class LlamaCppEngine:
         if path.is_dir():  # a PEFT folder: llama.cpp reads GGUF LoRA only
             from ..convert import convert_adapter
 
-            tmp = Path(self._tmp.enter_context(tempfile.TemporaryDirectory(prefix="loraq-lora-")))
+            tmp = self._tmp.enter_context(scratch_dir())  # pid-named: a kill -9 leaves it to the leftover sweep
             gguf = tmp / "adapter-f32.gguf"
             convert_adapter(path, self.path, gguf, outtype="f32")
             path_gguf = gguf
