@@ -7,7 +7,9 @@ against that file chunk by chunk:
   merged-<TYPE>   the merged model quantized to TYPE;
   runtime-<TYPE>  the base quantized to TYPE, with the adapter applied at runtime;
   base            the base without the adapter: KLD(reference ‖ base) is the adapter's effect size.
-Metrics follow llama-perplexity (docs/llama-cpp.md §8); effect_retention = 1 − KLD(cand)/KLD(base)."""
+Metrics follow llama-perplexity (docs/llama-cpp.md §8); effect_retention = 1 − KLD(cand)/KLD(base).
+The logits come from the engine `compare.engine` names (`engine=`): loraq's numpy Engine, or
+llama.cpp through llama-cpp-python (llama/llama_cpp_engine.py), on the same tokens either way."""
 
 from __future__ import annotations
 
