@@ -57,10 +57,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="loraq-bench-engines-", dir=cache) as tmpdir:
         tmp = Path(tmpdir)
         t = time.perf_counter()
-        lora = tmp / "adapter-f16.gguf"
+        lora = tmp / "adapter-f16.gguf"  # the runtime candidates' adapter, as `loraq run` converts it
         convert_adapter(peft, base, lora, outtype="f16")
+        lora32 = tmp / "adapter-f32.gguf"  # the reference's: the PEFT weights unrounded
+        convert_adapter(peft, base, lora32, outtype="f32")
         merged = tmp / "merged-f16.gguf"
-        merge_model(base, [AdapterSpec(peft, 1.0)], merged)
+        merge_model(base, [AdapterSpec(lora32, 1.0)], merged)
         quantize_many(
             merged, [("Q4_K_M", tmp / "merged-Q4_K_M.gguf"), ("Q8_0", tmp / "merged-Q8_0.gguf")], QuantizeOptions(threads=threads)
         )
@@ -76,7 +78,7 @@ def main() -> None:
         for eng in ENGINES:
             ref = tmp / f"reference-{eng}.kld"
             t = time.perf_counter()
-            meta = build_reference(base, [(peft, 1.0)], GPL, ctx, chunks, ref, threads, engine=eng)
+            meta = build_reference(base, [(lora32, 1.0)], GPL, ctx, chunks, ref, threads, engine=eng)
             secs[eng]["reference (F16 + LoRA)"] = time.perf_counter() - t
             stats[eng]["reference"] = (float("nan"), meta["ppl"])
             with ReferenceFile(ref) as rf:

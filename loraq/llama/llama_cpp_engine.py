@@ -126,7 +126,6 @@ class LlamaCppEngine:
         self.gpu = bool(lib.llama_supports_gpu_offload())
         self._ctx: Any = None
         self._n_ctx = 0
-        self._tmp = contextlib.ExitStack()
         self._adapters: list[tuple[Any, float]] = []
         params = lib.llama_model_default_params()
         params.use_extra_bufts = repack  # n_gpu_layers stays at its default: every layer, where a GPU is
@@ -143,20 +142,23 @@ class LlamaCppEngine:
             raise
 
     def _load_adapter(self, path: Path) -> Any:
-        if path.is_dir():  # a PEFT folder: llama.cpp reads GGUF LoRA only
-            from ..convert import convert_adapter
+        if not path.is_dir():
+            return self._init_adapter(path, path)
+        # A PEFT folder: llama.cpp reads GGUF LoRA only. The scratch folder goes as soon as llama.cpp
+        # has read the tensors (pid-named: a kill -9 leaves it to the leftover sweep).
+        from ..convert import convert_adapter
 
-            tmp = self._tmp.enter_context(scratch_dir())  # pid-named: a kill -9 leaves it to the leftover sweep
+        with scratch_dir() as tmp:
             gguf = tmp / "adapter-f32.gguf"
             convert_adapter(path, self.path, gguf, outtype="f32")
-            path_gguf = gguf
-        else:
-            path_gguf = path
-        check_adapter_targets(self.path, path_gguf)
+            return self._init_adapter(gguf, path)
+
+    def _init_adapter(self, gguf: Path, shown: Path) -> Any:
+        check_adapter_targets(self.path, gguf)
         _errors.clear()
-        ad = self.lib.llama_adapter_lora_init(self._model, str(path_gguf).encode())
+        ad = self.lib.llama_adapter_lora_init(self._model, str(gguf).encode())
         if not ad:
-            raise BadInput(f"{path}: llama.cpp could not load this LoRA adapter for {self.path.name}{_last_error()}")
+            raise BadInput(f"{shown}: llama.cpp could not load this LoRA adapter for {self.path.name}{_last_error()}")
         return ad
 
     def _context(self, n_ctx: int) -> Any:
@@ -234,7 +236,6 @@ class LlamaCppEngine:
         if self._model:
             lib.llama_model_free(self._model)
             self._model = None
-        self._tmp.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
