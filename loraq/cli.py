@@ -28,6 +28,7 @@ from .errors import BadArguments, LoraqError
 from .ggml_types import file_type
 from .gguf_io import open_gguf
 from .inspect import describe
+from .llama.llama_cpp_engine import ENGINES, load_llama_cpp
 from .merge import AdapterSpec, merge_model
 from .pipeline.checkpoint import cpu_threads
 from .pipeline.config import MAX_CHUNKS, MAX_CTX, MAX_SCALE, MAX_THREADS, Config, Gates, load_config
@@ -211,6 +212,7 @@ def compare(
     min_same_top: float | None = typer.Option(None, "--min-same-top", help="Gate: fail below this same-top fraction."),
     threads: int = typer.Option(0, "--threads", "-t"),
     kv_cache: str = typer.Option("f32", "--kv-cache", help="KV cache the engine emulates: f32, or f16 (llama-perplexity's default)."),
+    engine: str = typer.Option("numpy", "--engine", help="numpy, or llama.cpp (llama-cpp-python on any accelerator it was built for)."),
 ) -> None:
     """KL divergence of each file against base + adapter (llama-perplexity --kl-divergence, many at once)."""
     adapters = [(p, 1.0) for p in lora] + _parse_scaled(lora_scaled)
@@ -223,6 +225,10 @@ def compare(
     threads = cpu_threads(threads)
     if kv_cache not in ("f32", "f16"):
         raise BadArguments(f"--kv-cache must be f32 or f16, got {kv_cache!r}")
+    if engine not in ENGINES:
+        raise BadArguments(f"--engine: unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if engine == "llama.cpp":
+        load_llama_cpp()  # a missing llama-cpp-python: one line (exit 2) before anything is computed
     ref = workdir / "reference.kld"
     # Every output against every input before anything is written: the reference must not replace a candidate.
     inputs = [
@@ -233,7 +239,7 @@ def compare(
     ]
     for o in (ref, meta_path(ref), *(workdir / n for n in ("report.json", "report.md", "report.html"))):
         check_not_input(o, inputs)
-    build_reference(base, adapters, text, ctx, chunks, ref, threads, kv_cache=kv_cache)
+    build_reference(base, adapters, text, ctx, chunks, ref, threads, kv_cache=kv_cache, engine=engine)
     cands = [Candidate("base", "base", "F16", base)]
     cands += [
         Candidate(p.stem if p.stem.startswith("merged") else f"merged-{p.stem}", "merged", p.stem.rsplit("-", 1)[-1], p) for p in merged
@@ -249,7 +255,7 @@ def compare(
         )
         for p in runtime
     ]
-    report = compare_models(ref, cands, text, workdir, gates, threads, kv_cache=kv_cache)
+    report = compare_models(ref, cands, text, workdir, gates, threads, kv_cache=kv_cache, engine=engine)
     _print_report(workdir)
     enforce_gates(report, gates)
 
@@ -384,6 +390,8 @@ def run(
     cfg = None
     try:
         cfg = load_config(config)
+        if cfg.compare is not None and cfg.compare.engine == "llama.cpp":
+            load_llama_cpp()  # a missing llama-cpp-python: one line (exit 2) now, not after merge and quantize
         outputs.update({s.name: [str(o) for o in s.outputs] for s in build_stages(cfg)})
         reports = run_pipeline(cfg, force=force, until=until, on_event=on_event, wait=not no_wait)
         failures = check_run_gates(cfg)

@@ -307,6 +307,9 @@ def main() -> None:
         section("5. imatrix collection: tokens/s vs llama-imatrix (same F16 SmolLM2, text, ctx, threads)")
         run_script_main("bench_imatrix", [])
 
+        section("4b. compare.engine numpy vs llama.cpp, as the compare stage runs them: tokens/s, KLD/PPL agreement")
+        run_script_main("bench_compare_engines", [])
+
     print(f"\n(total {time.perf_counter() - t_all:.0f} s)")
 
 

@@ -523,7 +523,8 @@ def test_report_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "report.json", "report.md"]
 
     doc = json.loads(paths["json"].read_text())
-    assert list(doc) == ["loraq_version", "text", "reference", "adapter_effect", "variants", "gates"]
+    assert list(doc) == ["loraq_version", "text", "engine", "reference", "adapter_effect", "variants", "gates"]
+    assert doc["engine"] == {"name": "numpy"}
     assert list(doc["text"]) == ["path", "tokens", "ctx", "chunks"]
     assert list(doc["reference"]) == ["name", "ppl"] and list(doc["adapter_effect"]) == ["kld_mean"]
     assert list(doc["gates"]) == ["passed", "failures"]

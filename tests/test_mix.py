@@ -52,9 +52,11 @@ def test_choice_fits_and_is_near_the_exhaustive_optimum(raw, frac):
     opt = _brute(options, budget)
     total = sum(o.loss for o in got.values())
     # Lagrangian + greedy fill: off the exhaustive optimum by at most one tensor's largest hull step
-    step = max((h[i].loss - h[i + 1].loss) for h in map(_hull, options.values()) for i in range(len(h) - 1)) if any(
-        len(_hull(m)) > 1 for m in options.values()
-    ) else 0.0
+    step = (
+        max((h[i].loss - h[i + 1].loss) for h in map(_hull, options.values()) for i in range(len(h) - 1))
+        if any(len(_hull(m)) > 1 for m in options.values())
+        else 0.0
+    )
     assert total <= opt + step + 1e-9
     if budget >= hi:  # everything affordable: each tensor takes its least-loss option
         assert total == pytest.approx(sum(min(o.loss for o in m) for m in options.values()))

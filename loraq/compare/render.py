@@ -57,7 +57,7 @@ def _summary_lines(report: Report) -> list[str]:
             f"Evaluation text `{t['path']}`: {t['tokens']} tokens, {t['chunks']} chunks of {t['ctx']} "
             f"({scored} scored positions: the second half of each chunk, as llama-perplexity); KV cache: {t.get('kv_cache', 'f32')}."
         ),
-        f"Reference **{r['name']}**: PPL {ppl}.",
+        f"Reference **{r['name']}**: PPL {ppl}. Logits computed by the **{report.get('engine', {}).get('name', 'numpy')}** engine.",
         (f"Adapter effect, KLD(reference ‖ base without adapter): {akld}. *effect kept* = 1 − KLD(reference ‖ variant) / adapter effect."),
     ]
 

@@ -62,11 +62,12 @@ def build_report(
     gates: GateLimits = None,
     workdir: Path | str | None = None,
     kv_cache: str = "f32",
+    engine: str = "numpy",
 ) -> Report:
     """The report, its "gates" entry filled in by gates.check_gates.
 
     `adapter_effect` is KLD(reference ‖ base without adapter): a KLDResult or its kld_mean. Paths
-    under `workdir` are written relative to it."""
+    under `workdir` are written relative to it. `engine` names what computed the logits (compare.engine)."""
     for v in variants:
         if v.kind not in KINDS:
             raise ValueError(f"variant {v.name}: kind must be one of {KINDS}, got {v.kind!r}")
@@ -103,6 +104,7 @@ def build_report(
             "chunks": int(chunks),
             "kv_cache": kv_cache,
         },
+        "engine": {"name": engine},
         "reference": {"name": reference_name, "ppl": _num(reference_ppl)},
         "adapter_effect": {"kld_mean": a_kld},
         "variants": rows,

@@ -36,6 +36,10 @@ class TextInfo(TypedDict):
     kv_cache: str  # "f32" | "f16": the engine's KV cache, as llama-perplexity's -ctk/-ctv (default f16)
 
 
+class EngineInfo(TypedDict):
+    name: str  # compare.engine: "numpy" or "llama.cpp"
+
+
 class ReferenceInfo(TypedDict):
     name: str
     ppl: float | None
@@ -53,6 +57,7 @@ class GateSummary(TypedDict):
 class Report(TypedDict):
     loraq_version: str
     text: TextInfo
+    engine: EngineInfo
     reference: ReferenceInfo
     adapter_effect: AdapterEffect
     variants: list[VariantRow]

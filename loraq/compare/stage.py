@@ -7,7 +7,9 @@ against that file chunk by chunk:
   merged-<TYPE>   the merged model quantized to TYPE;
   runtime-<TYPE>  the base quantized to TYPE, with the adapter applied at runtime;
   base            the base without the adapter: KLD(reference ‖ base) is the adapter's effect size.
-Metrics follow llama-perplexity (docs/llama-cpp.md §8); effect_retention = 1 − KLD(cand)/KLD(base)."""
+Metrics follow llama-perplexity (docs/llama-cpp.md §8); effect_retention = 1 − KLD(cand)/KLD(base).
+The logits come from the engine `compare.engine` names (`engine=`): loraq's numpy Engine, or
+llama.cpp through llama-cpp-python (llama/llama_cpp_engine.py), on the same tokens either way."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import numpy as np
 from ..atomic import atomic_output, check_not_input, check_readable, check_regular, io_error
 from ..errors import BadArguments, BadInput
 from ..gguf_io import open_gguf
-from ..llama.engine import Engine, chunk_tokens
+from ..llama.engine import chunk_tokens
+from ..llama.llama_cpp_engine import make_engine
 from ..llama.tokenizer import Tokenizer
 from .gates import GateLimits
 from .kld_file import ReferenceFile, ReferenceWriter, first_scored
@@ -105,6 +108,7 @@ def build_reference(
     threads: int = 0,
     progress: Callable[[str], None] | None = None,
     kv_cache: str = "f32",
+    engine: str = "numpy",
 ) -> ReferenceMeta:
     """Evaluate base + adapters and write `out` (.kld) plus `out.json` (PPL, token counts).
 
@@ -116,7 +120,7 @@ def build_reference(
     for o in (out, meta_path(out)):
         check_not_input(o, inputs)
     stored, evaluated, n_text = evaluation_tokens(base, text, ctx, chunks)
-    eng = Engine(base, adapters=list(adapters), threads=threads, kv_type=kv_cache)
+    eng = make_engine(engine, base, list(adapters), threads, kv_type=kv_cache)
     ppl_acc = PerplexityAccumulator(ctx, stored)  # the reference's own PPL, as llama-perplexity prints it
 
     def chunk_done(i: int, logits: np.ndarray) -> None:
@@ -138,8 +142,8 @@ def meta_path(kld: Path) -> Path:
     return kld.with_suffix(".json")
 
 
-def score(ref: ReferenceFile, cand: Candidate, threads: int = 0, kv_cache: str = "f32") -> KLDResult:
-    eng = Engine(cand.model, adapters=cand.adapters, threads=threads, kv_type=kv_cache)
+def score(ref: ReferenceFile, cand: Candidate, threads: int = 0, kv_cache: str = "f32", engine: str = "numpy") -> KLDResult:
+    eng = make_engine(engine, cand.model, cand.adapters, threads, kv_type=kv_cache)
     if eng.n_vocab != ref.n_vocab:
         raise BadInput(f"{cand.model} has {eng.n_vocab} tokens in its vocabulary, the reference {ref.n_vocab}")
     acc = KLDAccumulator(ref)
@@ -163,18 +167,20 @@ def _n_weights(model: Path) -> int:
         return sum(t.n_elements for t in g.tensors)
 
 
-def score_variant(ref: ReferenceFile, cand: Candidate, threads: int = 0, kv_cache: str = "f32") -> VariantScore:
+def score_variant(ref: ReferenceFile, cand: Candidate, threads: int = 0, kv_cache: str = "f32", engine: str = "numpy") -> VariantScore:
     """One candidate scored against an open reference: its KLD statistics, size and bits per weight."""
-    stats = score(ref, cand, threads, kv_cache)
+    stats = score(ref, cand, threads, kv_cache, engine)
     size = sum(p.stat().st_size for p in cand.size_files or [cand.model])
     bpw = 8.0 * size / max(1, _n_weights(cand.model))
     return VariantScore(cand.name, cand.kind, cand.type, cand.model, size, bpw, stats)
 
 
-def score_to_file(reference: Path, cand: Candidate, out: Path, threads: int = 0, kv_cache: str = "f32") -> VariantScore:
+def score_to_file(
+    reference: Path, cand: Candidate, out: Path, threads: int = 0, kv_cache: str = "f32", engine: str = "numpy"
+) -> VariantScore:
     """`loraq run`'s score:<variant> stage: score one candidate and write it to `out` (write_score)."""
     with ReferenceFile(reference) as ref:
-        s = score_variant(ref, cand, threads, kv_cache)
+        s = score_variant(ref, cand, threads, kv_cache, engine)
     write_score(s, out)
     return s
 
@@ -204,7 +210,13 @@ def read_score(path: Path, cand: Candidate) -> VariantScore:
 
 
 def assemble_report(
-    reference: Path, scores: Sequence[VariantScore], text: Path, workdir: Path, gates: GateLimits = None, kv_cache: str = "f32"
+    reference: Path,
+    scores: Sequence[VariantScore],
+    text: Path,
+    workdir: Path,
+    gates: GateLimits = None,
+    kv_cache: str = "f32",
+    engine: str = "numpy",
 ) -> Report:
     """report.json/.md/.html from scored variants (in report order); returns the report, whose
     "gates" entry says whether every gate passed (the caller decides how to fail: gates.enforce_gates)."""
@@ -229,6 +241,7 @@ def assemble_report(
         gates=gates,
         workdir=workdir,
         kv_cache=kv_cache,
+        engine=engine,
     )
     write_reports(report, workdir, gates)
     return report
@@ -243,6 +256,7 @@ def compare_models(
     threads: int = 0,
     on_variant: Callable[[str], None] | None = None,
     kv_cache: str = "f32",
+    engine: str = "numpy",
 ) -> Report:
     """Score every candidate against `reference` (.kld) and write report.json/.md/.html.
 
@@ -258,5 +272,5 @@ def compare_models(
         for c in candidates:
             if on_variant:
                 on_variant(c.name)
-            scores.append(score_variant(ref, c, threads, kv_cache))
-    return assemble_report(reference, scores, text, workdir, gates, kv_cache)
+            scores.append(score_variant(ref, c, threads, kv_cache, engine))
+    return assemble_report(reference, scores, text, workdir, gates, kv_cache, engine)

@@ -87,6 +87,9 @@ class CompareConfig(_Strict):
     runtime_lora: bool = True
     gates: Gates = Field(default_factory=Gates)
     kv_cache: Literal["f32", "f16"] = "f32"  # the engine's KV cache; f16 is llama-perplexity's default
+    # numpy: loraq's own float32 pass (no dependency); llama.cpp: llama-cpp-python's kernels on any
+    # accelerator it was built for (the extra loraq[llama-cpp]), for big models
+    engine: Literal["numpy", "llama.cpp"] = "numpy"
 
 
 class DeliverBest(_Strict):

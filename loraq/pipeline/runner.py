@@ -209,14 +209,17 @@ def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tu
     text = cfg.resolve(c.text)
     threads = cpu_threads(cfg.quantize.threads)
     ref = wd / "reference.kld"
+    # The engine is part of every compare checkpoint key (its logits differ in the last bits); the
+    # default is left out of the key, so workdirs scored before compare.engine existed stay valid.
+    eng = {} if c.engine == "numpy" else {"engine": c.engine}
     ref_inputs = {"base": base, "text": text, **{_aname(i, adapters): p for i, (p, _) in enumerate(adapters)}}
     reference = Stage(
         "reference",
         "reference",
-        {"ctx": c.ctx, "chunks": c.chunks, "scales": [s for _, s in adapters], "kv_cache": c.kv_cache},
+        {"ctx": c.ctx, "chunks": c.chunks, "scales": [s for _, s in adapters], "kv_cache": c.kv_cache, **eng},
         ref_inputs,
         [ref, meta_path(ref)],
-        lambda: build_reference(base, adapters, text, c.ctx, c.chunks, ref, threads, kv_cache=c.kv_cache),
+        lambda: build_reference(base, adapters, text, c.ctx, c.chunks, ref, threads, kv_cache=c.kv_cache, engine=c.engine),
     )
     convert = next((s for s in before if s.kind == "convert"), None)
     # Runtime candidates use the adapter a user deploys: the converted GGUF where there is one.
@@ -250,10 +253,11 @@ def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tu
                     "ctx": c.ctx,
                     "chunks": c.chunks,
                     "kv_cache": c.kv_cache,
+                    **eng,
                 },
                 {"reference": ref, "text": text, "model": x.model, **{f"adapter{k}": p for k, (p, _) in enumerate(x.adapters)}},
                 [out],
-                partial(score_to_file, ref, x, out, threads, c.kv_cache),
+                partial(score_to_file, ref, x, out, threads, c.kv_cache, c.engine),
                 after=["reference", *upstream],
             )
         )
@@ -263,11 +267,11 @@ def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tu
     compare = Stage(
         "compare",
         "compare",
-        {"variants": [x.name for x in cands]},
+        {"variants": [x.name for x in cands], **eng},
         {"reference": ref, "reference-meta": meta_path(ref), **{s.name: s.outputs[0] for s in scores}},
         report,
         lambda: assemble_report(
-            ref, [read_score(s.outputs[0], x) for s, x in zip(scores, cands, strict=True)], text, wd, c.gates, c.kv_cache
+            ref, [read_score(s.outputs[0], x) for s, x in zip(scores, cands, strict=True)], text, wd, c.gates, c.kv_cache, c.engine
         ),
         after=["reference", *(s.name for s in scores)],
     )

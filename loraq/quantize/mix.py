@@ -65,9 +65,7 @@ def row_errors(rows: np.ndarray, t: GGMLType, weights: np.ndarray | None) -> tup
     return plain, plain if weights is None else float(per_col @ weights.astype(np.float64))
 
 
-def tensor_options(
-    g: GGUFFile, name: str, types: Sequence[GGMLType], weights: np.ndarray | None, sensitivity: float = 1.0
-) -> list[Option]:
+def tensor_options(g: GGUFFile, name: str, types: Sequence[GGMLType], weights: np.ndarray | None, sensitivity: float = 1.0) -> list[Option]:
     """Each type's (bytes, predicted loss per token) for tensor `name`.
 
     A matrix multiplied by the activations perturbs every output row: loss = n_rows × the weighted
