@@ -81,11 +81,20 @@ def test_smollm2_with_imatrix_matches_libgguf(smollm2_f16, tmp_path, ftype):
     assert _check_file(smollm2_f16, ftype, tmp_path, imatrix=_imatrix(smollm2_f16)) >= 210
 
 
-@pytest.mark.parametrize("ftype", LEGACY + KTYPES)
+# make test checks one type of each kernel family on the synthetic model (the kernels' own tests
+# cover every type row by row); make test-slow checks the rest.
+FAST = {"Q8_0", "Q4_K_M", "IQ4_XS"}
+
+
+def _tier(types: list[str], fast: set[str]) -> list:
+    return [pytest.param(t, marks=() if t in fast else pytest.mark.slow) for t in types]
+
+
+@pytest.mark.parametrize("ftype", _tier(LEGACY + KTYPES, FAST))
 def test_synthetic_256_every_tensor_matches_libgguf(synth256, tmp_path, ftype):
     _check_file(synth256, ftype, tmp_path)
 
 
-@pytest.mark.parametrize("ftype", ["Q4_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize("ftype", _tier(["Q4_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"], {"Q4_K_M"}))
 def test_synthetic_256_with_imatrix_matches_libgguf(synth256, tmp_path, ftype):
     _check_file(synth256, ftype, tmp_path, imatrix=_imatrix(synth256))
