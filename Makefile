@@ -7,7 +7,7 @@ export LORAQ_CACHE := $(CACHE)
 SMOL := $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO := runs/demo-inputs
 
-.PHONY: setup demo test lint test-interop bench clean
+.PHONY: setup demo test test-slow lint test-interop bench big-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,8 +38,13 @@ $(DEMO)/eval.txt: | $(BIN)/python
 demo: $(DEMO)/adapter/adapter_model.safetensors $(DEMO)/eval.txt
 	$(BIN)/loraq run configs/smollm2-demo.yaml
 
+# The fast tier (under 5 minutes on 2 cores); the slow tier holds the real-model end-to-end and
+# subprocess-heavy cases. .ci/run runs both, then lint, then the interop tier.
 test: $(VENV)/.installed $(SMOL)
 	$(BIN)/pytest -q
+
+test-slow: $(VENV)/.installed $(SMOL)
+	$(BIN)/pytest -q -m 'slow and not interop'
 
 # ruff (lint + format check) and mypy, configured in pyproject.toml.
 lint: $(VENV)/.installed
@@ -56,6 +61,11 @@ test-interop: $(VENV)/.interop $(SMOL)
 
 bench: $(VENV)/.interop $(SMOL)
 	$(BIN)/python -m scripts.bench
+
+# A 1.1B-parameter TinyLlama-shaped model (generated into $(CACHE)/bench/big, 2.2 GB) through merge,
+# Q4_K_M and compare, each stage's peak RSS checked against 1.5 GB.
+big-check: $(VENV)/.installed $(SMOL)
+	$(BIN)/python -m scripts.big_model_check
 
 clean:
 	rm -rf runs .pytest_cache

@@ -28,11 +28,12 @@ from .errors import BadArguments, LoraqError
 from .ggml_types import file_type
 from .gguf_io import open_gguf
 from .inspect import describe
+from .llama.engine import set_blas_threads
 from .llama.llama_cpp_engine import ENGINES, load_llama_cpp
 from .merge import AdapterSpec, merge_model
 from .pipeline.checkpoint import cpu_threads
 from .pipeline.config import MAX_CHUNKS, MAX_CTX, MAX_SCALE, MAX_THREADS, Config, Gates, load_config
-from .pipeline.runner import Event, build_stages, check_run_gates, run_pipeline, stage_status, workdir_state
+from .pipeline.runner import Event, build_stages, check_run_gates, run_pipeline, stage_status, with_threads, workdir_state
 from .quantize.driver import QuantizeOptions, QuantizeResult, quantize_model
 from .quantize.imatrix_file import for_quantize
 
@@ -131,8 +132,11 @@ def merge(
     allow_requantize: bool = typer.Option(
         False, "--allow-requantize", help="Accept a quantized base (dequantized; the result is quantized twice)."
     ),
+    threads: int = typer.Option(0, "--threads", "-t", help="BLAS threads for the B·A products (0: the CPUs available)."),
 ) -> None:
     """W + scale·(alpha/r)·B·A into one GGUF (llama-export-lora, rounded once from float64)."""
+    _number("--threads", threads, 0, MAX_THREADS)
+    set_blas_threads(cpu_threads(threads))
     specs = [AdapterSpec(p, 1.0) for p in lora] + [AdapterSpec(p, s) for p, s in _parse_scaled(lora_scaled)]
     with _progress(len(open_gguf(base).tensors), "merge") as tick:
         res = merge_model(base, specs, output, outtype, allow_requantize, on_tensor=tick)
@@ -340,8 +344,13 @@ def run(
     until: str | None = typer.Option(None, "--until", help="Stop after this stage (name or kind)."),
     json_events: bool = typer.Option(False, "--json", help="One JSON object per event on stdout (docs/events.schema.json)."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Another run holds the workdir: exit 2 instead of waiting."),
+    threads: int | None = typer.Option(
+        None, "--threads", "-t", help="Threads for every stage, over the config's threads and quantize.threads (0: the CPUs available)."
+    ),
 ) -> None:
     """The whole chain, skipping stages that are up to date."""
+    if threads is not None:
+        _number("--threads", threads, 0, MAX_THREADS)
     finished: list[dict] = []  # stage entries for the summary, in the order stages finish
 
     def emit(e: Event) -> None:
@@ -392,6 +401,8 @@ def run(
         cfg = load_config(config)
         if cfg.compare is not None and cfg.compare.engine == "llama.cpp":
             load_llama_cpp()  # a missing llama-cpp-python: one line (exit 2) now, not after merge and quantize
+        if threads is not None:
+            cfg = with_threads(cfg, threads)
         outputs.update({s.name: [str(o) for o in s.outputs] for s in build_stages(cfg)})
         reports = run_pipeline(cfg, force=force, until=until, on_event=on_event, wait=not no_wait)
         failures = check_run_gates(cfg)

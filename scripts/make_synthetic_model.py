@@ -3,7 +3,12 @@
 SmolLM2's width (576) makes llama-quantize fall back from K types on most tensors, so tests also
 need a model whose every matrix row length is a multiple of 256. The tokenizer KVs are copied from
 SmolLM2's GGUF so llama.cpp loads the result as a real model. Weights are heavy-tailed random
-numbers (Student-t, like trained weights' outliers), deterministic for a seed."""
+numbers (Student-t, like trained weights' outliers), deterministic for a seed.
+
+`--preset tinyllama` is TinyLlama-1.1B's shape (22 layers, 2048 wide, 32 heads / 4 KV heads, FFN
+5632, untied output, 32000-token vocabulary: SmolLM2's first 32000 tokens and the merges among
+them): 1.1 billion parameters, 2.2 GB in F16, for the big-model check (scripts/big_model_check.py).
+It is generated into the cache, never committed."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from gguf import GGUFValueType as V
 
 from loraq.ggml_types import ggml_type
 from loraq.gguf_io import KVList, open_gguf
-from loraq.gguf_io.writer import GGUFStreamWriter, OutTensor
+from loraq.gguf_io.writer import GGUFStreamWriter, OutTensor, encode_kv
 
 
 def make_model(
@@ -30,11 +35,20 @@ def make_model(
     tied: bool = True,
     dtype: str = "f16",
     seed: int = 0,
+    n_vocab: int | None = None,
+    heavy_tails: bool = True,
 ) -> Path:
+    """n_vocab: keep only the tokenizer's first n_vocab tokens (None: all of them). heavy_tails:
+    Student-t weights (realistic outliers for quantization error); False draws float32 normals,
+    5x cheaper, for a model that only measures memory and time (the 1.1B preset)."""
     rng = np.random.default_rng(seed)
     with open_gguf(tokenizer_from) as tok:
         tok_kvs = [(k, kv.raw) for k, kv in tok.kvs.items() if k.startswith("tokenizer.")]
-        n_vocab = len(tok.get("tokenizer.ggml.tokens"))
+        full = len(tok.get("tokenizer.ggml.tokens"))
+        if n_vocab is not None and n_vocab < full:
+            tok_kvs = _truncated_vocab(tok, tok_kvs, n_vocab)
+        else:
+            n_vocab = full
     head_dim = n_embd // n_head
     kvs = KVList()
     kvs.set("general.architecture", V.STRING, "llama")
@@ -102,7 +116,11 @@ def make_model(
             if len(ne) == 1:
                 x = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
             else:
-                x = (std * rng.standard_t(5, size=shape)).astype(np.float32)
+                x = (
+                    (std * rng.standard_t(5, size=shape)).astype(np.float32)
+                    if heavy_tails
+                    else rng.standard_normal(shape, np.float32) * np.float32(std)
+                )
             if t.type.name == "f16":
                 data = x.astype(np.float16)
             elif t.type.name == "bf16":
@@ -111,6 +129,37 @@ def make_model(
                 data = x
             w.write(name, data)
     return out
+
+
+def _truncated_vocab(tok, tok_kvs: list[tuple[str, bytes]], n: int) -> list[tuple[str, bytes]]:
+    """The tokenizer KVs cut to the first n tokens; a merge is kept when both its halves and their
+    concatenation are still tokens, so text still tokenizes (into ids below n)."""
+    tokens = list(tok.get("tokenizer.ggml.tokens"))[:n]
+    keep = set(tokens)
+    cut: dict[str, tuple[V, object, V]] = {"tokenizer.ggml.tokens": (V.ARRAY, tokens, V.STRING)}
+    types = tok.get("tokenizer.ggml.token_type")
+    if types is not None:
+        cut["tokenizer.ggml.token_type"] = (V.ARRAY, [int(x) for x in list(types)[:n]], V.INT32)
+    scores = tok.get("tokenizer.ggml.scores")
+    if scores is not None:
+        cut["tokenizer.ggml.scores"] = (V.ARRAY, [float(x) for x in list(scores)[:n]], V.FLOAT32)
+    merges = tok.get("tokenizer.ggml.merges")
+    if merges is not None:
+        kept = [m for m in merges if (p := m.split(" ", 1)) and len(p) == 2 and p[0] in keep and p[1] in keep and p[0] + p[1] in keep]
+        cut["tokenizer.ggml.merges"] = (V.ARRAY, kept, V.STRING)
+    out = []
+    for k, raw in tok_kvs:
+        if k in cut:
+            vt, val, sub = cut[k]
+            raw = encode_kv(k, vt, val, sub)
+        elif k.endswith("_token_id") and tok.get(k) is not None and int(tok.get(k)) >= n:
+            continue  # a special token cut off with the vocabulary
+        out.append((k, raw))
+    return out
+
+
+# TinyLlama-1.1B's shape: what "a 1B+ model on a small machine" means in scripts/big_model_check.py.
+TINYLLAMA = dict(n_embd=2048, n_ff=5632, n_layer=22, n_head=32, n_head_kv=4, tied=False, n_vocab=32000, heavy_tails=False)
 
 
 def main() -> None:
@@ -126,8 +175,26 @@ def main() -> None:
     ap.add_argument("--untied", action="store_true")
     ap.add_argument("--dtype", default="f16", choices=["f16", "f32", "bf16"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-vocab", type=int, default=None, help="keep the tokenizer's first N tokens")
+    ap.add_argument("--preset", choices=["tinyllama"], help="TinyLlama-1.1B's shape (overrides the sizes above)")
     a = ap.parse_args()
-    make_model(a.out, a.tokenizer_from, a.n_embd, a.n_ff, a.n_layer, a.n_head, a.n_head_kv, a.n_expert, not a.untied, a.dtype, a.seed)
+    if a.preset == "tinyllama":
+        make_model(a.out, a.tokenizer_from, dtype=a.dtype, seed=a.seed, **TINYLLAMA)
+    else:
+        make_model(
+            a.out,
+            a.tokenizer_from,
+            a.n_embd,
+            a.n_ff,
+            a.n_layer,
+            a.n_head,
+            a.n_head_kv,
+            a.n_expert,
+            not a.untied,
+            a.dtype,
+            a.seed,
+            a.n_vocab,
+        )
     print(a.out)
 
 

@@ -223,7 +223,14 @@ def _changes(before: dict, after: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # The test
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv,code,fragment", [pytest.param(a, c, f, id=i) for i, a, c, f in CASES])
+# Each case is a `python -m loraq` start (about a second of CPU): make test runs one case per exit
+# code and kind of input, make test-slow the rest.
+FAST = {"missing-base", "truncated-gguf-quantize", "adapter-nan", "unknown-quant-type", "merge-unwritable", "config-near-miss-nested"}
+
+
+@pytest.mark.parametrize(
+    "argv,code,fragment", [pytest.param(a, c, f, id=i, marks=() if i in FAST else pytest.mark.slow) for i, a, c, f in CASES]
+)
 def test_bad_input(work: dict, argv: list[str], code: int, fragment: str) -> None:
     args = []
     for a in argv:

@@ -97,7 +97,8 @@ def _close(cell: str, value: float, scale: float = 1.0) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# A full run: fixed list + best-within-bounds
+# A full run: fixed list + best-within-bounds. The tests that run the pipeline (`loraq run` in a
+# subprocess, with compare) are the slow tier (make test-slow); the config checks stay in make test.
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,7 @@ def delivered(project) -> dict:
     return {"cfg": cfg, "work": project / "work", "report": report, "bound": bound, "events": _events(out)}
 
 
+@pytest.mark.slow
 def test_dist_holds_the_chosen_variants_as_links(delivered):
     work, dist = delivered["work"], delivered["work"] / "dist"
     assert sorted(p.name for p in dist.iterdir()) == [
@@ -146,6 +148,7 @@ def test_dist_holds_the_chosen_variants_as_links(delivered):
     assert [s["stage"] for s in summary["stages"] if s["status"] == "ran"] == ["deliver"]
 
 
+@pytest.mark.slow
 def test_best_is_the_smallest_within_bounds(delivered):
     """merged-Q8_0 and runtime-Q8_0 are within the bound; the merged file is smaller (no adapter)."""
     rows = {v["name"]: v for v in delivered["report"]["variants"]}
@@ -166,6 +169,7 @@ def test_best_is_the_smallest_within_bounds(delivered):
         choose_best(delivered["report"], DeliverBest(max_size_mib=0.001), names)
 
 
+@pytest.mark.slow
 def test_sha256sums_check_passes(delivered):
     dist = delivered["work"] / "dist"
     sums = (dist / "SHA256SUMS").read_text()
@@ -177,6 +181,7 @@ def test_sha256sums_check_passes(delivered):
     assert ok.stdout.count(": OK") == len(names)
 
 
+@pytest.mark.slow
 def test_model_card_numbers_equal_the_report(delivered):
     dist, report = delivered["work"] / "dist", delivered["report"]
     card = (dist / "README.md").read_text()
@@ -210,6 +215,7 @@ def test_model_card_numbers_equal_the_report(delivered):
     assert "<code>&lt;|im_start|&gt;</code>" in html  # a pipe in a code span outside a table stays unescaped
 
 
+@pytest.mark.slow
 def test_modelfiles_chatml(delivered):
     dist = delivered["work"] / "dist"
     merged = (dist / "Modelfile.merged-Q4_0").read_text()
@@ -228,6 +234,7 @@ def test_modelfiles_chatml(delivered):
                 assert (dist / line.split(" ", 1)[1]).is_file()
 
 
+@pytest.mark.slow
 def test_no_paths_times_or_hosts_in_deliverables(delivered, project):
     work = delivered["work"]
     texts = [p for p in (work / "dist").iterdir() if not p.name.endswith(".gguf")]
@@ -239,6 +246,7 @@ def test_no_paths_times_or_hosts_in_deliverables(delivered, project):
         assert not re.search(r"20\d\d-\d\d-\d\d", t), p
 
 
+@pytest.mark.slow
 def test_checkpoint_and_status(delivered):
     """deliver is a checkpointed stage: up to date on a rerun, rebuilt when dist/ is damaged."""
     cfg, dist = delivered["cfg"], delivered["work"] / "dist"
@@ -257,6 +265,7 @@ def test_checkpoint_and_status(delivered):
 # Byte-identical in another folder
 
 
+@pytest.mark.slow
 def test_identical_dist_in_another_folder(delivered, smollm2_q4_1, tmp_path):
     """The same inputs, made afresh in another folder (the adapter's config included), give the same
     dist/ bytes and the same reports. (Same machine and thread count: BLAS sums in an order that
@@ -278,6 +287,7 @@ def test_identical_dist_in_another_folder(delivered, smollm2_q4_1, tmp_path):
 # Refusals
 
 
+@pytest.mark.slow
 def test_gate_failure_writes_no_dist_and_exits_3(project):
     cfg = _write_cfg(project, "work-gate", gates={"max_kld_mean": 1e-12}, deliver={"files": ["merged-Q8_0"]})
     out = _run(cfg, "--json")
@@ -350,6 +360,7 @@ def _with_chat_template(src: Path, dst: Path, template: str) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_unmappable_template_no_compare(project, tmp_path):
     """A fixed list works without a compare section; a template that is not ChatML gets no
     TEMPLATE, and the card says why."""
@@ -407,6 +418,7 @@ def test_ollama_chat_mapping():
 # The --json event stream against docs/events.schema.json
 
 
+@pytest.mark.slow
 def test_json_events_follow_the_schema(project, delivered):
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     validator = jsonschema.Draft202012Validator(SCHEMA)

@@ -287,6 +287,7 @@ def _check_adapter(fuzz_dir: Path, cfg: bytes, weights: bytes) -> None:
         assert all(np.isfinite(m.scale) and abs(m.alpha) <= 1e6 for m in out.modules)
 
 
+@pytest.mark.slow  # each example converts an adapter against the base: minutes for 120 examples
 @settings(FUZZ, max_examples=120)
 @given(cfg=adapter_config())
 def test_fuzz_adapter_config(fuzz_dir: Path, cfg: bytes) -> None:

@@ -34,6 +34,7 @@ def _check_same(path):
         assert np.array_equal(f.read_raw(t), np.asarray(r.data).view(np.uint8).reshape(-1))
 
 
+@pytest.mark.slow  # gguf-py reads every tensor of the real models
 def test_header_matches_gguf_py_on_real_models(smollm2_q4_1, smollm2_f16, synth256):
     for p in (smollm2_q4_1, smollm2_f16, synth256):
         _check_same(p)

@@ -156,6 +156,7 @@ def test_peft_folder_merge_gives_peft_delta_with_rslora_and_alpha_pattern(small_
     assert checked == 2 * 7
 
 
+@pytest.mark.slow  # a whole SmolLM2 merge
 def test_real_smollm2_merge_keeps_metadata_and_untouched_tensors(smollm2_f16, tmp_path):
     peft = tmp_path / "demo"
     mk_adapter.make_adapter(smollm2_f16, peft, rank=16, seed=0)

@@ -67,21 +67,34 @@ LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 KTYPES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
+# The real model's whole files are the slow tier (each is a full SmolLM2 quantize plus libgguf on
+# every tensor); the synthetic model below covers every type in make test.
+@pytest.mark.slow
 @pytest.mark.parametrize("ftype", LEGACY + ["Q4_K_M", "Q6_K", "IQ4_XS"])
 def test_smollm2_every_tensor_matches_libgguf(smollm2_f16, tmp_path, ftype):
     assert _check_file(smollm2_f16, ftype, tmp_path) >= 210
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["Q4_0", "Q5_1", "Q4_K_M"])
 def test_smollm2_with_imatrix_matches_libgguf(smollm2_f16, tmp_path, ftype):
     assert _check_file(smollm2_f16, ftype, tmp_path, imatrix=_imatrix(smollm2_f16)) >= 210
 
 
-@pytest.mark.parametrize("ftype", LEGACY + KTYPES)
+# make test checks one type of each kernel family on the synthetic model (the kernels' own tests
+# cover every type row by row); make test-slow checks the rest.
+FAST = {"Q8_0", "Q4_K_M", "IQ4_XS"}
+
+
+def _tier(types: list[str], fast: set[str]) -> list:
+    return [pytest.param(t, marks=() if t in fast else pytest.mark.slow) for t in types]
+
+
+@pytest.mark.parametrize("ftype", _tier(LEGACY + KTYPES, FAST))
 def test_synthetic_256_every_tensor_matches_libgguf(synth256, tmp_path, ftype):
     _check_file(synth256, ftype, tmp_path)
 
 
-@pytest.mark.parametrize("ftype", ["Q4_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize("ftype", _tier(["Q4_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"], {"Q4_K_M"}))
 def test_synthetic_256_with_imatrix_matches_libgguf(synth256, tmp_path, ftype):
     _check_file(synth256, ftype, tmp_path, imatrix=_imatrix(synth256))

@@ -29,7 +29,8 @@ from loraq.pipeline.config import load_config
 from loraq.pipeline.runner import run_pipeline
 from tiny_project import make_tiny_project
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find worker processes")
+# slow: every case starts `loraq run` subprocesses and waits on them (make test-slow)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find worker processes")]
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENT_SCHEMA = json.loads((ROOT / "docs" / "events.schema.json").read_text())

@@ -140,6 +140,9 @@ class Config(_Strict):
     name: str
     workdir: str
     base: str
+    # Every heavy stage's threads (merge's BLAS, quantize's workers, compare's BLAS); 0: the CPUs this
+    # process may use (loraq.cpus). quantize.threads, when non-zero, wins for quantize.
+    threads: int = Field(0, ge=0, le=MAX_THREADS)
     allow_requantized_base: bool = False
     adapters: list[AdapterConfig] = Field(min_length=1)
     convert: ConvertConfig = Field(default_factory=ConvertConfig)

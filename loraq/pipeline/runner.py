@@ -29,6 +29,7 @@ from ..compare.report import load_report
 from ..compare.stage import Candidate, assemble_report, build_reference, meta_path, read_score, score_to_file
 from ..convert import convert_adapter
 from ..errors import BadArguments
+from ..llama.engine import set_blas_threads
 from ..merge import AdapterSpec, merge_model
 from ..quantize.driver import QuantizeOptions, quantize_many
 from .checkpoint import MANIFEST, Manifest, Verdict, check_stage, cpu_threads, record_stage
@@ -69,6 +70,22 @@ def _is_peft(p: Path) -> bool:
     return p.is_dir()
 
 
+def stage_threads(cfg: Config, kind: str) -> int:
+    """The threads a heavy stage uses. Quantize: quantize.threads when set, else the top-level
+    threads. Merge and compare: the top-level threads, else quantize.threads (which set compare's
+    threads before the top-level key existed). 0 in both: the CPUs this process may use."""
+    q, top = cfg.quantize.threads, cfg.threads
+    return cpu_threads((q or top) if kind.startswith("quantize") else (top or q))
+
+
+def with_threads(cfg: Config, threads: int) -> Config:
+    """The config with `run --threads N` applied: the command line beats both config keys.
+    Threads change no output byte, so no stage's checkpoint depends on them."""
+    out = cfg.model_copy(update={"threads": threads, "quantize": cfg.quantize.model_copy(update={"threads": 0})})
+    out.root = cfg.root
+    return out
+
+
 def build_stages(cfg: Config) -> list[Stage]:
     wd = cfg.workdir_path
     base = cfg.resolve(cfg.base)
@@ -98,6 +115,7 @@ def build_stages(cfg: Config) -> list[Stage]:
     merged = wd / f"merged-{cfg.merge.outtype}.gguf"
 
     def do_merge() -> None:
+        set_blas_threads(stage_threads(cfg, "merge"))  # B·A products are numpy matmuls
         merge_model(base, [AdapterSpec(p, s) for p, s in adapters], merged, cfg.merge.outtype, allow_requantize=cfg.allow_requantized_base)
 
     stages.append(
@@ -118,7 +136,7 @@ def build_stages(cfg: Config) -> list[Stage]:
         tensor_types=list(q.tensor_types.items()),
         pure=q.pure,
         leave_output_tensor=q.leave_output_tensor,
-        threads=cpu_threads(q.threads),
+        threads=stage_threads(cfg, "quantize"),
     )
     qsettings = {k: v for k, v in q.model_dump().items() if k not in ("types", "threads")}
     c = cfg.compare
@@ -207,7 +225,7 @@ def _deliver_stage(cfg: Config, adapters: list[tuple[Path, float]], before: list
 def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tuple[Path, float]], before: list[Stage]) -> list[Stage]:
     wd = cfg.workdir_path
     text = cfg.resolve(c.text)
-    threads = cpu_threads(cfg.quantize.threads)
+    threads = stage_threads(cfg, "compare")
     ref = wd / "reference.kld"
     # The engine is part of every compare checkpoint key (its logits differ in the last bits); the
     # default is left out of the key, so workdirs scored before compare.engine existed stay valid.
