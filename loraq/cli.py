@@ -23,7 +23,7 @@ from rich.table import Table
 from .atomic import check_not_input, leftover_size
 from .compare.gates import enforce_gates, gate_failed
 from .compare.stage import Candidate, build_reference, compare_models, meta_path
-from .convert import convert_adapter
+from .convert import convert_adapter, convert_hf_base
 from .errors import BadArguments, LoraqError
 from .ggml_types import file_type
 from .gguf_io import open_gguf
@@ -88,6 +88,17 @@ def convert(
     out.print(f"wrote {res.out} ({res.n_tensors} tensors, alpha {res.alpha:g})")
     for note in res.notes:
         err.print(f"note: {note}")
+
+
+@app.command("convert-base")
+def convert_base(
+    folder: Path = typer.Argument(..., help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)."),
+    output: Path = typer.Argument(..., help="Output GGUF."),
+    outtype: str = typer.Option("f16", "--outtype", help="f16, bf16 or f32."),
+) -> None:
+    """Hugging Face model folder -> F16 GGUF (convert_hf_to_gguf.py's output, streamed tensor by tensor)."""
+    res = convert_hf_base(folder, output, outtype)
+    out.print(f"wrote {res.out} ({res.arch}, {res.n_tensors} tensors, pre-tokenizer {res.pre})")
 
 
 def _parse_scaled(values: list[str]) -> list[tuple[Path, float]]:
