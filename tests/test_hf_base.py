@@ -218,3 +218,39 @@ def test_output_never_over_an_input(tiny):
     for name in ("model.safetensors", "tokenizer.json"):
         with pytest.raises(BadArguments, match="write the output to a different file"):
             convert_hf_base(tiny, tiny / name)
+
+
+# -- the `base` stage: `base:` may be a Hugging Face folder ----------------------------------
+
+
+def test_run_with_hf_folder_base(smollm2_q4_1, tmp_path):
+    """A config whose base is an HF folder: the base stage checkpoints base-f16.gguf, whose tensors
+    are the GGUF's the folder was written from, and the merge equals the merge into that GGUF."""
+    import yaml
+
+    from loraq.pipeline.config import load_config
+    from loraq.pipeline.runner import run_pipeline, stage_status
+    from tiny_project import make_tiny_project
+
+    d = make_tiny_project(tmp_path / "p", smollm2_q4_1)
+    hf_folder.from_gguf(d / "base.gguf", d / "hf-base", dtype="F32")  # F32: the F32 norms stay exact
+    runs = {}
+    for base in ("base.gguf", "hf-base"):
+        cfg_path = d / f"{base}.yaml"
+        cfg = {"name": "t", "workdir": f"work-{base}", "base": base, "adapters": [{"path": "adapter"}], "quantize": {"types": ["Q8_0"]}}
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        runs[base] = load_config(cfg_path)
+    hf = runs["hf-base"]
+    first = run_pipeline(hf, until="merge")
+    assert [r.name for r in first if r.status == "ran"] == ["base", "convert", "merge"]
+    assert [r.name for r in run_pipeline(hf, until="merge") if r.status == "ran"] == []
+    assert {r.name: r.reason for r in stage_status(hf)}["base"] == "up-to-date"
+    run_pipeline(runs["base.gguf"], until="merge")
+    wd_hf, wd_gguf = hf.workdir_path, runs["base.gguf"].workdir_path
+    with open_gguf(wd_hf / "base-f16.gguf") as a, open_gguf(d / "base.gguf") as b:
+        assert sorted(t.name for t in a.tensors) == sorted(t.name for t in b.tensors)
+        for t in a.tensors:
+            assert a.read_raw(t).tobytes() == b.read_raw(b.tensor(t.name)).tobytes(), t.name
+    with open_gguf(wd_hf / "merged-f16.gguf") as a, open_gguf(wd_gguf / "merged-f16.gguf") as b:
+        for t in b.tensors:
+            assert a.read_raw(a.tensor(t.name)).tobytes() == b.read_raw(t).tobytes(), t.name

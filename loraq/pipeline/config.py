@@ -135,7 +135,8 @@ def deliverable_variants(quantize: QuantizeConfig, compare: CompareConfig | None
 class Config(_Strict):
     name: str
     workdir: str
-    base: str
+    base: str  # a GGUF, or a Hugging Face model folder (converted by the `base` stage)
+    base_outtype: Literal["f16", "bf16", "f32"] = "f16"  # the GGUF an HF folder base becomes
     allow_requantized_base: bool = False
     adapters: list[AdapterConfig] = Field(min_length=1)
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
