@@ -254,3 +254,24 @@ def test_run_with_hf_folder_base(smollm2_q4_1, tmp_path):
     with open_gguf(wd_hf / "merged-f16.gguf") as a, open_gguf(wd_gguf / "merged-f16.gguf") as b:
         for t in b.tensors:
             assert a.read_raw(a.tensor(t.name)).tobytes() == b.read_raw(t).tobytes(), t.name
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("hidden_size", "256"),
+        ("num_hidden_layers", -1),
+        ("rms_norm_eps", -1e-5),
+        ("rope_theta", True),
+        ("rope_scaling", {"rope_type": "yarn", "factor": "x"}),
+        ("rope_scaling", [1, 2]),
+        ("architectures", "Qwen3ForCausalLM"),
+    ],
+)
+def test_hostile_config_is_one_line(tiny, tmp_path, key, value):
+    bad = _copy(tiny, tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg[key] = value
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadInput, match=key):
+        convert_hf_base(bad, tmp_path / "o.gguf")

@@ -127,16 +127,73 @@ def load_hparams(folder: Path) -> tuple[str, str, dict[str, Any]]:
     arch = ARCHES[hf_arch]
     hp = {**_DEFAULTS[arch], **{k: v for k, v in cfg.items() if v is not None}}
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
-        v = hp.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 20:
-            raise BadInput(f"{p}: {key} must be a positive integer, got {shown(repr(v), 40)}")
-    if arch == "llama" or hp.get("num_key_value_heads") is None:
-        hp.setdefault("num_key_value_heads", hp["num_attention_heads"])
+        if key not in hp:
+            raise BadInput(f"{p} has no {key}; {FIX}")
+    _check_numbers(p, hp)
+    if arch == "llama" or cfg.get("num_key_value_heads", 0) is None:  # the config classes' rule: none given = MHA
+        hp["num_key_value_heads"] = hp.get("num_key_value_heads") or hp["num_attention_heads"]
     if arch == "llama" and "head_dim" not in hp:
         hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
     if hp.get("num_local_experts") or hp.get("num_experts"):
         raise BadInput(f"{p}: mixture-of-experts models are not supported; loraq converts {SUPPORTED}")
     return hf_arch, arch, hp
+
+
+_INT_KEYS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
+_FLOAT_KEYS = ("rope_theta", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
+_ROPE_FLOATS = (
+    "rope_theta",
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "extrapolation_factor",
+    "attention_factor",
+    "attn_factor",
+    "beta_fast",
+    "beta_slow",
+)
+
+
+def _check_numbers(p: Path, hp: dict[str, Any]) -> None:
+    """Every number the conversion writes or computes with, checked: a one-line BadInput instead of
+    a traceback from deep inside the writer."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key in _INT_KEYS:
+        v = hp.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 1 << 31):
+            raise BadInput(f"{p}: {key} must be a positive integer, got {shown(repr(v), 40)}")
+    for key in _FLOAT_KEYS:
+        v = hp.get(key)
+        if v is not None and not (number(v) and v >= 0):
+            raise BadInput(f"{p}: {key} must be a non-negative number, got {shown(repr(v), 40)}")
+    for key in ("rope_parameters", "rope_scaling"):
+        rp = hp.get(key)
+        if rp is None:
+            continue
+        if not isinstance(rp, dict):
+            raise BadInput(f"{p}: {key} must be an object, got {shown(repr(rp), 40)}")
+        inner = rp.get("full_attention", rp)
+        if not isinstance(inner, dict):
+            raise BadInput(f"{p}: {key}.full_attention must be an object")
+        for k in _ROPE_FLOATS:
+            if inner.get(k) is not None and not (number(inner[k]) and inner[k] > 0):
+                raise BadInput(f"{p}: {key}.{k} must be a positive number, got {shown(repr(inner[k]), 40)}")
+        for k in ("rope_type", "type"):
+            if inner.get(k) is not None and not isinstance(inner[k], str):
+                raise BadInput(f"{p}: {key}.{k} must be a string, got {shown(repr(inner[k]), 40)}")
 
 
 def _find(hp: dict[str, Any], keys: tuple[str, ...]) -> Any:
