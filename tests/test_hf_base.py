@@ -275,3 +275,31 @@ def test_hostile_config_is_one_line(tiny, tmp_path, key, value):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadInput, match=key):
         convert_hf_base(bad, tmp_path / "o.gguf")
+
+
+def test_cli_merge_takes_an_hf_folder_base(smollm2_q4_1, tmp_path):
+    """`loraq merge HF_DIR` converts the folder first: the result equals merging into the GGUF it
+    was written from (F32 safetensors, so every tensor survives the round trip exactly)."""
+    from tiny_project import make_tiny_project
+
+    d = make_tiny_project(tmp_path / "p", smollm2_q4_1)
+    hf_folder.from_gguf(d / "base.gguf", d / "hf", dtype="F32")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for base, out in (("hf", "m-hf.gguf"), ("base.gguf", "m-gguf.gguf")):
+        r = subprocess.run(
+            [sys.executable, "-m", "loraq", "merge", str(d / base), "--lora", str(d / "adapter"), "-o", str(d / out)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stderr
+    with open_gguf(d / "m-hf.gguf") as a, open_gguf(d / "m-gguf.gguf") as b:
+        for t in b.tensors:
+            assert a.read_raw(a.tensor(t.name)).tobytes() == b.read_raw(t).tobytes(), t.name
+    r = subprocess.run(
+        [sys.executable, "-m", "loraq", "merge", str(d / "hf"), "--lora", str(d / "adapter"), "-o", str(d / "hf" / "x.gguf")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "different folder" in r.stderr
