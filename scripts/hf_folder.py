@@ -207,6 +207,8 @@ def synthetic(
     shards: int = 1,
     seed: int = 0,
     model_type: bool = True,
+    hf_arch: str | None = None,
+    rope_scaling: dict[str, object] | None = None,
 ) -> Path:
     """A small random HF model: qwen2 (q/k/v biases), qwen3 (q_norm/k_norm, head_dim) or llama.
 
@@ -247,7 +249,7 @@ def synthetic(
         if arch == "qwen3":
             ts += [(p + "self_attn.q_norm.weight", 1 + w(hd)), (p + "self_attn.k_norm.weight", 1 + w(hd))]
     write_safetensors(folder, ts, dtype, shards)
-    hf_arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[arch]
+    hf_arch = hf_arch or {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[arch]
     config: dict[str, object] = {
         "architectures": [hf_arch],
         **({"model_type": arch} if model_type else {}),
@@ -266,6 +268,8 @@ def synthetic(
     }
     if arch == "qwen3":
         config["head_dim"] = hd
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 

@@ -5,7 +5,9 @@ subprocess with its own gguf-py first on the path (it needs torch and transforme
 with the reason when either is missing). Folders: SmolLM2 written back as an HF folder from its
 GGUF (scripts/hf_folder.py: F16 safetensors, Q/K un-permuted, tokenizer.json rebuilt with the
 `tokenizers` library), a synthetic qwen2 (BF16, two shards with an index, q/k/v biases) and a
-synthetic qwen3 (F32, tied embeddings, q_norm/k_norm, chat_template.jinja).
+synthetic qwen3 (F32, tied embeddings, q_norm/k_norm, chat_template.jinja) and a synthetic
+MistralForCausalLM (llama: BF16, 8 query / 2 KV heads so K's permutation differs from Q's, Llama 3
+rope scaling so the converter adds rope_freqs.weight).
 
 Compared: every KV (type and bytes), every tensor (name, shape, type, bytes), the order of both,
 and then the whole file. No KV is exempt: loraq writes the same general.* metadata (gguf-py's
@@ -100,12 +102,24 @@ def folders(smollm2_f16, tmp_path_factory) -> dict[str, Path]:
     q2 = hf_folder.synthetic(root / "qwen2-tiny", smol, arch="qwen2", dtype="BF16", shards=2, model_type=False)
     q3_tok = hf_folder.tokenizer_from_gguf(smollm2_f16, root / "tok-jinja", jinja_file=True)
     q3 = hf_folder.synthetic(root / "qwen3-tiny", q3_tok, arch="qwen3", dtype="F32", tied=True)
-    return {"smollm2": smol, "qwen2": q2, "qwen3": q3}
+    llama3_rope = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    mistral = hf_folder.synthetic(
+        root / "mistral-tiny", smol, arch="llama", hf_arch="MistralForCausalLM", n_head=8, n_head_kv=2, rope_scaling=llama3_rope
+    )
+    return {"smollm2": smol, "qwen2": q2, "qwen3": q3, "mistral": mistral}
 
 
 @pytest.mark.slow
 @pytest.mark.real
-@pytest.mark.parametrize(("name", "outtype"), [("smollm2", "f16"), ("qwen2", "f16"), ("qwen3", "f16"), ("qwen3", "bf16"), ("qwen2", "f32")])
+@pytest.mark.parametrize(
+    ("name", "outtype"), [("smollm2", "f16"), ("qwen2", "f16"), ("qwen3", "f16"), ("mistral", "f16"), ("qwen3", "bf16"), ("qwen2", "f32")]
+)
 def test_equals_convert_hf_to_gguf(folders, tmp_path, name, outtype):
     folder = folders[name]
     ref = reference(folder, tmp_path / "ref.gguf", outtype)

@@ -270,28 +270,31 @@ def add_hparams(w: Any, arch: str, hp: dict[str, Any], ftype: int) -> None:
 
 
 def llama3_rope_factors(hp: dict[str, Any]) -> np.ndarray | None:
-    """rope_freqs for Llama 3.1+ rope scaling, computed in float32 as the reference does."""
+    """rope_freqs for Llama 3.1+ rope scaling. The reference computes in float32 tensors (python
+    numbers in an operation with one are cast to float32 first), so this does the same in numpy
+    float32 scalars to give the same bits."""
     rp = _rope(hp)
     if str(rp.get("rope_type", "")).lower() != "llama3":
         return None
+    f32 = np.float32
     base = rp.get("rope_theta", 10000.0)
     dim = hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
-    freqs = (1.0 / (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+    freqs = f32(1.0) / (f32(base) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim)))
     factor = rp.get("factor", 8.0)
     lo_f, hi_f = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
     old_ctx = rp.get("original_max_position_embeddings", 8192)
     lo_wl, hi_wl = old_ctx / lo_f, old_ctx / hi_f
     out = []
     for f in freqs:
-        wavelen = 2 * math.pi / float(f)
-        if wavelen < hi_wl:
-            out.append(1.0)
-        elif wavelen > lo_wl:
-            out.append(factor)
+        wavelen = f32(2 * math.pi) / f
+        if wavelen < f32(hi_wl):
+            out.append(f32(1))
+        elif wavelen > f32(lo_wl):
+            out.append(f32(factor))
         else:
-            smooth = (old_ctx / wavelen - lo_f) / (hi_f - lo_f)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
+            smooth = (f32(old_ctx) / wavelen - f32(lo_f)) / f32(hi_f - lo_f)
+            out.append(f32(1) / ((f32(1) - smooth) / f32(factor) + smooth))
+    return np.array(out, dtype=f32)
 
 
 def index_tensors(folder: Path) -> list[_Source]:
