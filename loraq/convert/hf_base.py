@@ -3,7 +3,9 @@
 Inputs: config.json, safetensors (model.safetensors, or shards listed in
 model.safetensors.index.json; BF16, F16, F32 or F64 tensors), tokenizer.json,
 tokenizer_config.json, generation_config.json, chat_template.jinja. Architectures: llama (incl.
-SmolLM2 and Mistral-style checkpoints), qwen2, qwen3.
+SmolLM2 and Mistral-style checkpoints), qwen2, qwen3, with a GPT-2 byte-level BPE tokenizer
+(hf_vocab.py); SentencePiece tokenizers (tokenizer.model, byte-fallback tokenizer.json) and other
+architectures are refused in one line naming what is supported.
 
 What the reference does, and so this does (docs/llama-cpp.md §1.4, §1.5):
 - hyper-parameters as transformers' config classes complete them (head_dim of llama is
