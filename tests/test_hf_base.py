@@ -291,6 +291,7 @@ def test_hostile_config_is_one_line(tiny, tmp_path, key, value):
         convert_hf_base(bad, tmp_path / "o.gguf")
 
 
+@pytest.mark.slow
 def test_cli_merge_takes_an_hf_folder_base(smollm2_q4_1, tmp_path):
     """`loraq merge HF_DIR` converts the folder first: the result equals merging into the GGUF it
     was written from (F32 safetensors, so every tensor survives the round trip exactly)."""
