@@ -20,10 +20,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .atomic import check_not_input, leftover_size
+from .atomic import check_not_input, leftover_size, scratch_dir
 from .compare.gates import enforce_gates, gate_failed
 from .compare.stage import Candidate, build_reference, compare_models, meta_path
-from .convert import convert_adapter
+from .convert import convert_adapter, convert_hf_base
 from .errors import BadArguments, LoraqError
 from .ggml_types import file_type
 from .gguf_io import open_gguf
@@ -82,15 +82,43 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show trac
 @app.command()
 def convert(
     adapter: Path = typer.Argument(..., help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."),
-    base: Path = typer.Option(..., "--base", help="Base model GGUF: supplies architecture, head counts and tensor names."),
+    base: Path = typer.Option(
+        ..., "--base", help="Base model GGUF (or Hugging Face folder): supplies architecture, head counts and tensor names."
+    ),
     output: Path = typer.Option(..., "-o", "--outfile", "--output", help="Output GGUF LoRA adapter."),
     outtype: str = typer.Option("f16", "--outtype", help="f32, f16, bf16 or q8_0."),
 ) -> None:
     """PEFT adapter -> GGUF LoRA adapter (convert_lora_to_gguf.py, with rsLoRA and alpha_pattern right)."""
-    res = convert_adapter(adapter, base, output, outtype=outtype)
+    with _gguf_base(base, output) as gguf_base:
+        res = convert_adapter(adapter, gguf_base, output, outtype=outtype)
     out.print(f"wrote {res.out} ({res.n_tensors} tensors, alpha {res.alpha:g})")
     for note in res.notes:
         err.print(f"note: {note}")
+
+
+@app.command("convert-base")
+def convert_base(
+    folder: Path = typer.Argument(..., help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)."),
+    output: Path = typer.Argument(..., help="Output GGUF."),
+    outtype: str = typer.Option("f16", "--outtype", help="f16, bf16 or f32."),
+) -> None:
+    """Hugging Face model folder -> F16 GGUF (convert_hf_to_gguf.py's output, streamed tensor by tensor)."""
+    res = convert_hf_base(folder, output, outtype)
+    out.print(f"wrote {res.out} ({res.arch}, {res.n_tensors} tensors, pre-tokenizer {res.pre})")
+
+
+@contextmanager
+def _gguf_base(base: Path, output: Path) -> Iterator[Path]:
+    """The base as a GGUF: a Hugging Face folder is converted to F16 in a scratch folder for this
+    one command (`loraq run` keeps its conversion as the `base` stage's checkpoint instead)."""
+    if not (base.is_dir() and (base / "config.json").is_file()):
+        yield base
+        return
+    check_not_input(output, [("base model", base)])
+    with scratch_dir() as d:
+        res = convert_hf_base(base, d / "base-f16.gguf")
+        err.print(f"note: converted the Hugging Face folder {base} to an F16 GGUF ({res.arch}) for this command")
+        yield res.out
 
 
 def _parse_scaled(values: list[str]) -> list[tuple[Path, float]]:
@@ -124,7 +152,7 @@ def _gates(max_kld_mean: float | None, min_same_top: float | None) -> Gates:
 
 @app.command()
 def merge(
-    base: Path = typer.Argument(..., help="Base model GGUF (F32/F16/BF16)."),
+    base: Path = typer.Argument(..., help="Base model GGUF (F32/F16/BF16), or a Hugging Face folder (converted to F16 first)."),
     lora: list[Path] = typer.Option([], "--lora", help="Adapter (GGUF LoRA or PEFT folder) with scale 1.0; repeatable."),
     lora_scaled: list[str] = typer.Option([], "--lora-scaled", help="PATH:SCALE; repeatable."),
     output: Path = typer.Option(..., "-o", "--output", help="Merged GGUF."),
@@ -138,8 +166,8 @@ def merge(
     _number("--threads", threads, 0, MAX_THREADS)
     set_blas_threads(cpu_threads(threads))
     specs = [AdapterSpec(p, 1.0) for p in lora] + [AdapterSpec(p, s) for p, s in _parse_scaled(lora_scaled)]
-    with _progress(len(open_gguf(base).tensors), "merge") as tick:
-        res = merge_model(base, specs, output, outtype, allow_requantize, on_tensor=tick)
+    with _gguf_base(base, output) as gguf_base, _progress(len(open_gguf(gguf_base).tensors), "merge") as tick:
+        res = merge_model(gguf_base, specs, output, outtype, allow_requantize, on_tensor=tick)
     for w in res.warnings:
         err.print(f"warning: {w}")
     out.print(f"wrote {res.out}: {len(res.merged)} tensors merged")

@@ -344,9 +344,8 @@ def _entry(path: Path, key: str, info: Any, data_size: int) -> _Entry:
 class _Safetensors:
     """A safetensors file: the header parsed here, tensors read one at a time."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fix: str = "re-save the adapter with PEFT"):
         self.path = path
-        fix = "re-save the adapter with PEFT"
         try:
             size = path.stat().st_size
             with open(path, "rb") as f:

@@ -139,7 +139,8 @@ def deliverable_variants(quantize: QuantizeConfig, compare: CompareConfig | None
 class Config(_Strict):
     name: str
     workdir: str
-    base: str
+    base: str  # a GGUF, or a Hugging Face model folder (converted by the `base` stage)
+    base_outtype: Literal["f16", "bf16", "f32"] = "f16"  # the GGUF an HF folder base becomes
     # Every heavy stage's threads (merge's BLAS, quantize's workers, compare's BLAS); 0: the CPUs this
     # process may use (loraq.cpus). quantize.threads, when non-zero, wins for quantize.
     threads: int = Field(0, ge=0, le=MAX_THREADS)

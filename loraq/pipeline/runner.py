@@ -27,7 +27,7 @@ from ..atomic import (
 from ..compare.gates import GateFailure, check_gates
 from ..compare.report import load_report
 from ..compare.stage import Candidate, assemble_report, build_reference, meta_path, read_score, score_to_file
-from ..convert import convert_adapter
+from ..convert import convert_adapter, convert_hf_base
 from ..errors import BadArguments
 from ..llama.engine import set_blas_threads
 from ..merge import AdapterSpec, merge_model
@@ -91,6 +91,11 @@ def build_stages(cfg: Config) -> list[Stage]:
     base = cfg.resolve(cfg.base)
     adapters = [(cfg.resolve(a.path), a.scale) for a in cfg.adapters]
     stages: list[Stage] = []
+    if base.is_dir():  # a Hugging Face folder: the `base` stage converts it once, every stage reads its GGUF
+        hf, base = base, wd / f"base-{cfg.base_outtype}.gguf"
+        stages.append(
+            Stage("base", "base", {"outtype": cfg.base_outtype}, {"hf": hf}, [base], partial(convert_hf_base, hf, base, cfg.base_outtype))
+        )
 
     peft = [(i, p) for i, (p, _) in enumerate(adapters) if _is_peft(p)]
     if peft:
@@ -169,6 +174,10 @@ def build_stages(cfg: Config) -> list[Stage]:
         stages += _compare_stages(cfg, c, base, adapters, stages)
     if cfg.deliver is not None:
         stages.append(_deliver_stage(cfg, adapters, stages))
+    if stages[0].name == "base":  # stages reading the converted base wait for it
+        for s in stages[1:]:
+            if base in s.inputs.values() and "base" not in s.after:
+                s.after.insert(0, "base")
     return stages
 
 
