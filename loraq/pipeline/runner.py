@@ -28,6 +28,7 @@ from ..compare.gates import GateFailure, check_gates
 from ..compare.report import load_report
 from ..compare.stage import Candidate, assemble_report, build_reference, meta_path, read_score, score_to_file
 from ..convert import convert_adapter
+from ..convert.lora_gguf import runtime_refusal
 from ..errors import BadArguments
 from ..merge import AdapterSpec, merge_model
 from ..quantize.driver import QuantizeOptions, quantize_many
@@ -75,7 +76,15 @@ def build_stages(cfg: Config) -> list[Stage]:
     adapters = [(cfg.resolve(a.path), a.scale) for a in cfg.adapters]
     stages: list[Stage] = []
 
-    peft = [(i, p) for i, (p, _) in enumerate(adapters) if _is_peft(p)]
+    # Adapters only a merge can apply (DoRA, modules_to_save, ...): no runtime GGUF adapter is made,
+    # and compare scores merged variants only, against the merged F16 as its reference.
+    merge_only = {i: why for i, (p, _) in enumerate(adapters) if _is_peft(p) and (why := runtime_refusal(p, base))}
+    if merge_only and cfg.deliver is not None and cfg.deliver.adapter:
+        i, why = next(iter(merge_only.items()))
+        raise BadArguments(
+            f"deliver.adapter: adapter {cfg.adapters[i].path} can only be merged ({why}); llama.cpp cannot run it as a LoRA file"
+        )
+    peft = [(i, p) for i, (p, _) in enumerate(adapters) if _is_peft(p)] if not merge_only else []
     if peft:
         ct = cfg.convert.outtype
         outs = {i: wd / (f"adapter-{ct}.gguf" if len(adapters) == 1 else f"adapter{i}-{ct}.gguf") for i, _ in peft}
@@ -122,7 +131,7 @@ def build_stages(cfg: Config) -> list[Stage]:
     )
     qsettings = {k: v for k, v in q.model_dump().items() if k not in ("types", "threads")}
     c = cfg.compare
-    runtime = c is not None and c.runtime_lora
+    runtime = c is not None and c.runtime_lora and not merge_only
     for src, prefix, after in ((merged, "merged", ["merge"]), (base, "base", [])):
         if prefix == "base" and not runtime:
             continue
@@ -149,6 +158,15 @@ def build_stages(cfg: Config) -> list[Stage]:
 
     if c is not None:
         stages += _compare_stages(cfg, c, base, adapters, stages)
+        if merge_only:  # the full-precision fine-tune is the merged F16 itself (merge is exact to f16 rounding)
+            why = "; ".join(f"{cfg.adapters[i].path}: {w}" for i, w in merge_only.items())
+            ref = next(s for s in stages if s.name == "reference")
+            ref.settings["reference_model"] = f"merged-{cfg.merge.outtype} (runtime LoRA off, llama.cpp cannot run {why})"
+            ref.inputs = {"merged": merged, "text": ref.inputs["text"]}
+            ref.after = ["merge"]
+            ref.action = partial(
+                build_reference, merged, [], cfg.resolve(c.text), c.ctx, c.chunks, ref.outputs[0], cpu_threads(cfg.quantize.threads)
+            )
     if cfg.deliver is not None:
         stages.append(_deliver_stage(cfg, adapters, stages))
     return stages
