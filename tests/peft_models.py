@@ -111,9 +111,9 @@ def tokenizer_vocab(tok_json: dict) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def write_gguf(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, out: Path) -> Path:
-    """The model as an F16 llama GGUF: matrices F16 (q/k rows permuted), norms F32, tied models
-    without output.weight, tokenizer KVs of a gpt2-style BPE vocabulary."""
+def write_gguf(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, out: Path, f32: bool = False) -> Path:
+    """The model as an F16 (or, with f32, F32) llama GGUF: matrices F16 (q/k rows permuted), norms F32,
+    tied models without output.weight, tokenizer KVs of a gpt2-style BPE vocabulary."""
     cfg = model.config
     n_layer = cfg.num_hidden_layers
     w = gguf.GGUFWriter(str(out), "llama")
@@ -128,7 +128,7 @@ def write_gguf(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, out: Path)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(1)
+    w.add_file_type(0 if f32 else 1)
     tokens, types, merges = tokenizer_vocab(json.loads(tok.backend_tokenizer.to_str()))
     assert len(tokens) == cfg.vocab_size, (len(tokens), cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
@@ -147,10 +147,45 @@ def write_gguf(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, out: Path)
             x = permute(x, cfg.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             x = permute(x, cfg.num_key_value_heads)
-        x = x.astype(np.float32 if x.ndim == 1 else np.float16)
+        x = x.astype(np.float32 if x.ndim == 1 or f32 else np.float16)
         w.add_tensor(gguf_name(name, n_layer), x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def _perturb(model, seed: int) -> None:
+    """Move what PEFT initialises to the base's values (DoRA m = ‖W+sBA‖, saved module copies, token
+    rows) away from them, as training would: otherwise those parts would be untested no-ops."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(0.5 + torch.rand(p.shape, generator=g))
+            elif "modules_to_save" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def build(tok: PreTrainedTokenizerFast, tied: bool, cfg, out: Path, seed: int = 1, grow: list[str] | None = None):
+    """(PEFT model, saved adapter folder): a fresh copy of the base, `grow` tokens added (resized
+    vocabulary, tokenizer saved with the adapter), the LoRA config applied and perturbed."""
+    model = make_model(len(tok), tied)
+    t = tok
+    if grow:
+        import copy
+
+        t = copy.deepcopy(tok)
+        t.add_tokens(grow[:-1])
+        t.add_special_tokens({"additional_special_tokens": grow[-1:]})
+        model.resize_token_embeddings(len(t) + 2)  # +2: padded rows with no token, as pad_to_multiple_of leaves
+    torch.manual_seed(seed)
+    from peft import get_peft_model
+
+    p = get_peft_model(model, cfg)
+    _perturb(p, seed)
+    p.save_pretrained(out)
+    if grow:
+        t.save_pretrained(out)
+    return p, out

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch", reason="torch is a dev-only dependency (pip
 pytest.importorskip("transformers", reason="transformers is a dev-only dependency (pip install -e '.[peft-tests]')")
 peft = pytest.importorskip("peft", reason="peft is a dev-only dependency (pip install -e '.[peft-tests]')")
 
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel  # noqa: E402
 
 import peft_models as pm  # noqa: E402
 from loraq.convert import convert_adapter  # noqa: E402
@@ -42,39 +42,6 @@ def bases(tok, tmp_path_factory):
     return {
         tied: pm.write_gguf(pm.make_model(len(tok), tied), tok, d / f"base-{'tied' if tied else 'untied'}.gguf") for tied in (True, False)
     }
-
-
-def _perturb(model, seed: int) -> None:
-    """Move what PEFT initialises to the base's values (DoRA m = ‖W+sBA‖, saved module copies, token
-    rows) away from them, as training would: otherwise those parts would be untested no-ops."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(0.5 + torch.rand(p.shape, generator=g))
-            elif "modules_to_save" in name or "trainable_tokens_delta" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def build(tok, tied: bool, cfg: LoraConfig, out: Path, seed: int = 1, grow: list[str] | None = None):
-    """(PEFT model, saved adapter folder): a fresh copy of the base, `grow` tokens added (resized
-    vocabulary, tokenizer saved with the adapter), the LoRA config applied and perturbed."""
-    model = pm.make_model(len(tok), tied)
-    t = tok
-    if grow:
-        import copy
-
-        t = copy.deepcopy(tok)
-        t.add_tokens(grow[:-1])
-        t.add_special_tokens({"additional_special_tokens": grow[-1:]})
-        model.resize_token_embeddings(len(t) + 2)  # +2: padded rows with no token, as pad_to_multiple_of leaves
-    torch.manual_seed(seed)
-    p = get_peft_model(model, cfg)
-    _perturb(p, seed)
-    p.save_pretrained(out)
-    if grow:
-        t.save_pretrained(out)
-    return p, out
 
 
 def oracle(p) -> dict[str, np.ndarray]:
@@ -148,7 +115,7 @@ RUNTIME_VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(RUNTIME_VARIANTS))
 def test_runtime_variants_merge_as_peft(variant, tok, bases, tmp_path):
-    p, ad = build(tok, False, LoraConfig(init_lora_weights=False, **RUNTIME_VARIANTS[variant]), tmp_path / "adapter")
+    p, ad = pm.build(tok, False, LoraConfig(init_lora_weights=False, **RUNTIME_VARIANTS[variant]), tmp_path / "adapter")
     want = oracle(p)
     out = merge(bases[False], [(ad, 1.0)], tmp_path)
     stats = assert_matches(out, want, p.config, [])
@@ -164,7 +131,7 @@ def test_runtime_variants_merge_as_peft(variant, tok, bases, tmp_path):
 @pytest.mark.parametrize("targets", [["q_proj", "k_proj", "v_proj", "down_proj"], ["q_proj", "embed_tokens"]], ids=["linear", "embedding"])
 def test_dora_merges_as_peft(targets, tok, bases, tmp_path):
     cfg = LoraConfig(r=4, lora_alpha=16, target_modules=targets, use_dora=True, init_lora_weights=False)
-    p, ad = build(tok, False, cfg, tmp_path / "adapter")
+    p, ad = pm.build(tok, False, cfg, tmp_path / "adapter")
     want = oracle(p)
     out = merge(bases[False], [(ad, 1.0)], tmp_path)
     stats = assert_matches(out, want, p.config, [])
@@ -181,8 +148,8 @@ def test_dora_rslora_two_adapters_with_weights(tok, bases, tmp_path):
     (each DoRA norm over the base weight with that adapter's own scaled delta)."""
     c1 = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, use_rslora=True, init_lora_weights=False)
     c2 = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False)
-    _, a1 = build(tok, False, c1, tmp_path / "a1", seed=1)
-    _, a2 = build(tok, False, c2, tmp_path / "a2", seed=2)
+    _, a1 = pm.build(tok, False, c1, tmp_path / "a1", seed=1)
+    _, a2 = pm.build(tok, False, c2, tmp_path / "a2", seed=2)
     model = PeftModel.from_pretrained(pm.make_model(len(tok), False), a1, adapter_name="a1")
     model.load_adapter(a2, adapter_name="a2")
     for m in model.modules():
@@ -207,7 +174,7 @@ def test_modules_to_save_embed_on_tied_model_unties(tok, bases, tmp_path):
     """modules_to_save=[embed_tokens] on a tied model: PEFT's merged model has the new embeddings and
     the old head, so loraq writes output.weight (the base's embeddings) and the new token_embd."""
     cfg = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"], init_lora_weights=False)
-    p, ad = build(tok, True, cfg, tmp_path / "adapter")
+    p, ad = pm.build(tok, True, cfg, tmp_path / "adapter")
     want = oracle(p)
     out = merge(bases[True], [(ad, 1.0)], tmp_path)
     assert_matches(out, want, p.config, ["output.weight"])
@@ -219,7 +186,7 @@ def test_modules_to_save_embed_on_tied_model_unties(tok, bases, tmp_path):
 
 def test_modules_to_save_lm_head_on_untied_model(tok, bases, tmp_path):
     cfg = LoraConfig(r=4, target_modules=["v_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
-    p, ad = build(tok, False, cfg, tmp_path / "adapter")
+    p, ad = pm.build(tok, False, cfg, tmp_path / "adapter")
     out = merge(bases[False], [(ad, 1.0)], tmp_path)
     assert_matches(out, oracle(p), p.config, [])
     assert _effect(out, bases[False], "output.weight") > 1e-2
@@ -229,7 +196,7 @@ def test_modules_to_save_lm_head_on_untied_model(tok, bases, tmp_path):
 def test_trainable_tokens_patch_rows(tied, tok, bases, tmp_path):
     """trainable_token_indices: the listed rows are replaced; a tied model stays tied (PEFT ties them)."""
     cfg = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 17, 250]}, init_lora_weights=False)
-    p, ad = build(tok, tied, cfg, tmp_path / "adapter")
+    p, ad = pm.build(tok, tied, cfg, tmp_path / "adapter")
     out = merge(bases[tied], [(ad, 1.0)], tmp_path)
     assert_matches(out, oracle(p), p.config, [])
     with open_gguf(out) as g:
@@ -246,7 +213,7 @@ def test_lm_head_lora_on_tied_model_unties(tok, bases, tmp_path):
     adds it through the shared tensor, changing the embeddings too (it warns); the oracle is its
     merged head and the untouched embeddings, which is what the unmerged PEFT model computes."""
     cfg = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
-    p, ad = build(tok, True, cfg, tmp_path / "adapter")
+    p, ad = pm.build(tok, True, cfg, tmp_path / "adapter")
     ids = torch.tensor([[5, 9, 40, 120, 7]])
     with torch.no_grad():
         unmerged_logits = p(ids).logits[0].numpy()
@@ -279,7 +246,7 @@ def test_resized_vocab_modules_to_save_grows_tokens(tok, bases, tmp_path):
     """resize_token_embeddings + new tokens, embed_tokens and lm_head in modules_to_save: the merged
     GGUF's token_embd, output and token list grow together from the adapter folder's tokenizer.json."""
     cfg = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"], init_lora_weights=False)
-    p, ad = build(tok, False, cfg, tmp_path / "adapter", grow=NEW)
+    p, ad = pm.build(tok, False, cfg, tmp_path / "adapter", grow=NEW)
     n_base = len(tok)
     out = merge(bases[False], [(ad, 1.0)], tmp_path)
     assert_matches(out, oracle(p), p.config, [])
@@ -299,7 +266,7 @@ def test_resized_vocab_trainable_tokens_on_tied_model(tok, bases, tmp_path):
     n = len(tok)
     ids = [5, n, n + 1, n + 2, n + 3, n + 4]
     cfg = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": ids}, init_lora_weights=False)
-    p, ad = build(tok, True, cfg, tmp_path / "adapter", grow=NEW)
+    p, ad = pm.build(tok, True, cfg, tmp_path / "adapter", grow=NEW)
     out = merge(bases[True], [(ad, 1.0)], tmp_path)
     assert_matches(out, oracle(p), p.config, [])
     with open_gguf(out) as g:
@@ -309,12 +276,12 @@ def test_resized_vocab_trainable_tokens_on_tied_model(tok, bases, tmp_path):
 def test_resized_vocab_without_head_rows_is_refused(tok, bases, tmp_path):
     """Grown embeddings but an untied head with no rows for the new tokens: refused, naming the fix."""
     cfg = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"], init_lora_weights=False)
-    _, ad = build(tok, False, cfg, tmp_path / "adapter", grow=NEW)
+    _, ad = pm.build(tok, False, cfg, tmp_path / "adapter", grow=NEW)
     with pytest.raises(BadInput, match=r"output.weight row \d+ .*lm_head"):
         merge(bases[False], [(ad, 1.0)], tmp_path)
     (ad / "tokenizer.json").unlink()
     cfg = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"], init_lora_weights=False)
-    _, ad2 = build(tok, False, cfg, tmp_path / "adapter2", grow=NEW)
+    _, ad2 = pm.build(tok, False, cfg, tmp_path / "adapter2", grow=NEW)
     (ad2 / "tokenizer.json").unlink()
     with pytest.raises(BadInput, match="tokenizer"):
         merge(bases[False], [(ad2, 1.0)], tmp_path, "m2.gguf")
@@ -334,7 +301,7 @@ def test_run_with_dora_adapter_scores_merged_only(tok, bases, tmp_path):
     from loraq.pipeline.runner import build_stages, run_pipeline
 
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
-    build(tok, False, cfg, tmp_path / "adapter")
+    pm.build(tok, False, cfg, tmp_path / "adapter")
     (tmp_path / "eval.json").write_text(json.dumps([int(i) for i in np.random.default_rng(0).integers(3, len(tok), 256)]))
     doc = {
         "name": "t",
