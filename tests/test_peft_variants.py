@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel  # noqa: E402
 
 import peft_models as pm  # noqa: E402
 from loraq.convert import convert_adapter  # noqa: E402
-from loraq.errors import BadInput  # noqa: E402
+from loraq.errors import BadArguments, BadInput  # noqa: E402
 from loraq.gguf_io import open_gguf  # noqa: E402
 from loraq.kernels import read_f32  # noqa: E402
 from loraq.merge import AdapterSpec, merge_model  # noqa: E402
@@ -318,6 +318,14 @@ def test_run_with_dora_adapter_scores_merged_only(tok, bases, tmp_path):
     assert "convert" not in names and not any(n.startswith(("quantize-base", "score:runtime")) for n in names), names
     ref = next(s for s in stages if s.name == "reference")
     assert "runtime LoRA off" in ref.settings["reference_model"] and "DoRA" in ref.settings["reference_model"]
+    # dist/ can ship the merged files, but not the adapter: llama.cpp cannot run it as a LoRA file
+    for deliver, ok in (({"files": ["merged-Q8_0"]}, True), ({"adapter": True}, False)):
+        (tmp_path / "cfg2.yaml").write_text(yaml.safe_dump(doc | {"deliver": deliver}))
+        if ok:
+            assert build_stages(load_config(tmp_path / "cfg2.yaml"))[-1].name == "deliver"
+        else:
+            with pytest.raises(BadArguments, match="can only be merged"):
+                build_stages(load_config(tmp_path / "cfg2.yaml"))
     run_pipeline(c, force="all")
     report = json.loads((c.workdir_path / "report.json").read_text())
     kinds = {v["kind"] for v in report["variants"]}

@@ -22,9 +22,10 @@ with mixed ranks, alpha_pattern entries), multiplies B by factor = peft_scale_m 
 in float64 before casting to the output type. llama.cpp's runtime LoRA and export-lora then apply
 exactly PEFT's delta, scale_m · B_m · A_m. Each kind of fold is reported in ConvertResult.notes.
 
-Everything else a llama.cpp adapter cannot express (DoRA, modules_to_save, biases, an lm_head
-LoRA on a base with tied embeddings, a module with no base tensor, a width mismatch) is refused
-with a one-line LoraqError before anything is written."""
+Everything else a llama.cpp adapter cannot express (DoRA, modules_to_save, trainable tokens, biases,
+an lm_head LoRA on a base with tied embeddings, a module with no base tensor, a width mismatch) is
+refused with a one-line LoraqError before anything is written; where loraq's merge can apply it, the
+message names the merged path (MERGE_HINT), and `runtime_refusal` says so without raising."""
 
 from __future__ import annotations
 

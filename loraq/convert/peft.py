@@ -5,9 +5,11 @@ rank (from the shapes), the alpha PEFT uses for it (alpha_pattern or lora_alpha)
 scale (alpha/r, or alpha/sqrt(r) with rsLoRA). Tensors are read lazily, one at a time; BF16 is
 read from the raw bytes (safetensors' numpy API cannot load it) and widened to float32 exactly.
 
-Anything loraq cannot represent as a llama.cpp LoRA (DoRA, modules_to_save full weights, LoRA
-biases, unknown tensors, a pickle `adapter_model.bin`) is refused with a one-line message that
-names the tensor and the way out; it is never silently dropped (docs/llama-cpp.md §1.3, §10.12)."""
+Anything loraq cannot represent as a llama.cpp LoRA (DoRA, modules_to_save full weights, trainable
+token rows, LoRA biases, unknown tensors, a pickle `adapter_model.bin`) is refused with a one-line
+message that names the tensor and the way out; it is never silently dropped (docs/llama-cpp.md
+§1.3, §10.12). For the merge (merge=True) DoRA magnitudes, modules_to_save weights and trainable
+token rows are read into `parts` instead; biases and unknown tensors stay refused."""
 
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ def read_peft_for_merge(path: Path, base: GGUFFile) -> LoraAdapter:
     for name, key in parts.full.items():
         target, ne = tm.target(name, key, merge=True)
         x = peft.read(key)
-        if x.shape[1] != ne[0] or (x.shape[0] != ne[1] and target not in VOCAB_TENSORS):
+        if x.shape[1] != ne[0] or x.shape[0] < ne[1] or (x.shape[0] != ne[1] and target not in VOCAB_TENSORS):
             raise BadInput(
                 f"`{key}` (modules_to_save) has shape {list(x.shape)}, but `{target}` has ne {list(ne)}; is the adapter for another model?"
             )

@@ -3,7 +3,11 @@
 The merged value is computed in float64 (W + Σ sᵢ·Bᵢ·Aᵢ, sᵢ = userᵢ·αᵢ/rᵢ applied after the
 product, adapters in the given order) and rounded once to the output type with round-to-nearest-
 even. llama-export-lora does the same sum in float32 with ggml's matmul order, so it differs from
-the exactly rounded value by one F16 ulp on a few elements per million (docs/llama-cpp.md §2.3)."""
+the exactly rounded value by one F16 ulp on a few elements per million (docs/llama-cpp.md §2.3).
+
+A PEFT folder is read directly (lora_file.read_peft_for_merge) with PEFT's exact per-module scale,
+and with what a GGUF LoRA cannot hold: DoRA magnitudes, modules_to_save tensors, trainable token
+rows, a vocabulary grown past the base's (vocab.py), and a head untied from tied embeddings (_Shape)."""
 
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ def _deliver_stage(cfg: Config, adapters: list[tuple[Path, float]], before: list
     # The adapters a user deploys: the converted GGUF for a PEFT folder, a GGUF LoRA as given.
     convert = next((s for s in before if s.kind == "convert"), None)
     peft = iter(convert.outputs if convert is not None else [])
-    deployed = [(next(peft) if p.is_dir() else p, s) for p, s in adapters]
+    deployed = [(next(peft, p) if p.is_dir() else p, s) for p, s in adapters]  # no convert: merge-only adapters, never deployed
     variants = []
     for s in before:
         t = str(s.settings.get("type"))
