@@ -290,9 +290,17 @@ def test_resized_vocab_without_head_rows_is_refused(tok, bases, tmp_path):
 # -- the pipeline ------------------------------------------------------------------------------------
 
 
-def test_run_with_dora_adapter_scores_merged_only(tok, bases, tmp_path):
-    """`loraq run` on a DoRA adapter: no convert stage and no runtime variants; the reference is the
-    merged F16 (its settings say why), and the merged variants are scored against it."""
+PIPELINE = {
+    "dora": (dict(target_modules=["q_proj", "v_proj"], use_dora=True), None, "DoRA", {"merged", "base"}),
+    "resized-vocab": (dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]), NEW, "vocabulary grows", {"merged"}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(PIPELINE))
+def test_run_with_merge_only_adapter_scores_merged_only(variant, tok, bases, tmp_path):
+    """`loraq run` on a DoRA / resized-vocabulary adapter: no convert stage and no runtime variants;
+    the reference is the merged F16 (its settings say why), and the merged variants are scored
+    against it (a grown vocabulary: without the base, whose logits cover fewer tokens)."""
     import json
 
     import yaml
@@ -300,8 +308,8 @@ def test_run_with_dora_adapter_scores_merged_only(tok, bases, tmp_path):
     from loraq.pipeline.config import load_config
     from loraq.pipeline.runner import build_stages, run_pipeline
 
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
-    pm.build(tok, False, cfg, tmp_path / "adapter")
+    kw, grow, why, kinds_want = PIPELINE[variant]
+    pm.build(tok, False, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw), tmp_path / "adapter", grow=grow)
     (tmp_path / "eval.json").write_text(json.dumps([int(i) for i in np.random.default_rng(0).integers(3, len(tok), 256)]))
     doc = {
         "name": "t",
@@ -317,7 +325,7 @@ def test_run_with_dora_adapter_scores_merged_only(tok, bases, tmp_path):
     names = [s.name for s in stages]
     assert "convert" not in names and not any(n.startswith(("quantize-base", "score:runtime")) for n in names), names
     ref = next(s for s in stages if s.name == "reference")
-    assert "runtime LoRA off" in ref.settings["reference_model"] and "DoRA" in ref.settings["reference_model"]
+    assert "runtime LoRA off" in ref.settings["reference_model"] and why in ref.settings["reference_model"]
     # dist/ can ship the merged files, but not the adapter: llama.cpp cannot run it as a LoRA file
     for deliver, ok in (({"files": ["merged-Q8_0"]}, True), ({"adapter": True}, False)):
         (tmp_path / "cfg2.yaml").write_text(yaml.safe_dump(doc | {"deliver": deliver}))
@@ -329,4 +337,4 @@ def test_run_with_dora_adapter_scores_merged_only(tok, bases, tmp_path):
     run_pipeline(c, force="all")
     report = json.loads((c.workdir_path / "report.json").read_text())
     kinds = {v["kind"] for v in report["variants"]}
-    assert kinds == {"merged", "base"}, kinds
+    assert kinds == kinds_want, kinds

@@ -339,3 +339,23 @@ def runtime_refusal(adapter: Path | str, base: Path | str) -> str | None:
     except LoraqError:
         return None
     return "; ".join(why) or None
+
+
+def vocab_grows(adapter: Path | str, base: Path | str) -> bool:
+    """Whether PEFT folder `adapter` gives embed_tokens/lm_head more rows than GGUF `base` has tokens
+    (a resized vocabulary): the merged model's logits then have more entries than the base's.
+    Unreadable inputs give False: the stage that reads them reports that."""
+    from ..errors import LoraqError
+
+    try:
+        peft = load_peft_adapter(adapter, merge=True)
+        with open_gguf(base) as g:
+            if not g.has_tensor("token_embd.weight"):
+                return False
+            n_base = g.tensor("token_embd.weight").ne[1]
+        parts = peft.parts
+        rows = [peft._file.shape(k)[0] for k in parts.full.values()] if peft._file else []
+        rows += [max(ids, default=-1) + 1 for ids, _ in parts.tokens.values()]
+        return max(rows, default=0) > n_base
+    except (LoraqError, OSError):
+        return False

@@ -28,7 +28,7 @@ from ..compare.gates import GateFailure, check_gates
 from ..compare.report import load_report
 from ..compare.stage import Candidate, assemble_report, build_reference, meta_path, read_score, score_to_file
 from ..convert import convert_adapter
-from ..convert.lora_gguf import runtime_refusal
+from ..convert.lora_gguf import runtime_refusal, vocab_grows
 from ..errors import BadArguments
 from ..merge import AdapterSpec, merge_model
 from ..quantize.driver import QuantizeOptions, quantize_many
@@ -157,11 +157,14 @@ def build_stages(cfg: Config) -> list[Stage]:
             )
 
     if c is not None:
-        stages += _compare_stages(cfg, c, base, adapters, stages)
+        # A grown vocabulary: the base's logits cover fewer tokens than the reference's, so no KLD to them (no effect size).
+        grown = any(vocab_grows(adapters[i][0], base) for i in merge_only)
+        stages += _compare_stages(cfg, c, base, adapters, stages, with_base=not grown)
         if merge_only:  # the full-precision fine-tune is the merged F16 itself (merge is exact to f16 rounding)
             why = "; ".join(f"{cfg.adapters[i].path}: {w}" for i, w in merge_only.items())
             ref = next(s for s in stages if s.name == "reference")
-            ref.settings["reference_model"] = f"merged-{cfg.merge.outtype} (runtime LoRA off, llama.cpp cannot run {why})"
+            no_base = "; no base variant: the vocabulary grows" if grown else ""
+            ref.settings["reference_model"] = f"merged-{cfg.merge.outtype} (runtime LoRA off, llama.cpp cannot run {why}{no_base})"
             ref.inputs = {"merged": merged, "text": ref.inputs["text"]}
             ref.after = ["merge"]
             ref.action = partial(
@@ -222,7 +225,9 @@ def _deliver_stage(cfg: Config, adapters: list[tuple[Path, float]], before: list
     )
 
 
-def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tuple[Path, float]], before: list[Stage]) -> list[Stage]:
+def _compare_stages(
+    cfg: Config, c: CompareConfig, base: Path, adapters: list[tuple[Path, float]], before: list[Stage], with_base: bool = True
+) -> list[Stage]:
     wd = cfg.workdir_path
     text = cfg.resolve(c.text)
     threads = cpu_threads(cfg.quantize.threads)
@@ -243,7 +248,7 @@ def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tu
         peft_idx = [k for k, (p, _) in enumerate(adapters) if p.is_dir()]
         for j, k in enumerate(peft_idx):
             deployed[k] = (convert.outputs[j], adapters[k][1])
-    cands = [Candidate("base", "base", "F16", base)]
+    cands = [Candidate("base", "base", "F16", base)] if with_base else []
     for s in before:
         t = str(s.settings.get("type"))
         if s.kind == "quantize":
