@@ -338,3 +338,16 @@ def test_run_with_merge_only_adapter_scores_merged_only(variant, tok, bases, tmp
     report = json.loads((c.workdir_path / "report.json").read_text())
     kinds = {v["kind"] for v in report["variants"]}
     assert kinds == kinds_want, kinds
+
+
+def test_token_id_far_past_the_vocabulary_is_refused_before_allocating(tok, bases, tmp_path):
+    """A trainable token id of 5 million with one row of values: refused up front, not a 5M-row tensor."""
+    import json
+
+    cfg = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 17, 250]}, init_lora_weights=False)
+    _, ad = pm.build(tok, False, cfg, tmp_path / "adapter")
+    doc = json.loads((ad / "adapter_config.json").read_text())
+    doc["trainable_token_indices"] = {"embed_tokens": [3, 17, 5_000_000]}
+    (ad / "adapter_config.json").write_text(json.dumps(doc))
+    with pytest.raises(BadInput, match="token id 5000000"):
+        merge(bases[False], [(ad, 1.0)], tmp_path)

@@ -135,6 +135,18 @@ class _Shape:
                     self.n_vocab = max(self.n_vocab, lora.full[name].shape[0])
                 if name in lora.rows:
                     self.n_vocab = max(self.n_vocab, int(lora.rows[name][0].max(initial=-1)) + 1)
+        if self.n_vocab > self.n_base:  # before allocating the grown tensors: every new row must come from the files
+            supplied = max(_new_rows(lora, self.n_base) for lora, _ in loras)
+            if self.n_vocab - self.n_base > supplied:
+                raise BadInput(
+                    f"an adapter uses token id {self.n_vocab - 1}, but the adapters give values for only {supplied} of the "
+                    f"{self.n_vocab - self.n_base} rows past the base's {self.n_base} tokens; is the adapter for this model?"
+                )
+        for lora, s in loras:
+            if s != 1.0 and (lora.full or lora.rows):
+                self.notes.append(
+                    f"{lora.path}: scale {s:g} applies to its LoRA only; modules_to_save and trainable token rows replace whole"
+                )
         self.tied = not src.has_tensor("output.weight") and src.has_tensor("token_embd.weight")
         self.untie = self.tied and any(lora.tied_output for lora, _ in loras)
         for lora, _ in loras:
@@ -154,6 +166,13 @@ class _Shape:
         return (ne[0], self.n_vocab, *ne[2:]) if name in VOCAB_TENSORS and self.n_vocab != self.n_base else ne
 
 
+def _new_rows(lora: LoraAdapter, n_base: int) -> int:
+    """How many rows past the base's vocabulary this adapter supplies for one vocabulary tensor (the most)."""
+    ns = [lora.full[n].shape[0] - n_base for n in VOCAB_TENSORS if n in lora.full]
+    ns += [int((lora.rows[n][0] >= n_base).sum()) for n in VOCAB_TENSORS if n in lora.rows]
+    return max(ns, default=0)
+
+
 def _rows(lora: LoraAdapter) -> int:
     ns = [lora.full[n].shape[0] for n in VOCAB_TENSORS if n in lora.full]
     ns += [int(lora.rows[n][0].max(initial=-1)) + 1 for n in VOCAB_TENSORS if n in lora.rows]
@@ -166,7 +185,10 @@ def _apply(name: str, w0: np.ndarray, hits: list[tuple[LoraAdapter, float]], sha
 
     DoRA as PEFT's merge computes it: W' = m / ‖W₀ + s·B·A‖ · (W + s·B·A), the norm over each
     output feature (a Linear weight's row; an Embedding's column, over the vocabulary) of the
-    base weight W₀ with this adapter's delta alone, while W holds the adapters merged before it."""
+    base weight W₀ with this adapter's delta alone, while W holds the adapters merged before it.
+    PEFT's fan_in_fan_out (Conv1D weights stored (in, out)) changes only its own storage: its norm is
+    still per output feature, which is a row of the GGUF weight (numpy (out, in)) either way. PEFT
+    adds no epsilon to the norm and computes in the model's dtype; here it is float64."""
     x = w0
     if x.shape[0] < shape.n_vocab and name in VOCAB_TENSORS:  # rows the adapters must supply
         x = np.concatenate([x, np.full((shape.n_vocab - x.shape[0], x.shape[1]), np.nan)])
