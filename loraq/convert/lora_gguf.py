@@ -22,9 +22,10 @@ with mixed ranks, alpha_pattern entries), multiplies B by factor = peft_scale_m 
 in float64 before casting to the output type. llama.cpp's runtime LoRA and export-lora then apply
 exactly PEFT's delta, scale_m · B_m · A_m. Each kind of fold is reported in ConvertResult.notes.
 
-Everything else a llama.cpp adapter cannot express (DoRA, modules_to_save, biases, an lm_head
-LoRA on a base with tied embeddings, a module with no base tensor, a width mismatch) is refused
-with a one-line LoraqError before anything is written."""
+Everything else a llama.cpp adapter cannot express (DoRA, modules_to_save, trainable tokens, biases,
+an lm_head LoRA on a base with tied embeddings, a module with no base tensor, a width mismatch) is
+refused with a one-line LoraqError before anything is written; where loraq's merge can apply it, the
+message names the merged path (MERGE_HINT), and `runtime_refusal` says so without raising."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class ConvertResult:
 
 
 @dataclass(frozen=True)
-class _Planned:
+class Planned:
     module: LoraModule
     target: str  # the base tensor, e.g. blk.0.attn_q.weight
     heads: int | None  # permute B's rows with this many heads (q/k of permuting archs)
@@ -105,7 +106,7 @@ def convert_adapter(adapter: Path | str, base: Path | str, out: Path | str, outt
         raise BadArguments(f"base {base} is a folder; convert needs the base model as a GGUF file")
     peft = load_peft_adapter(adapter)
     with open_gguf(base) as g:
-        alpha, plan = _plan(peft, g, ggml_type(otype))
+        alpha, plan = plan_modules(peft, g, ggml_type(otype))
         arch = g.arch
     notes = _notes(peft, plan, alpha, arch, otype)
 
@@ -127,49 +128,50 @@ def convert_adapter(adapter: Path | str, base: Path | str, out: Path | str, outt
             if p.factor != 1.0:
                 b = b.astype(np.float64) * p.factor
             if p.heads is not None:
-                b = _permute_rows(b, p.heads)
+                b = permute_rows(b, p.heads)
             w.write(p.b.name, _encode(b, p.b, m.key_b))
     return ConvertResult(out, len(tensors), alpha, otype, notes)
 
 
-def _plan(peft: PeftAdapter, g: GGUFFile, otype: GGMLType) -> tuple[float, list[_Planned]]:
-    """Map, check and scale every module against the base, before anything is written."""
-    import gguf
+class TargetMap:
+    """HF module names -> base GGUF tensors: gguf-py's name map for the base's architecture and
+    block count, and the q/k row permutation its converter applied."""
 
-    if g.get("general.type") == "adapter":
-        raise BadArguments(f"base {g.path} is a LoRA adapter, not a model; pass the model the adapter was trained on")
-    arch = g.arch
-    if not arch:
-        raise BadInput(f"{g.path} has no general.architecture; it is not a llama.cpp model file")
-    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
-    if arch_enum is None:
-        raise BadInput(f"{g.path}: architecture '{arch}' is unknown to gguf-py {_gguf_version()}; upgrade the gguf package")
-    n_blocks = g.arch_int("block_count")
-    if n_blocks is None:
-        raise BadInput(f"{g.path} has no {arch}.block_count; it is not a complete llama.cpp model file")
-    tmap = gguf.get_tensor_name_map(arch_enum, n_blocks)
-    n_head = g.arch_int("attention.head_count")
-    n_head_kv = g.arch_int("attention.head_count_kv", n_head)
+    def __init__(self, g: GGUFFile):
+        import gguf
 
-    ranks = {m.rank for m in peft.modules}
-    if peft.use_rslora and len(ranks) == 1:
-        alpha = peft.lora_alpha * math.sqrt(next(iter(ranks)))
-    else:
-        alpha = peft.lora_alpha
-    alpha = float(np.float32(alpha))  # what llama.cpp reads back (FLOAT32)
+        if g.get("general.type") == "adapter":
+            raise BadArguments(f"base {g.path} is a LoRA adapter, not a model; pass the model the adapter was trained on")
+        self.g = g
+        arch = self.arch = g.arch
+        if not arch:
+            raise BadInput(f"{g.path} has no general.architecture; it is not a llama.cpp model file")
+        arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
+        if arch_enum is None:
+            raise BadInput(f"{g.path}: architecture '{arch}' is unknown to gguf-py {_gguf_version()}; upgrade the gguf package")
+        n_blocks = self.n_blocks = g.arch_int("block_count")
+        if n_blocks is None:
+            raise BadInput(f"{g.path} has no {arch}.block_count; it is not a complete llama.cpp model file")
+        self.tmap = gguf.get_tensor_name_map(arch_enum, n_blocks)
+        self.n_head = g.arch_int("attention.head_count")
+        self.n_head_kv = g.arch_int("attention.head_count_kv", self.n_head)
+        self.tied = not g.has_tensor("output.weight") and g.has_tensor("token_embd.weight")
 
-    plan: list[_Planned] = []
-    for m in peft.modules:
-        key = m.key_a
-        gname = tmap.get_name(m.name)
+    def target(self, name: str, key: str, merge: bool = False) -> tuple[str, tuple[int, ...]]:
+        """(base tensor name, its ne) for HF module `name` (adapter tensor `key`, for messages).
+        With merge=True, lm_head on a tied base maps to an output.weight the merge will write."""
+        g = self.g
+        gname = self.tmap.get_name(name)
         if gname is None:
             raise BadInput(
-                f"adapter tensor `{key}`: module `{m.name}` has no counterpart in a {arch} model with {n_blocks} "
+                f"adapter tensor `{key}`: module `{name}` has no counterpart in a {self.arch} model with {self.n_blocks} "
                 f"blocks; was the adapter trained on another model? (base: {g.path.name})"
             )
         target = f"{gname}.weight"
         if not g.has_tensor(target):
-            if gname == "output" and g.has_tensor("token_embd.weight"):
+            if gname == "output" and self.tied:
+                if merge:
+                    return target, tuple(g.tensor("token_embd.weight").ne)
                 raise BadInput(
                     f"adapter tensor `{key}` adapts lm_head, but base {g.path.name} ties it to the token embeddings "
                     f"(no output.weight), so llama.cpp would drop it: {MERGE_HINT}, or train without lm_head"
@@ -178,35 +180,56 @@ def _plan(peft: PeftAdapter, g: GGUFFile, otype: GGMLType) -> tuple[float, list[
                 f"adapter tensor `{key}` maps to `{target}`, which base {g.path.name} does not have; "
                 "was the adapter trained on another model?"
             )
-        t = g.tensor(target)
-        if len(t.shape) != 2:
-            raise BadInput(f"adapter tensor `{key}` targets `{target}` with ne {list(t.ne)}; loraq converts LoRA on 2-D weights only")
-        is_embd = gname == "token_embd"
+        return target, tuple(g.tensor(target).ne)
+
+    def heads(self, target: str, rows: int, key: str) -> int | None:
+        """The head count to permute `target`'s rows with (q/k of a permuting arch), else None."""
+        if not target.endswith((".attn_q.weight", ".attn_k.weight")):
+            return None
+        h = self.n_head if target.endswith(".attn_q.weight") else self.n_head_kv
+        if self.arch in PERMUTE_QK:
+            if not h or rows % (2 * h):
+                raise BadInput(f"{self.g.path.name}: cannot apply {self.arch}'s q/k row permutation to `{key}` ({rows} rows, {h} heads)")
+            return h
+        if self.arch not in NO_PERMUTE_QK:
+            raise BadInput(
+                f"adapter tensor `{key}` adapts q/k of a {self.arch} model, and loraq does not know whether {self.arch} "
+                f"stores q/k rows permuted for RoPE; supported: {', '.join(sorted(PERMUTE_QK | NO_PERMUTE_QK))}"
+            )
+        return None
+
+
+def plan_modules(peft: PeftAdapter, g: GGUFFile, otype: GGMLType, merge: bool = False) -> tuple[float, list[Planned]]:
+    """Map, check and scale every module against the base, before anything is written."""
+    tm = TargetMap(g)
+    ranks = {m.rank for m in peft.modules}
+    if peft.use_rslora and len(ranks) == 1:
+        alpha = peft.lora_alpha * math.sqrt(next(iter(ranks)))
+    else:
+        alpha = peft.lora_alpha
+    alpha = float(np.float32(alpha))  # what llama.cpp reads back (FLOAT32)
+
+    plan: list[Planned] = []
+    for m in peft.modules:
+        key = m.key_a
+        target, ne = tm.target(m.name, key, merge)
+        if len(ne) != 2:
+            raise BadInput(f"adapter tensor `{key}` targets `{target}` with ne {list(ne)}; loraq converts LoRA on 2-D weights only")
+        is_embd = target == "token_embd.weight"
         if m.embedding != is_embd:
             kind = "an Embedding LoRA (lora_embedding_A/B)" if m.embedding else "a Linear LoRA"
             raise BadInput(f"adapter tensor `{key}` is {kind} but maps to `{target}`; llama.cpp cannot apply it there")
         r, (ra, wa), (wb, _rb) = m.rank, m.shape_a, m.shape_b
         # expected (in, out) of A/B against the base ne: linear W has ne [in, out];
         # token_embd has ne [n_embd, n_vocab], with A (r, n_vocab) and B (n_embd, r)
-        want_a, want_b = (t.ne[1], t.ne[0]) if is_embd else (t.ne[0], t.ne[1])
+        want_a, want_b = (ne[1], ne[0]) if is_embd else (ne[0], ne[1])
         if wa != want_a or wb != want_b:
             raise BadInput(
                 f"adapter tensor `{key}` {list(m.shape_a)} / `{m.key_b}` {list(m.shape_b)} do not fit base tensor "
-                f"`{target}` (ne {list(t.ne)}, needs A (r, {want_a}) and B ({want_b}, r)); "
+                f"`{target}` (ne {list(ne)}, needs A (r, {want_a}) and B ({want_b}, r)); "
                 f"the adapter was trained on a model of another width, check --base"
             )
-        heads = None
-        if gname.endswith((".attn_q", ".attn_k")):
-            h = n_head if gname.endswith(".attn_q") else n_head_kv
-            if arch in PERMUTE_QK:
-                if not h or wb % (2 * h):
-                    raise BadInput(f"{g.path.name}: cannot apply {arch}'s q/k row permutation to `{m.key_b}` ({wb} rows, {h} heads)")
-                heads = h
-            elif arch not in NO_PERMUTE_QK:
-                raise BadInput(
-                    f"adapter tensor `{key}` adapts q/k of a {arch} model, and loraq does not know whether {arch} "
-                    f"stores q/k rows permuted for RoPE; supported: {', '.join(sorted(PERMUTE_QK | NO_PERMUTE_QK))}"
-                )
+        heads = tm.heads(target, wb, m.key_b)
         llama_scale = alpha / r if alpha != 0 else 1.0  # docs/llama-cpp.md §3.2, alpha 0 means no 1/r
         factor = m.scale / llama_scale
         reasons: list[str] = []
@@ -223,7 +246,7 @@ def _plan(peft: PeftAdapter, g: GGUFFile, otype: GGMLType) -> tuple[float, list[
         tb = otype if _fits(otype, r) else ggml_type("f16")
         a_ne = (r, wa) if is_embd else (wa, r)  # token_embd lora_a is transposed: ne [r, n_vocab]
         plan.append(
-            _Planned(
+            Planned(
                 m,
                 target,
                 heads,
@@ -240,7 +263,7 @@ def _fits(t: GGMLType, row_len: int) -> bool:
     return row_len % t.block == 0
 
 
-def _permute_rows(b: np.ndarray, n_head: int) -> np.ndarray:
+def permute_rows(b: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf's LlamaModel.permute on B's rows: (n_head, 2, rows/(2·n_head), r) with
     axes 1 and 2 swapped. Permuting B's rows permutes the rows of B·A, matching the base weight."""
     rows = b.shape[0]
@@ -259,7 +282,7 @@ def _encode(x: np.ndarray, t: OutTensor, key: str) -> np.ndarray:
     return quantize(rows, t.type)
 
 
-def _notes(peft: PeftAdapter, plan: list[_Planned], alpha: float, arch: str, otype: str) -> list[str]:
+def _notes(peft: PeftAdapter, plan: list[Planned], alpha: float, arch: str, otype: str) -> list[str]:
     notes: list[str] = []
     ranks = sorted({p.module.rank for p in plan})
     if peft.use_rslora and len(ranks) == 1:
@@ -297,3 +320,42 @@ def _gguf_version() -> str:
         return version("gguf")
     except Exception:
         return "(unknown version)"
+
+
+def runtime_refusal(adapter: Path | str, base: Path | str) -> str | None:
+    """Why llama.cpp cannot run PEFT folder `adapter` as a runtime LoRA although loraq's merge can
+    apply it (DoRA, modules_to_save, trainable tokens, an lm_head LoRA on a tied base), or None.
+    A folder or base that cannot be read at all gives None: the stage that reads it reports that."""
+    from ..errors import LoraqError
+
+    try:
+        peft = load_peft_adapter(adapter, merge=True)
+        why = peft.merge_only
+        if Path(base).is_file():
+            with open_gguf(base) as g:
+                tm = TargetMap(g)
+                if tm.tied and any(tm.tmap.get_name(m.name) == "output" for m in peft.modules):
+                    why.append("an lm_head LoRA on a base whose output is tied to its embeddings")
+    except LoraqError:
+        return None
+    return "; ".join(why) or None
+
+
+def vocab_grows(adapter: Path | str, base: Path | str) -> bool:
+    """Whether PEFT folder `adapter` gives embed_tokens/lm_head more rows than GGUF `base` has tokens
+    (a resized vocabulary): the merged model's logits then have more entries than the base's.
+    Unreadable inputs give False: the stage that reads them reports that."""
+    from ..errors import LoraqError
+
+    try:
+        peft = load_peft_adapter(adapter, merge=True)
+        with open_gguf(base) as g:
+            if not g.has_tensor("token_embd.weight"):
+                return False
+            n_base = g.tensor("token_embd.weight").ne[1]
+        parts = peft.parts
+        rows = [peft._file.shape(k)[0] for k in parts.full.values()] if peft._file else []
+        rows += [max(ids, default=-1) + 1 for ids, _ in parts.tokens.values()]
+        return max(rows, default=0) > n_base
+    except (LoraqError, OSError):
+        return False

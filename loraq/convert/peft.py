@@ -5,9 +5,11 @@ rank (from the shapes), the alpha PEFT uses for it (alpha_pattern or lora_alpha)
 scale (alpha/r, or alpha/sqrt(r) with rsLoRA). Tensors are read lazily, one at a time; BF16 is
 read from the raw bytes (safetensors' numpy API cannot load it) and widened to float32 exactly.
 
-Anything loraq cannot represent as a llama.cpp LoRA (DoRA, modules_to_save full weights, LoRA
-biases, unknown tensors, a pickle `adapter_model.bin`) is refused with a one-line message that
-names the tensor and the way out; it is never silently dropped (docs/llama-cpp.md §1.3, §10.12)."""
+Anything loraq cannot represent as a llama.cpp LoRA (DoRA, modules_to_save full weights, trainable
+token rows, LoRA biases, unknown tensors, a pickle `adapter_model.bin`) is refused with a one-line
+message that names the tensor and the way out; it is never silently dropped (docs/llama-cpp.md
+§1.3, §10.12). For the merge (merge=True) DoRA magnitudes, modules_to_save weights and trainable
+token rows are read into `parts` instead; biases and unknown tensors stay refused."""
 
 from __future__ import annotations
 
@@ -34,7 +36,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
-MERGE_HINT = "merge it with PEFT's merge_and_unload and convert the merged model"
+# What a llama.cpp runtime adapter cannot hold but loraq's merge applies (DoRA, modules_to_save,
+# trainable tokens, an lm_head LoRA on tied embeddings): the way out is the merged path.
+MERGE_HINT = "use the merged path instead (`loraq merge`, or `loraq run`, which then scores merged variants only); it applies this as PEFT's merge_and_unload does"
+# What neither can apply (biases, unknown tensors): PEFT's own merge.
+PEFT_HINT = "merge it with PEFT's merge_and_unload and convert the merged model"
 
 # safetensors dtype -> numpy dtype it is read as (BF16 is widened by hand)
 _DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": np.dtype("<u2")}
@@ -63,6 +69,26 @@ class LoraModule:
 
 
 @dataclass
+class MergeParts:
+    """The parts of a PEFT adapter that a merge can apply and a llama.cpp LoRA cannot hold, keyed by
+    HF module name (without `base_model.model.`), each a safetensors key read lazily."""
+
+    magnitudes: dict[str, str] = field(default_factory=dict)  # DoRA: lora_magnitude_vector, one value per output feature
+    full: dict[str, str] = field(default_factory=dict)  # modules_to_save: the trained copy of the whole weight
+    tokens: dict[str, tuple[list[int], str]] = field(default_factory=dict)  # trainable_token_indices: rows, their new values
+
+    def describe(self) -> list[str]:
+        out = []
+        if self.magnitudes:
+            out.append(f"DoRA magnitudes on {len(self.magnitudes)} modules")
+        if self.full:
+            out.append(f"full weights (modules_to_save) of {', '.join(sorted(self.full))}")
+        if self.tokens:
+            out.append(f"trainable token rows of {', '.join(sorted(self.tokens))}")
+        return out
+
+
+@dataclass
 class PeftAdapter:
     path: Path
     config: dict[str, Any]
@@ -70,7 +96,14 @@ class PeftAdapter:
     use_rslora: bool
     modules: list[LoraModule]  # in safetensors key order (lexicographic HF names)
     skipped: list[str] = field(default_factory=list)  # `.base_layer.weight` copies, ignored as the reference does
+    # Read only with merge=True (see MergeParts): what a llama.cpp adapter cannot hold.
+    parts: MergeParts = field(default_factory=lambda: MergeParts())
     _file: _Safetensors | None = field(default=None, repr=False)
+
+    @property
+    def merge_only(self) -> list[str]:
+        """Why only a merge can apply this adapter, one phrase per kind of part (empty: convertible)."""
+        return self.parts.describe()
 
     def read(self, key: str) -> np.ndarray:
         """A tensor as float32 (float64 if stored as F64); NaN/Inf is a BadInput naming it."""
@@ -114,11 +147,14 @@ def peft_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def load_peft_adapter(path: Path | str) -> PeftAdapter:
+def load_peft_adapter(path: Path | str, merge: bool = False) -> PeftAdapter:
     """Read and validate a PEFT LoRA adapter folder; tensors stay on disk until `read`.
 
-    Raises BadArguments for a missing folder or file, BadInput for anything loraq cannot
-    convert faithfully (each with a one-line message naming the tensor and the alternative)."""
+    With merge=False (a llama.cpp adapter is wanted) DoRA magnitudes, modules_to_save weights and
+    trainable token rows are refused naming the merge as the way out; with merge=True they are
+    collected in `parts` for loraq's merge. Raises BadArguments for a missing folder or file,
+    BadInput for anything loraq cannot apply faithfully (each with a one-line message naming the
+    tensor and the alternative)."""
     d = Path(path)
     if not d.exists():
         raise BadArguments(f"adapter folder not found: {d}")
@@ -139,7 +175,7 @@ def load_peft_adapter(path: Path | str) -> PeftAdapter:
     peft_type = _typed(config, "peft_type", str, cfg_path, "LORA")
     if peft_type.upper() != "LORA":
         raise BadInput(f"{cfg_path}: peft_type is {peft_type[:40]}; loraq converts LoRA adapters only")
-    if _typed(config, "use_dora", bool, cfg_path, False):
+    if _typed(config, "use_dora", bool, cfg_path, False) and not merge:
         raise BadInput(f"{cfg_path}: use_dora is true; llama.cpp cannot run DoRA adapters: {MERGE_HINT}")
     if "lora_alpha" not in config:
         raise BadInput(f"{cfg_path} has no lora_alpha; PEFT's scale alpha/r is undefined without it")
@@ -162,7 +198,11 @@ def load_peft_adapter(path: Path | str) -> PeftAdapter:
     order: list[str] = []
     skipped: list[str] = []
     refused: dict[str, list[str]] = {}
+    parts = MergeParts()
+    token_rows = _token_indices(config, cfg_path) if merge else {}
     for key in keys:
+        if merge and _merge_part(key, st, parts, token_rows, weights):
+            continue
         if m := _A.match(key):
             mod, emb, side = m["mod"], m["kind"] == "lora_embedding_A", a_keys
         elif m := _B.match(key):
@@ -201,9 +241,62 @@ def load_peft_adapter(path: Path | str) -> PeftAdapter:
         pkey = pattern_key(alpha_pattern, name, deadline)
         alpha = float(alpha_pattern[pkey]) if pkey is not None else lora_alpha
         modules.append(LoraModule(name, ka, kb, emb_a, (sa[0], sa[1]), (sb[0], sb[1]), alpha, peft_scale(alpha, sa[0], use_rslora)))
-    if not modules:
+    for name in parts.magnitudes:
+        if name not in a_keys:
+            raise BadInput(
+                f"`{parts.magnitudes[name]}` is a DoRA magnitude with no lora_A/lora_B for its module; re-save the adapter with PEFT"
+            )
+    if not modules and not parts.describe():
         raise BadInput(f"{weights} holds no lora_A/lora_B tensors")
-    return PeftAdapter(d, config, lora_alpha, use_rslora, modules, skipped, st)
+    return PeftAdapter(d, config, lora_alpha, use_rslora, modules, skipped, parts, st)
+
+
+_MAGNITUDE = ".lora_magnitude_vector"
+_TOKENS = ".token_adapter.trainable_tokens_delta"
+
+
+def _merge_part(key: str, st: _Safetensors, parts: MergeParts, token_rows: dict[str, list[int]], weights: Path) -> bool:
+    """File `key` under `parts` if it is a DoRA magnitude, a modules_to_save weight or trainable
+    token rows (checking its shape); False for anything else."""
+    mod = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    shape = st.shape(key)
+    if mod.endswith(_MAGNITUDE):
+        name = mod[: -len(_MAGNITUDE)]
+        if len(shape) != 1:
+            raise BadInput(f"`{key}` has shape {list(shape)}; a DoRA magnitude is a vector, re-save the adapter with PEFT")
+        parts.magnitudes[name] = key
+        return True
+    if mod.endswith(_TOKENS):
+        name = mod[: -len(_TOKENS)]
+        rows = next((ids for k, ids in token_rows.items() if name == k or name.endswith("." + k)), None)
+        if rows is None:
+            raise BadInput(f"`{key}` holds trainable token rows, but trainable_token_indices names no token ids for `{name}`")
+        if len(shape) != 2 or shape[0] != len(rows):
+            raise BadInput(f"`{key}` has shape {list(shape)} for {len(rows)} trainable token ids; re-save the adapter with PEFT")
+        parts.tokens[name] = (rows, key)
+        return True
+    if mod.endswith(".weight") and ".lora_" not in mod and not mod.endswith(".base_layer.weight"):
+        if len(shape) != 2:
+            raise BadInput(f"`{key}` (modules_to_save) has shape {list(shape)}; loraq merges full 2-D weights only")
+        parts.full[mod[: -len(".weight")]] = key
+        return True
+    return False
+
+
+def _token_indices(config: dict[str, Any], p: Path) -> dict[str, list[int]]:
+    """trainable_token_indices as {module suffix: token ids}; a bare list means embed_tokens (PEFT's default)."""
+    raw = config.get("trainable_token_indices")
+    if raw is None:
+        return {}
+    table = {"embed_tokens": raw} if isinstance(raw, list) else raw
+    if not isinstance(table, dict):
+        raise BadInput(f"{p}: trainable_token_indices must be a list of token ids or an object of them, got {_show(raw)}")
+    for k, ids in table.items():
+        if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 1 << 24 for i in ids):
+            raise BadInput(f"{p}: trainable_token_indices[{shown(repr(k))}] must be a list of token ids, got {_show(ids)}")
+        if len(set(ids)) != len(ids):
+            raise BadInput(f"{p}: trainable_token_indices[{shown(repr(k))}] lists a token id twice")
+    return table
 
 
 def _read_config(p: Path) -> dict[str, Any]:
@@ -213,13 +306,13 @@ def _read_config(p: Path) -> dict[str, Any]:
         raw = p.read_bytes()
     except OSError as exc:
         raise io_error(exc, p, "read") from exc
-    cfg = _json(raw, p, "re-save the adapter with PEFT")
+    cfg = read_json(raw, p, "re-save the adapter with PEFT")
     if not isinstance(cfg, dict):
         raise BadInput(f"{p} must hold a JSON object")
     return cfg
 
 
-def _json(raw: bytes, p: Path, fix: str, pairs_hook: Any = None) -> Any:
+def read_json(raw: bytes, p: Path, fix: str, pairs_hook: Any = None) -> Any:
     """Parse untrusted JSON: non-UTF-8, bad syntax, NaN/Infinity literals, huge integers and deep
     nesting are all a one-line BadInput."""
 
@@ -261,6 +354,8 @@ def _number(v: Any, what: str, p: Path) -> float:
 def _refusal_kind(key: str) -> str:
     if "lora_magnitude_vector" in key:
         return "dora"
+    if key.endswith(_TOKENS):
+        return "tokens"
     if ".lora_" in key and key.endswith(".bias"):
         return "lora_bias"
     if key.endswith(".bias"):
@@ -271,13 +366,15 @@ def _refusal_kind(key: str) -> str:
 
 
 def _raise_refused(refused: dict[str, list[str]], config: dict[str, Any]) -> None:
-    for kind in ("dora", "full", "lora_bias", "bias", "unknown"):
+    for kind in ("dora", "tokens", "full", "lora_bias", "bias", "unknown"):
         keys = refused.get(kind)
         if not keys:
             continue
         first = f"`{keys[0]}`" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
         if kind == "dora":
             msg = f"{first} is a DoRA magnitude vector; llama.cpp cannot run DoRA adapters: {MERGE_HINT}"
+        elif kind == "tokens":
+            msg = f"{first} holds trainable token rows (trainable_token_indices); a llama.cpp LoRA adapter holds only lora_A/lora_B: {MERGE_HINT}"
         elif kind == "full":
             saved = config.get("modules_to_save")
             why = f"modules_to_save={saved}" if saved else "a full tensor, not a LoRA factor"
@@ -287,16 +384,15 @@ def _raise_refused(refused: dict[str, list[str]], config: dict[str, Any]) -> Non
             )
         elif kind == "lora_bias":
             msg = (
-                f"{first} is a LoRA bias (lora_bias=true); llama.cpp LoRA adapters have no bias: "
-                f"{MERGE_HINT}, or train with lora_bias=False"
+                f"{first} is a LoRA bias (lora_bias=true); llama.cpp LoRA adapters have no bias: {PEFT_HINT}, or train with lora_bias=False"
             )
         elif kind == "bias":
             msg = (
                 f"{first} is a trained bias (bias={config.get('bias')!r}); llama.cpp LoRA adapters have no bias: "
-                f"{MERGE_HINT}, or train with bias='none'"
+                f"{PEFT_HINT}, or train with bias='none'"
             )
         else:
-            msg = f"{first} is not a lora_A/lora_B tensor; loraq converts plain LoRA adapters only: {MERGE_HINT}"
+            msg = f"{first} is not a lora_A/lora_B tensor; loraq converts plain LoRA adapters only: {PEFT_HINT}"
         raise BadInput(msg)
 
 
@@ -361,7 +457,7 @@ class _Safetensors:
                 raw = f.read(n)
         except OSError as exc:
             raise io_error(exc, path, "read") from exc
-        header = _json(raw, path, fix, pairs_hook=_no_duplicates)
+        header = read_json(raw, path, fix, pairs_hook=_no_duplicates)
         if not isinstance(header, dict):
             raise BadInput(f"{path} is not a readable safetensors file (header is not an object); {fix}")
         header.pop("__metadata__", None)

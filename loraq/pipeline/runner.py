@@ -28,6 +28,7 @@ from ..compare.gates import GateFailure, check_gates
 from ..compare.report import load_report
 from ..compare.stage import Candidate, assemble_report, build_reference, meta_path, read_score, score_to_file
 from ..convert import convert_adapter, convert_hf_base
+from ..convert.lora_gguf import runtime_refusal, vocab_grows
 from ..errors import BadArguments
 from ..llama.engine import set_blas_threads
 from ..merge import AdapterSpec, merge_model
@@ -97,7 +98,15 @@ def build_stages(cfg: Config) -> list[Stage]:
             Stage("base", "base", {"outtype": cfg.base_outtype}, {"hf": hf}, [base], partial(convert_hf_base, hf, base, cfg.base_outtype))
         )
 
-    peft = [(i, p) for i, (p, _) in enumerate(adapters) if _is_peft(p)]
+    # Adapters only a merge can apply (DoRA, modules_to_save, ...): no runtime GGUF adapter is made,
+    # and compare scores merged variants only, against the merged F16 as its reference.
+    merge_only = {i: why for i, (p, _) in enumerate(adapters) if _is_peft(p) and (why := runtime_refusal(p, base))}
+    if merge_only and cfg.deliver is not None and cfg.deliver.adapter:
+        i, why = next(iter(merge_only.items()))
+        raise BadArguments(
+            f"deliver.adapter: adapter {cfg.adapters[i].path} can only be merged ({why}); llama.cpp cannot run it as a LoRA file"
+        )
+    peft = [(i, p) for i, (p, _) in enumerate(adapters) if _is_peft(p)] if not merge_only else []
     if peft:
         ct = cfg.convert.outtype
         outs = {i: wd / (f"adapter-{ct}.gguf" if len(adapters) == 1 else f"adapter{i}-{ct}.gguf") for i, _ in peft}
@@ -145,7 +154,7 @@ def build_stages(cfg: Config) -> list[Stage]:
     )
     qsettings = {k: v for k, v in q.model_dump().items() if k not in ("types", "threads")}
     c = cfg.compare
-    runtime = c is not None and c.runtime_lora
+    runtime = c is not None and c.runtime_lora and not merge_only
     for src, prefix, after in ((merged, "merged", ["merge"]), (base, "base", [])):
         if prefix == "base" and not runtime:
             continue
@@ -171,7 +180,19 @@ def build_stages(cfg: Config) -> list[Stage]:
             )
 
     if c is not None:
-        stages += _compare_stages(cfg, c, base, adapters, stages)
+        # A grown vocabulary: the base's logits cover fewer tokens than the reference's, so no KLD to them (no effect size).
+        grown = any(vocab_grows(adapters[i][0], base) for i in merge_only)
+        stages += _compare_stages(cfg, c, base, adapters, stages, with_base=not grown)
+        if merge_only:  # the full-precision fine-tune is the merged F16 itself (merge is exact to f16 rounding)
+            why = "; ".join(f"{cfg.adapters[i].path}: {w}" for i, w in merge_only.items())
+            ref = next(s for s in stages if s.name == "reference")
+            no_base = "; no base variant: the vocabulary grows" if grown else ""
+            ref.settings["reference_model"] = f"merged-{cfg.merge.outtype} (runtime LoRA off, llama.cpp cannot run {why}{no_base})"
+            ref.inputs = {"merged": merged, "text": ref.inputs["text"]}
+            ref.after = ["merge"]
+            ref.action = partial(
+                build_reference, merged, [], cfg.resolve(c.text), c.ctx, c.chunks, ref.outputs[0], cpu_threads(cfg.quantize.threads)
+            )
     if cfg.deliver is not None:
         stages.append(_deliver_stage(cfg, adapters, stages))
     if stages[0].name == "base":  # stages reading the converted base wait for it
@@ -189,7 +210,7 @@ def _deliver_stage(cfg: Config, adapters: list[tuple[Path, float]], before: list
     # The adapters a user deploys: the converted GGUF for a PEFT folder, a GGUF LoRA as given.
     convert = next((s for s in before if s.kind == "convert"), None)
     peft = iter(convert.outputs if convert is not None else [])
-    deployed = [(next(peft) if p.is_dir() else p, s) for p, s in adapters]
+    deployed = [(next(peft, p) if p.is_dir() else p, s) for p, s in adapters]  # no convert: merge-only adapters, never deployed
     variants = []
     for s in before:
         t = str(s.settings.get("type"))
@@ -231,7 +252,9 @@ def _deliver_stage(cfg: Config, adapters: list[tuple[Path, float]], before: list
     )
 
 
-def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tuple[Path, float]], before: list[Stage]) -> list[Stage]:
+def _compare_stages(
+    cfg: Config, c: CompareConfig, base: Path, adapters: list[tuple[Path, float]], before: list[Stage], with_base: bool = True
+) -> list[Stage]:
     wd = cfg.workdir_path
     text = cfg.resolve(c.text)
     threads = stage_threads(cfg, "compare")
@@ -255,7 +278,7 @@ def _compare_stages(cfg: Config, c: CompareConfig, base: Path, adapters: list[tu
         peft_idx = [k for k, (p, _) in enumerate(adapters) if p.is_dir()]
         for j, k in enumerate(peft_idx):
             deployed[k] = (convert.outputs[j], adapters[k][1])
-    cands = [Candidate("base", "base", "F16", base)]
+    cands = [Candidate("base", "base", "F16", base)] if with_base else []
     for s in before:
         t = str(s.settings.get("type"))
         if s.kind == "quantize":
