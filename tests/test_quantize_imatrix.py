@@ -25,7 +25,6 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import need
 from loraq.cli import run_cli
 from loraq.ggml_types import file_type
 from loraq.gguf_io import open_gguf
@@ -180,7 +179,8 @@ def test_llama_model_quantize_given_the_same_weights(synth256, imatrices, tmp_pa
 # ------------------------------------------------------------------------------------------------
 def _llama_quantize(args: list[str | Path]) -> None:
     exe = tool("llama-quantize")
-    need(exe is not None, f"llama-quantize is not built in {bin_dir()}; run `python -m scripts.build_llama_tools` (dev only)")
+    if exe is None:
+        pytest.skip(f"llama-quantize is not built in {bin_dir()}; run `python -m scripts.build_llama_tools` (dev only)")
     r = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"llama-quantize failed ({r.returncode}): {r.stderr[-2000:]}"
 

@@ -42,7 +42,7 @@ from ..ggml_types import GGMLType, ggml_type
 from ..gguf_io import KVList
 from ..gguf_io.writer import GGUFStreamWriter, OutTensor
 from .hf_vocab import add_gpt2_vocab, check_supported_tokenizer
-from .peft import _json, _Safetensors
+from .peft import _Safetensors, read_json
 
 # HF architecture (config.json "architectures"[0]) -> llama.cpp architecture
 ARCHES: dict[str, str] = {
@@ -110,7 +110,7 @@ def _read_json(p: Path, limit: int = MAX_CONFIG_BYTES) -> Any:
         raw = p.read_bytes()
     except OSError as exc:
         raise io_error(exc, p, "read") from exc
-    return _json(raw, p, FIX)
+    return read_json(raw, p, FIX)
 
 
 def load_hparams(folder: Path) -> tuple[str, str, dict[str, Any]]:

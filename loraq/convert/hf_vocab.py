@@ -92,7 +92,7 @@ def looks_special(token: str) -> bool:
 
 
 def _load_json(p: Path) -> Any:
-    from .peft import _json  # the distrusting JSON reader adapters already use
+    from .peft import read_json  # the distrusting JSON reader adapters already use
 
     try:
         if p.stat().st_size > MAX_TOKENIZER_BYTES:
@@ -102,7 +102,7 @@ def _load_json(p: Path) -> Any:
         from ..atomic import io_error
 
         raise io_error(exc, p, "read") from exc
-    return _json(raw, p, "re-download the model folder")
+    return read_json(raw, p, "re-download the model folder")
 
 
 def check_supported_tokenizer(folder: Path) -> dict[str, Any]:
