@@ -525,7 +525,7 @@ def test_report_files(tmp_path):
     doc = json.loads(paths["json"].read_text())
     assert list(doc) == ["loraq_version", "text", "engine", "reference", "adapter_effect", "variants", "gates"]
     assert doc["engine"] == {"name": "numpy"}
-    assert list(doc["text"]) == ["path", "tokens", "ctx", "chunks"]
+    assert list(doc["text"]) == ["path", "tokens", "ctx", "chunks", "kv_cache"]
     assert list(doc["reference"]) == ["name", "ppl"] and list(doc["adapter_effect"]) == ["kld_mean"]
     assert list(doc["gates"]) == ["passed", "failures"]
     keys = ["name", "kind", "type", "path", "size_bytes", "bpw", "ppl", "ppl_ratio", "kld_mean", "kld_p99",

@@ -76,8 +76,8 @@ def test_runner_passes_threads_to_every_heavy_stage(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(runner, "set_blas_threads", lambda n: seen.setdefault("merge", []).append(n))
     monkeypatch.setattr(runner, "merge_model", lambda *a, **k: None)
     monkeypatch.setattr(runner, "quantize_many", lambda src, jobs, opts: seen.setdefault("quantize", []).append(opts.threads))
-    monkeypatch.setattr(runner, "build_reference", lambda *a: seen.setdefault("reference", []).append(a[-1]))
-    monkeypatch.setattr(runner, "score_to_file", lambda *a: seen.setdefault("score", []).append(a[-1]))
+    monkeypatch.setattr(runner, "build_reference", lambda *a, **k: seen.setdefault("reference", []).append(a[6]))
+    monkeypatch.setattr(runner, "score_to_file", lambda *a, **k: seen.setdefault("score", []).append(a[3]))
     cfg: Config = load_config(_cfg(tmp_path, threads=3, quantize={"types": ["Q8_0", "Q4_0"], "threads": 5}))
     for s in runner.build_stages(cfg):
         if s.kind in ("merge", "reference") or s.name.startswith("score:"):
