@@ -17,14 +17,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+from gguf import GGUFValueType
 from rich.console import Console
 from rich.table import Table
 
-from .atomic import check_not_input, leftover_size, scratch_dir
+from .atomic import check_not_input, check_regular, leftover_size, scratch_dir
 from .compare.gates import enforce_gates, gate_failed
 from .compare.stage import Candidate, build_reference, compare_models, meta_path
 from .convert import convert_adapter, convert_hf_base
-from .errors import BadArguments, LoraqError
+from .errors import BadArguments, BadInput, LoraqError
 from .ggml_types import file_type
 from .gguf_io import open_gguf
 from .inspect import describe
@@ -36,6 +37,7 @@ from .pipeline.config import MAX_CHUNKS, MAX_CTX, MAX_SCALE, MAX_THREADS, Config
 from .pipeline.runner import Event, build_stages, check_run_gates, run_pipeline, stage_status, with_threads, workdir_state
 from .quantize.driver import QuantizeOptions, QuantizeResult, quantize_model
 from .quantize.imatrix_file import for_quantize
+from .quantize.mix import MIX_KV, format_tensor_type_file, parse_tensor_type_file, target_mix
 
 app = typer.Typer(
     add_completion=False,
@@ -192,8 +194,15 @@ def quantize(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the size; write nothing."),
     threads: int = typer.Option(0, "--threads", "-t", help="Worker threads (0: all cores)."),
+    tensor_type_file: Path | None = typer.Option(None, "--tensor-type-file", help="NAME=TYPE words, as llama-quantize reads them."),
+    target_bpw: float | None = typer.Option(None, "--target-bpw", help="Choose each tensor's type for this size (bits per weight)."),
+    size_of: str | None = typer.Option(None, "--size-of", help="Choose each tensor's type for the size this TYPE would have."),
 ) -> None:
-    """Quantize a GGUF with llama-quantize's per-tensor type rules; byte-identical blocks."""
+    """Quantize a GGUF with llama-quantize's per-tensor type rules; byte-identical blocks.
+
+    With --target-bpw or --size-of, each tensor's type is chosen to minimise the predicted loss
+    (the imatrix-weighted quantization error) within that size; the choice is stored in the file
+    (loraq.quantize.tensor_types) and can be replayed with --tensor-type-file."""
     if len(args) not in (2, 3):
         raise BadArguments("usage: loraq quantize IN [OUT] TYPE")
     _number("--threads", threads, 0, MAX_THREADS)
@@ -208,9 +217,23 @@ def quantize(
         if not sep or not pat or not t:
             raise BadArguments(f"--tensor-type expects PATTERN=TYPE, got '{spec}'")
         tts.append((pat, t))
+    if tensor_type_file is not None:
+        check_regular(tensor_type_file, "tensor type file")
+        if tensor_type_file.stat().st_size > 16 << 20:
+            raise BadInput(f"{tensor_type_file} is larger than 16 MiB; is this the right file?")
+        try:
+            tts += parse_tensor_type_file(tensor_type_file.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise BadInput(f"{tensor_type_file} is not UTF-8 text ({exc.reason})") from None
     opts = QuantizeOptions(
         output_tensor_type, token_embedding_type, tts, pure, leave_output_tensor, allow_requantize, weights, cpu_threads(threads), kvs
     )
+    if target_bpw is not None or size_of is not None:
+        with _progress(len(open_gguf(inp).tensors), "predict each type's loss") as tick:
+            pairs, budget = target_mix(inp, fobj.name, opts, bpw=target_bpw, size_of=size_of, progress=lambda *_: tick(None))
+        opts.tensor_types = pairs + opts.tensor_types
+        opts.kv_overrides = [*opts.kv_overrides, (MIX_KV, GGUFValueType.STRING, format_tensor_type_file(pairs).encode())]
+        out.print(f"mix: {len(pairs)} tensors chosen for {_size(budget)} of tensors")
     if dry_run:
         _print_plan(quantize_model(inp, None, fobj.name, opts, dry_run=True))
         return

@@ -106,3 +106,48 @@ def test_tensor_type_file_round_trips_and_anchors_names():
         parse_tensor_type_file("blk.0.attn_q.weight q4_0")
     with pytest.raises(BadArguments):
         parse_tensor_type_file("a=q9_9")
+
+
+def _run_cli(*args: str) -> None:
+    from typer.testing import CliRunner
+
+    from loraq.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    assert r.exit_code == 0, r.output
+
+
+def test_size_targeted_mix_fits_records_its_choice_and_replays_byte_identical(synth256, tmp_path):
+    """--size-of Q4_K_M: a file no larger than Q4_K_M's, with types beyond Q4_K_M's rules; the
+    recorded list replayed through --tensor-type-file writes the same bytes (what llama-quantize
+    --tensor-type-file is given to reproduce it)."""
+    from loraq.gguf_io import open_gguf
+    from loraq.quantize.mix import MIX_KV
+
+    ref, mix, replay, tt = (tmp_path / n for n in ("q4km.gguf", "mix.gguf", "replay.gguf", "types.txt"))
+    _run_cli("quantize", str(synth256), str(ref), "Q4_K_M")
+    _run_cli("quantize", str(synth256), str(mix), "Q4_K_M", "--size-of", "Q4_K_M")
+    assert mix.stat().st_size <= ref.stat().st_size
+    with open_gguf(mix) as g:
+        text = g.get_str(MIX_KV)
+        types = {t.name: t.type.name for t in g.tensors}
+    with open_gguf(ref) as g:
+        ref_types = {t.name: t.type.name for t in g.tensors}
+    pairs = parse_tensor_type_file(text)
+    assert len(pairs) > 0 and types != ref_types
+    tt.write_text(text)
+    _run_cli("quantize", str(synth256), str(replay), "Q4_K_M", "--tensor-type-file", str(tt))
+    with open_gguf(replay) as g:
+        assert {t.name: t.type.name for t in g.tensors} == types
+    # the replay lacks only the recorded KV: every tensor's bytes are the same
+    with open_gguf(mix) as a, open_gguf(replay) as b:
+        for t in a.tensors:
+            assert a.read_raw(t).tobytes() == b.read_raw(b.tensor(t.name)).tobytes(), t.name
+
+
+def test_size_target_below_the_floor_exits_2(synth256, tmp_path, capsys):
+    from loraq.cli import run_cli
+
+    assert run_cli(["quantize", str(synth256), str(tmp_path / "x.gguf"), "Q4_K_M", "--target-bpw", "0.5"]) == 2
+    assert "below the smallest possible mix" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()

@@ -16,13 +16,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import BadArguments
 from ..ggml_types import GGMLType, ggml_type
-from ..gguf_io import GGUFFile
+from ..gguf_io import GGUFFile, open_gguf
 from ..kernels import can_quantize, dequantize, quantize, read_f32
+
+if TYPE_CHECKING:
+    from .driver import QuantizeOptions
 
 # The types a mix may use: every block format llama.cpp runs on the CPU that loraq writes,
 # from 2.6 to 8.5 bits per weight. Types that need an importance matrix join only with one.
@@ -206,3 +211,45 @@ def plan_options(
         if progress:
             progress(name, k + 1, len(names))
     return out
+
+
+MIX_KV = "loraq.quantize.tensor_types"  # the chosen types: the --tensor-type-file text, one STRING KV
+
+
+def target_mix(
+    inp: Path | str,
+    ftype_name: str,
+    opts: QuantizeOptions,
+    *,
+    bpw: float | None = None,
+    size_of: str | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[list[tuple[str, str]], int]:
+    """The --tensor-type pairs of a mix for `inp` whose tensor bytes stay within the budget: `bpw`
+    over all elements (as llama-quantize reports bpw), or the tensor bytes of ftype `size_of`
+    planned with the same options. The ftype's own rules choose what is left alone (norms, and
+    every tensor they don't quantize). Returns (pairs, budget bytes)."""
+    from ..ggml_types import file_type
+    from .driver import plan_quantize
+
+    if (bpw is None) == (size_of is None):
+        raise BadArguments("give exactly one size target: --target-bpw or --size-of")
+    with open_gguf(inp) as g:
+        plan, _ = plan_quantize(g, file_type(ftype_name), opts, dry_run=True)
+        total = sum(e.nbytes for e in plan)
+        n_el = sum(int(np.prod(e.ne)) for e in plan)
+        if bpw is not None:
+            if not (0 < bpw <= 32):
+                raise BadArguments(f"--target-bpw must lie in (0, 32], got {bpw}")
+            budget = int(bpw * n_el / 8)
+        else:
+            ref, _ = plan_quantize(g, file_type(str(size_of)), opts, dry_run=True)
+            budget = sum(e.nbytes for e in ref)
+        searched = [e for e in plan if e.dst.quantized and e.dst != e.src and len(e.ne) == 2]
+        fixed = total - sum(e.nbytes for e in searched)
+        # the list itself is stored in the file: one string per tensor, ~40 bytes each
+        kv_bytes = sum(len(f"^{re.escape(e.name)}$=q4_0") + 8 for e in searched) + 64
+        kv_bytes += 32 * len(plan)  # alignment padding may differ per tensor (GGUF aligns each to 32)
+        options = plan_options(g, [e.name for e in searched], {e.name: e.ne[0] for e in searched}, opts.imatrix, progress=progress)
+    mix = choose_mix(options, budget - fixed - kv_bytes)
+    return tensor_type_patterns({n: mix[n] for n in (e.name for e in searched)}), budget
