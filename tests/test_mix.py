@@ -151,3 +151,28 @@ def test_size_target_below_the_floor_exits_2(synth256, tmp_path, capsys):
     assert run_cli(["quantize", str(synth256), str(tmp_path / "x.gguf"), "Q4_K_M", "--target-bpw", "0.5"]) == 2
     assert "below the smallest possible mix" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_llama_quantize_replays_the_mix(synth256, tmp_path):
+    """llama-quantize (native, dev-only build: scripts/build_llama_tools.py) given the recorded list
+    as --tensor-type-file writes the same tensor bytes as loraq's mix. Skips without the tool."""
+    import subprocess
+
+    from loraq.gguf_io import open_gguf
+    from loraq.quantize.mix import MIX_KV
+    from scripts.build_llama_tools import tool
+
+    exe = tool("llama-quantize")
+    if exe is None:
+        pytest.skip("llama-quantize is not built; run `python -m scripts.build_llama_tools` (dev only)")
+    mix, theirs, tt = tmp_path / "mix.gguf", tmp_path / "theirs.gguf", tmp_path / "types.txt"
+    _run_cli("quantize", str(synth256), str(mix), "Q4_K_M", "--target-bpw", "4.2")
+    with open_gguf(mix) as g:
+        tt.write_text(g.get_str(MIX_KV))
+    r = subprocess.run([str(exe), "--tensor-type-file", str(tt), str(synth256), str(theirs), "Q4_K_M"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open_gguf(mix) as a, open_gguf(theirs) as b:
+        assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+        for t in a.tensors:
+            u = b.tensor(t.name)
+            assert (t.type, a.read_raw(t).tobytes()) == (u.type, b.read_raw(u).tobytes()), t.name
