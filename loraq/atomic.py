@@ -160,8 +160,9 @@ def file_identity(fd_or_path: int | Path | str) -> tuple[int, int, int, int]:
 
 
 def pid_in_use(pid: int) -> bool:
-    """Whether `pid` is a live loraq process that may still own its temporaries. Where /proc is
-    missing, any live process counts (keeping a leftover is safer than removing a live file)."""
+    """Whether `pid` is a live process that may still own its temporaries. Any live process counts,
+    not only one named loraq: a script or test importing loraq owns its scratch folders too, and a
+    recycled pid only keeps a leftover until it exits (safer than removing a live file)."""
     if pid == os.getpid():
         return True
     try:
@@ -177,10 +178,9 @@ def pid_in_use(pid: int) -> bool:
         return True
     try:
         state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        cmdline = (proc / "cmdline").read_bytes()
     except (OSError, IndexError):
         return False  # exited between the checks
-    return state != "Z" and b"loraq" in cmdline
+    return state != "Z"
 
 
 def _orphans(folder: Path | str, pattern: re.Pattern[str]) -> Iterator[tuple[Path, re.Match[str]]]:

@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("
 ROOT = Path(__file__).resolve().parents[1]
 EVENT_SCHEMA = json.loads((ROOT / "docs" / "events.schema.json").read_text())
 
-# "loraq" in its name: a live run's temporaries are told from a dead one's by the process's cmdline.
+# A loraq run with pauses; its own temporaries are kept while it lives (atomic.pid_in_use).
 WRAPPER = '''
 """loraq with the worker pool forced on and a pause after each tensor, for signal tests."""
 if __name__ == "__main__":
