@@ -55,16 +55,15 @@ _verbose = False
 @contextmanager
 def _progress(total: int, label: str) -> Iterator[Callable[..., None]]:
     """A rich progress bar on stderr when it is a terminal; otherwise a no-op tick."""
-    if not err.is_terminal:
-        yield lambda *_: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    with _progress_of(label) as update:
+        done = 0
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
-    ) as p:
-        task = p.add_task(label, total=total)
-        yield lambda *_: p.advance(task)
+        def tick(*_: object) -> None:
+            nonlocal done
+            done += 1
+            update(done, total)
+
+        yield tick
 
 
 def _size(n: float) -> str:
@@ -317,7 +316,8 @@ def compare(
 
 @contextmanager
 def _progress_of(label: str) -> Iterator[Callable[[int, int], None]]:
-    """Like _progress, for work whose total is known only once it starts: update(done, total)."""
+    """A rich progress bar on stderr when it is a terminal (otherwise a no-op), for work whose total
+    may be known only once it starts: update(done, total)."""
     if not err.is_terminal:
         yield lambda *_: None
         return

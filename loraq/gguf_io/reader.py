@@ -138,8 +138,13 @@ class GGUFFile:
 def read_exact(fd: int, path: Path, offset: int, nbytes: int, tensor: str) -> np.ndarray:
     """`nbytes` bytes at `offset` of an open file, as a fresh uint8 array (pread, no memory map)."""
     buf = bytearray(nbytes)
-    view = memoryview(buf)
-    got = 0
+    read_into(fd, path, offset, memoryview(buf), tensor)
+    return np.frombuffer(buf, dtype=np.uint8)
+
+
+def read_into(fd: int, path: Path, offset: int, view: memoryview, tensor: str) -> None:
+    """Fill `view` with the bytes at `offset` of an open file; a short file is BadInput."""
+    got, nbytes = 0, len(view)
     try:
         while got < nbytes:
             n = os.preadv(fd, [view[got:]], offset + got)
@@ -148,7 +153,6 @@ def read_exact(fd: int, path: Path, offset: int, nbytes: int, tensor: str) -> np
             got += n
     except OSError as exc:
         raise io_error(exc, path, "read") from exc
-    return np.frombuffer(buf, dtype=np.uint8)
 
 
 # A pipeline opens the same base several times: keep the last few parsed headers, keyed by the

@@ -26,7 +26,7 @@ from ..atomic import InputChanged, check_not_input, file_identity, io_error
 from ..errors import BadArguments, BadInput, IOFailure
 from ..ggml_types import FileType, GGMLType, file_type, ggml_type
 from ..gguf_io import GGUFFile, KVList, open_gguf
-from ..gguf_io.reader import read_exact
+from ..gguf_io.reader import read_exact, read_into
 from ..gguf_io.writer import GGUFStreamWriter, OutTensor
 from ..kernels import can_quantize, dequantize, quantize
 from ..kernels.jit import available as jit_available
@@ -427,16 +427,7 @@ def _read_rows(fd: int, path: Path, offset: int, n_rows: int, row_bytes: int, na
     buf = getattr(_READ, "buf", None)
     if buf is None or buf.size < nbytes:
         buf = _READ.buf = np.empty(nbytes, np.uint8)
-    view = buf.data[:nbytes]
-    got = 0
-    try:
-        while got < nbytes:
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n == 0:
-                raise BadInput(f"{path} is truncated inside tensor {name}")
-            got += n
-    except OSError as exc:
-        raise io_error(exc, path, "read") from exc
+    read_into(fd, path, offset, buf.data[:nbytes], name)
     return buf[:nbytes].reshape(n_rows, row_bytes)
 
 
