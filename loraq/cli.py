@@ -228,8 +228,8 @@ def quantize(
         output_tensor_type, token_embedding_type, tts, pure, leave_output_tensor, allow_requantize, weights, cpu_threads(threads), kvs
     )
     if target_bpw is not None or size_of is not None:
-        with _progress(len(open_gguf(inp).tensors), "predict each type's loss") as tick:
-            pairs, budget = target_mix(inp, fobj.name, opts, bpw=target_bpw, size_of=size_of, progress=lambda *_: tick(None))
+        with _progress_of("predict each type's loss") as update:
+            pairs, budget = target_mix(inp, fobj.name, opts, bpw=target_bpw, size_of=size_of, progress=lambda _, k, n: update(k, n))
         opts.tensor_types = pairs + opts.tensor_types
         opts.kv_overrides = [*opts.kv_overrides, (MIX_KV, GGUFValueType.STRING, format_tensor_type_file(pairs).encode())]
         out.print(f"mix: {len(pairs)} tensors chosen for {_size(budget)} of tensors")
