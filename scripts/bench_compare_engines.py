@@ -84,7 +84,7 @@ def main() -> None:
             with ReferenceFile(ref) as rf:
                 for c in cands:
                     t = time.perf_counter()
-                    s = score_variant(rf, c, threads, eng)
+                    s = score_variant(rf, c, threads, engine=eng)
                     secs[eng][c.name] = time.perf_counter() - t
                     stats[eng][c.name] = (s.stats.kld_mean, s.stats.ppl)
             sys.stdout.flush()
