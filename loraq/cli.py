@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from gguf import GGUFValueType
 from rich.console import Console
 from rich.table import Table
 
@@ -37,7 +36,7 @@ from .pipeline.config import MAX_CHUNKS, MAX_CTX, MAX_SCALE, MAX_THREADS, Config
 from .pipeline.runner import Event, build_stages, check_run_gates, run_pipeline, stage_status, with_threads, workdir_state
 from .quantize.driver import QuantizeOptions, QuantizeResult, quantize_model
 from .quantize.imatrix_file import for_quantize
-from .quantize.mix import MIX_KV, format_tensor_type_file, parse_tensor_type_file, target_mix
+from .quantize.mix import parse_tensor_type_file, target_mix, with_mix
 
 app = typer.Typer(
     add_completion=False,
@@ -230,8 +229,7 @@ def quantize(
     if target_bpw is not None or size_of is not None:
         with _progress_of("predict each type's loss") as update:
             pairs, budget = target_mix(inp, fobj.name, opts, bpw=target_bpw, size_of=size_of, progress=lambda _, k, n: update(k, n))
-        opts.tensor_types = pairs + opts.tensor_types
-        opts.kv_overrides = [*opts.kv_overrides, (MIX_KV, GGUFValueType.STRING, format_tensor_type_file(pairs).encode())]
+        opts = with_mix(opts, pairs)
         out.print(f"mix: {len(pairs)} tensors chosen for {_size(budget)} of tensors")
     if dry_run:
         _print_plan(quantize_model(inp, None, fobj.name, opts, dry_run=True))
@@ -430,6 +428,8 @@ def run(
             pid = f" (pid {e['pid']})" if e["pid"] else ""
             sys.stderr.write(f"waiting for the run in {e['workdir']}{pid} to finish…\n")
             sys.stderr.flush()
+        elif e["event"] == "warning":
+            sys.stderr.write(f"warning: {e['message']}\n")
         elif e["event"] == "leftovers":
             if e["removed"]:
                 names = ", ".join(Path(p).name for p in e["removed"])

@@ -529,7 +529,7 @@ def test_report_files(tmp_path):
     assert list(doc["reference"]) == ["name", "ppl"] and list(doc["adapter_effect"]) == ["kld_mean"]
     assert list(doc["gates"]) == ["passed", "failures"]
     keys = ["name", "kind", "type", "path", "size_bytes", "bpw", "ppl", "ppl_ratio", "kld_mean", "kld_p99",
-            "kld_max", "same_top", "dp_rms", "effect_retention"]  # fmt: skip
+            "kld_max", "same_top", "dp_rms", "effect_retention", "imatrix", "target", "preferred"]  # fmt: skip
     assert all(list(v) == keys for v in doc["variants"])
     assert doc["variants"][1]["path"] == "merged-Q4_0.gguf" and doc["text"]["path"] == "eval.txt"
     assert doc["variants"][0]["ppl"] is None and doc["variants"][2]["kind"] == "runtime_lora"

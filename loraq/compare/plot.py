@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .gates import GateLimits, gate_limits
-from .schema import KINDS, Report
+from .schema import KINDS, Report, VariantRow
 
 KIND_LABEL = {"merged": "merged", "runtime_lora": "runtime LoRA", "base": "base (no adapter)"}
 COLORS = {"merged": "#1f6fb4", "runtime_lora": "#e0701b", "base": "#6b6b6b"}
@@ -53,9 +53,16 @@ class SvgPlot:
     labels: list[Text] = field(default_factory=list)
 
 
+def _label(v: VariantRow) -> str:
+    """A point's label: its type; a mix by its target; "+im" when quantized with an imatrix."""
+    target = v.get("target")
+    t = f"mix {target.removeprefix('size of ')}" if target else v["type"]
+    return t + ("+im" if v.get("imatrix") and v["kind"] != "base" else "")
+
+
 def _points(report: Report) -> list[_Point]:
     return [
-        _Point(v["name"], v["kind"], v["type"], v["size_bytes"] / 2**20, v["kld_mean"], v["same_top"])
+        _Point(v["name"], v["kind"], _label(v), v["size_bytes"] / 2**20, v["kld_mean"], v["same_top"])
         for v in report["variants"]
         if v["kld_mean"] is not None
     ]

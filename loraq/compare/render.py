@@ -23,6 +23,7 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("variant", "name", str),
     ("kind", "kind", lambda k: {"runtime_lora": "runtime LoRA"}.get(str(k), str(k))),
     ("type", "type", str),
+    ("imatrix", "imatrix", lambda b: "yes" if b else "no"),
     ("size MiB", "size_bytes", lambda b: f"{b / 2**20:,.1f}"),
     ("bpw", "bpw", lambda x: f"{x:.2f}"),
     ("PPL", "ppl", lambda x: f"{x:.4f}"),
@@ -36,12 +37,24 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
 )
 
 
+PAIR_NOTE = (
+    "★ the better of a type's pair with and without the importance matrix (quantize.imatrix: auto): "
+    "the only one of the two that deliver may ship."
+)
+
+
 def _rows(report: Report, failures: list[GateFailure]) -> list[tuple[VariantRow, list[str], str]]:
     """Each variant with its formatted cells and its gate status ("ok", "FAIL", or "–" when not gated)."""
     failed = {f.variant for f in failures}
     rows = []
     for v in report["variants"]:
         cells = ["–" if v.get(key) is None else fmt(v.get(key)) for _, key, fmt in COLUMNS]  # type: ignore[arg-type]
+        if v["kind"] == "base":
+            cells[3] = "–"
+        if v.get("target"):
+            cells[2] += f" mix ({v.get('target')})"
+        if v.get("preferred") is True:
+            cells[3] += " ★"
         status = "–" if v["kind"] not in GATED_KINDS else "FAIL" if v["name"] in failed else "ok"
         rows.append((v, cells, status))
     return rows
@@ -73,6 +86,8 @@ def render_markdown(report: Report, gates: GateLimits) -> str:
     for _, cells, status in _rows(report, failures):
         cells = [c.replace("|", "\\|") for c in cells]
         out.append(f"| `{cells[0]}` | " + " | ".join(cells[1:] + [status]) + " |")
+    if any(v.get("preferred") is not None for v in report["variants"]):
+        out += ["", PAIR_NOTE]
     if failures:
         out += ["", "Gate failures:", ""] + [f"- {f}" for f in failures]
     if plot := text_plot(report):

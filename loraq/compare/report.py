@@ -30,6 +30,8 @@ class VariantScore:
     size_bytes: int  # bytes loaded for this variant (base + adapter for runtime LoRA)
     bpw: float
     stats: KLDResult
+    imatrix: bool = False  # quantized with an importance matrix
+    target: str | None = None  # a size-targeted mix: "size of Q4_K_M", "4.8 bpw"
 
 
 def _num(x: float | None) -> float | None:
@@ -93,8 +95,12 @@ def build_report(
                 "same_top": _num(s.same_top),
                 "dp_rms": _num(s.dp_rms),
                 "effect_retention": kept,
+                "imatrix": bool(v.imatrix),
+                "target": v.target,
+                "preferred": None,
             }
         )
+    _mark_preferred(rows)
     report: Report = {
         "loraq_version": __version__,
         "text": {
@@ -113,6 +119,28 @@ def build_report(
     failures = _gates.check_gates(report, gates)
     report["gates"] = {"passed": not failures, "failures": [str(f) for f in failures]}
     return report
+
+
+def _mark_preferred(rows: list[VariantRow]) -> None:
+    """quantize.imatrix: auto builds each type with and without the imatrix: the one with the lower
+    KLD mean is preferred (what deliver may ship), the other not; a tie keeps the plain one.
+    Variants without such a pair keep None."""
+    pairs: dict[str, list[VariantRow]] = {}
+    for r in rows:
+        if r["kind"] == "merged" and r["target"] is None:
+            pairs.setdefault(r["type"], []).append(r)
+    for pair in pairs.values():
+        if len(pair) != 2 or pair[0]["imatrix"] == pair[1]["imatrix"]:
+            continue
+        plain, imat = sorted(pair, key=lambda r: r["imatrix"])
+        a, b = plain["kld_mean"], imat["kld_mean"]
+        better_imat = a is not None and b is not None and b < a
+        plain["preferred"], imat["preferred"] = not better_imat, better_imat
+
+
+def preferred(row: VariantRow) -> bool:
+    """False only for the worse of an auto pair (rows from older reports have no key: True)."""
+    return row.get("preferred") is not False
 
 
 def report_json(report: Report) -> str:

@@ -26,6 +26,11 @@ class VariantRow(TypedDict):
     same_top: float | None
     dp_rms: float | None
     effect_retention: float | None
+    imatrix: bool  # quantized with an importance matrix (report.json of loraq < 0.x: absent, read as False)
+    target: str | None  # a size-targeted mix's target ("size of Q4_K_M", "4.8 bpw"); None for a fixed type
+    # quantize.imatrix: auto: True for the better of a type's pair with/without the imatrix, False
+    # for the other (deliver never ships it); None when there is no such pair
+    preferred: bool | None
 
 
 class TextInfo(TypedDict):

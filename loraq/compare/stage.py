@@ -24,6 +24,7 @@ import numpy as np
 from ..atomic import atomic_output, check_not_input, check_readable, check_regular, io_error
 from ..errors import BadArguments, BadInput
 from ..gguf_io import open_gguf
+from ..llama.calibration import calibration_tokens, is_chat_file
 from ..llama.engine import chunk_tokens
 from ..llama.llama_cpp_engine import make_engine
 from ..llama.tokenizer import Tokenizer
@@ -55,17 +56,21 @@ class Candidate:
     model: Path
     adapters: list[tuple[Path, float]] = field(default_factory=list)
     size_files: list[Path] = field(default_factory=list)  # what a user deploys (model + adapter)
+    imatrix: bool = False  # quantized with the run's importance matrix
+    target: str | None = None  # a size-targeted mix: its target, e.g. "size of Q4_K_M" or "4.8 bpw"
 
 
 def evaluation_tokens(model: Path, text: Path, ctx: int, chunks: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(tokens as stored in the reference file, tokens as evaluated, tokens in the text).
 
     The text is tokenized with the model's own vocabulary (a `.json` file may hold token ids
-    instead); each chunk's first token becomes BOS when the vocabulary adds one (§8.1)."""
+    instead, a `.jsonl` file chat conversations, rendered with the model's chat template); each chunk's first token becomes BOS when the vocabulary adds one (§8.1)."""
     check_readable(text, "evaluation text")
     tok = Tokenizer.from_gguf(model)
     if text.suffix == ".json":
         ids = _token_ids(text, tok.n_vocab)
+    elif is_chat_file(text):  # chat JSONL, rendered with the model's own template (as the imatrix stage reads it)
+        ids = calibration_tokens(model, text).tokens
     else:
         try:
             body = text.read_text(encoding="utf-8")
@@ -172,7 +177,7 @@ def score_variant(ref: ReferenceFile, cand: Candidate, threads: int = 0, kv_cach
     stats = score(ref, cand, threads, kv_cache, engine)
     size = sum(p.stat().st_size for p in cand.size_files or [cand.model])
     bpw = 8.0 * size / max(1, _n_weights(cand.model))
-    return VariantScore(cand.name, cand.kind, cand.type, cand.model, size, bpw, stats)
+    return VariantScore(cand.name, cand.kind, cand.type, cand.model, size, bpw, stats, cand.imatrix, cand.target)
 
 
 def score_to_file(
@@ -202,7 +207,9 @@ def read_score(path: Path, cand: Candidate) -> VariantScore:
         if doc["name"] != cand.name:
             raise ValueError(f"it scores {doc['name']!r}, not {cand.name!r}")
         stats = KLDResult(**doc["stats"])
-        return VariantScore(cand.name, cand.kind, cand.type, cand.model, int(doc["size_bytes"]), float(doc["bpw"]), stats)
+        return VariantScore(
+            cand.name, cand.kind, cand.type, cand.model, int(doc["size_bytes"]), float(doc["bpw"]), stats, cand.imatrix, cand.target
+        )
     except OSError as exc:
         raise io_error(exc, path, "read") from exc
     except (ValueError, KeyError, TypeError, RecursionError) as exc:

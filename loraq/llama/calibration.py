@@ -250,4 +250,47 @@ def calibration_tokens(model: Path | str, path: Path | str, max_tokens: int | No
     return CalibrationTokens(tok.encode(body, add_special=True), "text", 0, bos)
 
 
-__all__ = ["CalibrationTokens", "calibration_tokens", "is_chat_file", "read_chat_jsonl", "render_chat", "special_tokens"]
+OVERLAP_WORDS = 12  # a run of this many words in both texts is shared text, not a common phrase
+OVERLAP_READ_BYTES = 8 << 20  # the overlap check reads at most this much of each file (it is advisory)
+
+
+def _content_words(path: Path) -> list[str]:
+    """The words of a text (of a chat JSONL: of its messages' contents). Bounded and lenient: an
+    unreadable or malformed part is skipped (the stages reading the file report it)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(OVERLAP_READ_BYTES)
+    except OSError:
+        return []
+    text = raw.decode("utf-8", errors="replace")
+    if is_chat_file(path):
+        parts = []
+        for line in text.splitlines():
+            try:
+                obj = json.loads(line)
+                msgs = obj.get("messages") if isinstance(obj, dict) else None
+            except (ValueError, RecursionError):
+                continue
+            for m in msgs if isinstance(msgs, list) else []:
+                c = m.get("content") if isinstance(m, dict) else None
+                if isinstance(c, list):
+                    c = " ".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
+                if isinstance(c, str):
+                    parts.append(c)
+        text = " ".join(parts)
+    return text.split()
+
+
+def text_overlap(calibration: Path | str, evaluation: Path | str) -> tuple[int, int]:
+    """(passages of the evaluation text also in the calibration text, passages of the evaluation
+    text): the evaluation's words cut into runs of OVERLAP_WORDS, each looked up among every such
+    run of the calibration's words (so line breaks and chat formatting don't hide a copy).
+    Calibration that contains the evaluation text flatters every imatrix variant's score."""
+    ev, cal = _content_words(Path(evaluation)), _content_words(Path(calibration))
+    n = OVERLAP_WORDS
+    seen = {hash(tuple(cal[i : i + n])) for i in range(len(cal) - n + 1)}
+    runs = [hash(tuple(ev[i : i + n])) for i in range(0, len(ev) - n + 1, n)]
+    return sum(h in seen for h in runs), len(runs)
+
+
+__all__ = ["CalibrationTokens", "calibration_tokens", "is_chat_file", "read_chat_jsonl", "render_chat", "special_tokens", "text_overlap"]

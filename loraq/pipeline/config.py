@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,7 @@ from pydantic_core import ErrorDetails
 from ..atomic import io_error
 from ..errors import BadArguments, shown
 from ..ggml_types import FileType, GGMLType, file_type, ggml_type
+from ..quantize.rules import NEEDS_IMATRIX_FTYPES
 
 
 class _Strict(BaseModel):
@@ -44,6 +46,47 @@ class MergeConfig(_Strict):
     outtype: Literal["f16", "bf16", "f32"] = "f16"
 
 
+class TargetConfig(_Strict):
+    """A size-targeted mix (quantize/mix.py): per-tensor types chosen for a byte budget, the
+    budget given as bits per weight or as the size another ftype would have. `type` supplies the
+    rules for what the search leaves alone (default: the size_of type, else Q4_K_M)."""
+
+    bpw: float | None = Field(None, gt=0, le=32)
+    size_of: str | None = None
+    type: str | None = None
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")  # the file is merged-<name>.gguf
+
+    @field_validator("size_of", "type")
+    @classmethod
+    def _ft(cls, v: str | None) -> str | None:
+        return None if v is None else _type_name(file_type, v)
+
+    @model_validator(mode="after")
+    def _one(self) -> TargetConfig:
+        if (self.bpw is None) == (self.size_of is None):
+            raise ValueError("give exactly one of bpw and size_of")
+        return self
+
+    @property
+    def ftype(self) -> str:
+        return self.type or self.size_of or "Q4_K_M"
+
+    def variant_name(self) -> str:
+        if self.name is not None:
+            return f"merged-{self.name}"
+        return f"merged-mix-{self.size_of}" if self.size_of is not None else f"merged-mix-{self.bpw:g}bpw"
+
+
+class ImatrixConfig(_Strict):
+    """The imatrix stage: llama-imatrix's statistics collected on the merged F16 (the fine-tune's
+    own activations) over a calibration text, plain or chat JSONL."""
+
+    text: str
+    ctx: int = Field(512, gt=0, le=MAX_CTX)
+    chunks: int | None = Field(None, gt=0, le=MAX_CHUNKS)  # None: the whole text
+    process_output: bool = False
+
+
 class QuantizeConfig(_Strict):
     types: list[str] = Field(default_factory=lambda: ["Q4_K_M", "Q5_K_M", "Q8_0"], min_length=1)
     output_tensor_type: str | None = None
@@ -52,6 +95,18 @@ class QuantizeConfig(_Strict):
     pure: bool = False
     leave_output_tensor: bool = False
     threads: int = Field(0, ge=0, le=MAX_THREADS)
+    # With an `imatrix:` section: auto scores each type with and without it and prefers the better
+    # (the default), always/never build one way only. Without the section only never is valid.
+    imatrix: Literal["auto", "always", "never"] | None = None
+    targets: list[TargetConfig] = Field(default_factory=list)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[TargetConfig]) -> list[TargetConfig]:
+        names = [t.variant_name() for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError("two targets would write the same variant; give them distinct names")
+        return v
 
     @field_validator("types")
     @classmethod
@@ -128,9 +183,38 @@ class DeliverConfig(_Strict):
         return self
 
 
-def deliverable_variants(quantize: QuantizeConfig, compare: CompareConfig | None) -> list[str]:
+@dataclass(frozen=True)
+class MergedVariant:
+    """One merged-then-quantized file the config builds: merged-<TYPE>[-imatrix] or merged-<target name>."""
+
+    name: str
+    type: str  # the ftype whose rules (and, for a fixed type, whose mix) apply
+    imatrix: bool  # quantized with the run's importance matrix
+    target: TargetConfig | None = None
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.gguf"
+
+
+def merged_variants(quantize: QuantizeConfig, mode: str) -> list[MergedVariant]:
+    """Every merged variant, in build order. mode (Config.imatrix_mode): never: each type without
+    the imatrix; always: with it; auto: both (a type that cannot go without one: with it only).
+    Targets use the imatrix whenever the run has one."""
+    out = []
+    for t in quantize.types:
+        needs = t in NEEDS_IMATRIX_FTYPES
+        if mode != "always" and not needs:
+            out.append(MergedVariant(f"merged-{t}", t, False))
+        if mode != "never":
+            out.append(MergedVariant(f"merged-{t}-imatrix", t, True))
+    out += [MergedVariant(x.variant_name(), x.ftype, mode != "never", x) for x in quantize.targets]
+    return out
+
+
+def deliverable_variants(quantize: QuantizeConfig, compare: CompareConfig | None, mode: str = "never") -> list[str]:
     """The variant names a config builds that dist/ can ship (the base without adapter is not one)."""
-    names = [f"merged-{t}" for t in quantize.types]
+    names = [v.name for v in merged_variants(quantize, mode)]
     if compare is not None and compare.runtime_lora:
         names += [f"runtime-{t}" for t in quantize.types]
     return names
@@ -148,16 +232,25 @@ class Config(_Strict):
     adapters: list[AdapterConfig] = Field(min_length=1)
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
-    imatrix: object = None  # refused below until the imatrix stage exists
+    imatrix: ImatrixConfig | None = None
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     compare: CompareConfig | None = None
     deliver: DeliverConfig | None = None  # optional; omit for no dist/
 
-    @field_validator("imatrix")
-    @classmethod
-    def _imatrix(cls, v: object) -> None:
-        if v is not None:
-            raise ValueError("the imatrix stage is not available yet; remove this key (quantizing without one is what runs)")
+    @model_validator(mode="after")
+    def _imatrix_mode(self) -> Config:
+        q = self.quantize
+        if self.imatrix is None and q.imatrix in ("auto", "always"):
+            raise ValueError(f"quantize.imatrix: {q.imatrix} needs an imatrix section (imatrix: {{text: calibration.txt}})")
+        needs = [t for t in q.types if t in NEEDS_IMATRIX_FTYPES]
+        if needs and (self.imatrix is None or q.imatrix == "never"):
+            raise ValueError(f"quantize.types: {', '.join(needs)} need an importance matrix; add an imatrix section")
+        return self
+
+    @property
+    def imatrix_mode(self) -> str:
+        """never | always | auto, the default resolved (auto with an imatrix section)."""
+        return self.quantize.imatrix or ("auto" if self.imatrix is not None else "never")
 
     @field_validator("deliver")
     @classmethod
@@ -167,7 +260,8 @@ class Config(_Strict):
         if v is None or "quantize" not in info.data or "compare" not in info.data:
             return v
         compare: CompareConfig | None = info.data["compare"]
-        valid = deliverable_variants(info.data["quantize"], compare)
+        q: QuantizeConfig = info.data["quantize"]
+        valid = deliverable_variants(q, compare, q.imatrix or ("auto" if info.data.get("imatrix") is not None else "never"))
         problems = []
         for name in v.files:
             if name not in valid:
@@ -312,6 +406,8 @@ def load_config(path: Path | str) -> Config:
             missing.append(f"adapters.{i}.path: not found: {a.path}")
     if cfg.compare and not cfg.resolve(cfg.compare.text).exists():
         missing.append(f"compare.text: file not found: {cfg.compare.text}")
+    if cfg.imatrix and not cfg.resolve(cfg.imatrix.text).exists():
+        missing.append(f"imatrix.text: file not found: {cfg.imatrix.text}")
     if missing:
         raise BadArguments(f"{path}: {len(missing)} problem(s): " + " | ".join(missing))
     return cfg

@@ -28,7 +28,7 @@ from .. import __version__
 from ..atomic import io_error
 from ..compare.gates import check_gates, gate_failed
 from ..compare.render import COLUMNS
-from ..compare.report import load_report
+from ..compare.report import load_report, preferred
 from ..compare.schema import Report, VariantRow
 from ..errors import BadArguments, BadInput, GateFailed
 from ..gguf_io import open_gguf
@@ -108,7 +108,8 @@ def _misses(row: VariantRow, best: DeliverBest) -> list[str]:
 def choose_best(report: Report, best: DeliverBest, allowed: Sequence[str]) -> tuple[str, str]:
     """(variant name, one-line reason) for deliver.best; GateFailed (exit 3) when none qualifies."""
     kinds = best.kinds or ["merged", "runtime_lora"]
-    rows = [r for r in report["variants"] if r["kind"] in kinds and r["name"] in allowed]
+    # the worse of a with/without-imatrix pair (quantize.imatrix: auto) is never a candidate
+    rows = [r for r in report["variants"] if r["kind"] in kinds and r["name"] in allowed and preferred(r)]
     ok = [r for r in rows if not _misses(r, best)]
     set_bounds = [(k, getattr(best, k)) for k in ("max_size_mib", *(k for k, _, _ in _BOUNDS))]
     bounds = ", ".join(f"{k} {v:g}" for k, v in set_bounds if v is not None)

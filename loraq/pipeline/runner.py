@@ -6,6 +6,7 @@ so an interrupted run resumes at the first unfinished stage."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,11 +31,15 @@ from ..compare.stage import Candidate, assemble_report, build_reference, meta_pa
 from ..convert import convert_adapter, convert_hf_base
 from ..convert.lora_gguf import runtime_refusal, vocab_grows
 from ..errors import BadArguments
+from ..llama.calibration import text_overlap
 from ..llama.engine import set_blas_threads
 from ..merge import AdapterSpec, merge_model
-from ..quantize.driver import QuantizeOptions, quantize_many
+from ..quantize.driver import QuantizeOptions, quantize_many, quantize_model
+from ..quantize.imatrix_file import quant_weights, quantize_kvs, read_imatrix, write_imatrix_gguf
+from ..quantize.mix import target_mix, with_mix
+from ..quantize.rules import NEEDS_IMATRIX_FTYPES
 from .checkpoint import MANIFEST, Manifest, Verdict, check_stage, cpu_threads, record_stage
-from .config import CompareConfig, Config
+from .config import CompareConfig, Config, MergedVariant, merged_variants
 from .deliver import Deliverable, DeliverSpec, deliver
 from .lock import LOCK, running_pid, workdir_lock
 
@@ -152,32 +157,39 @@ def build_stages(cfg: Config) -> list[Stage]:
         leave_output_tensor=q.leave_output_tensor,
         threads=stage_threads(cfg, "quantize"),
     )
-    qsettings = {k: v for k, v in q.model_dump().items() if k not in ("types", "threads")}
+    # What changes every quantized file's bytes; imatrix use and targets are per variant.
+    qsettings = {k: v for k, v in q.model_dump().items() if k not in ("types", "threads", "imatrix", "targets")}
+    mode = cfg.imatrix_mode
+    imat = _imatrix_stage(cfg, merged, stages) if mode != "never" else None
     c = cfg.compare
     runtime = c is not None and c.runtime_lora and not merge_only
-    for src, prefix, after in ((merged, "merged", ["merge"]), (base, "base", [])):
-        if prefix == "base" and not runtime:
-            continue
+    wanted = merged_variants(q, mode)
+    for prefix, src, after, variants in (
+        ("merged", merged, ["merge"], wanted),
+        ("base", base, [], [MergedVariant(f"base-{t}", t, t in NEEDS_IMATRIX_FTYPES) for t in q.types] if runtime else []),
+    ):
         kind = "quantize" if prefix == "merged" else "quantize-base"
+        for v in variants:
+            out = wd / v.file
+            settings: dict[str, Any] = {"type": v.type, **qsettings}
+            inputs = {"base" if prefix == "base" else merged.stem: src}
+            if v.imatrix:  # an imatrix (and its name) changes the bytes; without one the key is absent, as before
+                assert imat is not None
+                settings["imatrix"] = True
+                inputs["imatrix"] = imat
+            name = f"{kind}:{v.name.removeprefix(prefix + '-')}"
+            deps = [*after, *(["imatrix"] if v.imatrix else [])]
+            if v.target is not None:
+                settings["target"] = v.target.model_dump()
+                act = partial(_quantize_target, src, out, v, opts, imat)
+                stages.append(Stage(name, kind, settings, inputs, [out], act, after=deps))
+                continue
 
-        def run_batch(batch: list[Stage], src: Path = src) -> None:
-            quantize_many(src, [(b.settings["type"], b.outputs[0]) for b in batch], opts)
+            def run_batch(batch: list[Stage], src: Path = src, with_imatrix: bool = v.imatrix) -> None:
+                quantize_many(src, [(b.settings["type"], b.outputs[0]) for b in batch], _with_imatrix(opts, imat if with_imatrix else None))
 
-        for t in q.types:
-            out = wd / f"{prefix}-{t}.gguf"
-            stages.append(
-                Stage(
-                    f"{kind}:{t}",
-                    kind,
-                    {"type": t, **qsettings},
-                    {"base" if prefix == "base" else merged.stem: src},
-                    [out],
-                    None,
-                    after=list(after),
-                    batch_key=f"quantize:{prefix}",
-                    batch_run=run_batch,
-                )
-            )
+            key = f"quantize:{prefix}" + ("+imatrix" if v.imatrix else "")  # one read of the F16 per batch
+            stages.append(Stage(name, kind, settings, inputs, [out], None, after=deps, batch_key=key, batch_run=run_batch))
 
     if c is not None:
         # A grown vocabulary: the base's logits cover fewer tokens than the reference's, so no KLD to them (no effect size).
@@ -202,6 +214,61 @@ def build_stages(cfg: Config) -> list[Stage]:
     return stages
 
 
+IMATRIX = "imatrix.gguf"
+
+
+def _imatrix_stage(cfg: Config, merged: Path, stages: list[Stage]) -> Path:
+    """The imatrix stage: llama-imatrix's statistics of the merged F16 (the fine-tune's own
+    activations) over the calibration text, written as a GGUF imatrix."""
+    im = cfg.imatrix
+    assert im is not None
+    out = cfg.workdir_path / IMATRIX
+    text = cfg.resolve(im.text)
+
+    def collect() -> None:
+        from ..imatrix.collect import collect_imatrix
+
+        threads = stage_threads(cfg, "imatrix")
+        set_blas_threads(threads)
+        # the dataset is recorded as configured, so the file does not depend on where the workdir is
+        res = collect_imatrix(merged, text, im.ctx, im.chunks, process_output=im.process_output, threads=threads, dataset=im.text)
+        write_imatrix_gguf(out, res.data)
+
+    settings = {"ctx": im.ctx, "chunks": im.chunks, "process_output": im.process_output, "dataset": im.text}
+    stages.append(Stage("imatrix", "imatrix", settings, {merged.stem: merged, "calibration": text}, [out], collect, after=["merge"]))
+    return out
+
+
+def _with_imatrix(opts: QuantizeOptions, imat: Path | None) -> QuantizeOptions:
+    """`opts` quantizing with the imatrix file, recorded in the output's quantize.imatrix.* KVs
+    by its name in the workdir (as `llama-quantize --imatrix imatrix.gguf` run there would)."""
+    if imat is None:
+        return opts
+    data = read_imatrix(imat, require_metadata=True)
+    return dataclasses.replace(opts, imatrix=quant_weights(data), kv_overrides=[*opts.kv_overrides, *quantize_kvs(imat.name, data)])
+
+
+def _quantize_target(src: Path, out: Path, v: MergedVariant, opts: QuantizeOptions, imat: Path | None) -> None:
+    """A size-targeted mix: each tensor's type chosen for the budget (quantize/mix.py), then written
+    with those types as anchored --tensor-type patterns (recorded in the file)."""
+    assert v.target is not None
+    o = _with_imatrix(opts, imat if v.imatrix else None)
+    pairs, _ = target_mix(src, v.type, o, bpw=v.target.bpw, size_of=v.target.size_of)
+    quantize_model(src, out, v.type, with_mix(o, pairs))
+
+
+def variant_name(s: Stage) -> str:
+    """A quantize stage's variant: merged-<...> as its file is named; base-<TYPE> is runtime-<TYPE>."""
+    stem = s.outputs[0].stem
+    return "runtime-" + stem.removeprefix("base-") if s.kind == "quantize-base" else stem
+
+
+def _target_text(t: dict[str, Any] | None) -> str | None:
+    if t is None:
+        return None
+    return f"size of {t['size_of']}" if t.get("size_of") else f"{t['bpw']:g} bpw"
+
+
 def _deliver_stage(cfg: Config, adapters: list[tuple[Path, float]], before: list[Stage]) -> Stage:
     """dist/ (deliver.py): after compare, from report.json and the files it may ship."""
     d = cfg.deliver
@@ -215,9 +282,9 @@ def _deliver_stage(cfg: Config, adapters: list[tuple[Path, float]], before: list
     for s in before:
         t = str(s.settings.get("type"))
         if s.kind == "quantize":
-            variants.append(Deliverable(f"merged-{t}", "merged", t, s.outputs[0]))
+            variants.append(Deliverable(variant_name(s), "merged", t, s.outputs[0]))
         elif s.kind == "quantize-base":
-            variants.append(Deliverable(f"runtime-{t}", "runtime_lora", t, s.outputs[0], tuple(deployed)))
+            variants.append(Deliverable(variant_name(s), "runtime_lora", t, s.outputs[0], tuple(deployed)))
     wanted = [v for v in variants if d.best is not None or v.name in d.files]
     report = wd / "report.json" if cfg.compare is not None else None
     inputs: dict[str, Path] = {"report": report} if report is not None else {}
@@ -281,10 +348,12 @@ def _compare_stages(
     cands = [Candidate("base", "base", "F16", base)] if with_base else []
     for s in before:
         t = str(s.settings.get("type"))
+        imat, target = bool(s.settings.get("imatrix")), _target_text(s.settings.get("target"))
         if s.kind == "quantize":
-            cands.append(Candidate(f"merged-{t}", "merged", t, s.outputs[0]))
+            cands.append(Candidate(variant_name(s), "merged", t, s.outputs[0], imatrix=imat, target=target))
         elif s.kind == "quantize-base":
-            cands.append(Candidate(f"runtime-{t}", "runtime_lora", t, s.outputs[0], deployed, [s.outputs[0], *(p for p, _ in deployed)]))
+            files = [s.outputs[0], *(p for p, _ in deployed)]
+            cands.append(Candidate(variant_name(s), "runtime_lora", t, s.outputs[0], deployed, files, imatrix=imat))
     # One score:<variant> stage per candidate, its JSON checkpointed on its own: adding a type scores
     # only that type's variants. Kind "compare", so --force=compare rescores every variant.
     scores: list[Stage] = []
@@ -369,12 +438,32 @@ def _verdict(m: Manifest, s: Stage, stale: set[str]) -> tuple[Verdict, dict[str,
     return check_stage(m, s.name, s.settings, inputs, s.outputs), inputs
 
 
+OVERLAP_WARN = 0.05  # share of the evaluation text's passages also in the calibration text
+
+
+def overlap_warning(cfg: Config) -> str | None:
+    """A warning when the imatrix's calibration text overlaps the evaluation text: the imatrix
+    variants would be scored on the text they were tuned for."""
+    if cfg.imatrix is None or cfg.compare is None or cfg.imatrix_mode == "never":
+        return None
+    cal, ev = cfg.resolve(cfg.imatrix.text), cfg.resolve(cfg.compare.text)
+    shared, total = text_overlap(cal, ev)
+    if total == 0 or shared < OVERLAP_WARN * total:
+        return None
+    return (
+        f"{shared} of the {total} passages of the evaluation text {cfg.compare.text} are also in the calibration text "
+        f"{cfg.imatrix.text}: the imatrix variants are scored on text they were tuned on; use disjoint texts"
+    )
+
+
 def _config_inputs(cfg: Config) -> dict[str, Path]:
     ins = {"base model": cfg.resolve(cfg.base)}
     for i, a in enumerate(cfg.adapters):
         ins[_aname(i, cfg.adapters)] = cfg.resolve(a.path)
     if cfg.compare is not None:
         ins["evaluation text"] = cfg.resolve(cfg.compare.text)
+    if cfg.imatrix is not None:
+        ins["calibration text"] = cfg.resolve(cfg.imatrix.text)
     return ins
 
 
@@ -462,6 +551,8 @@ def run_pipeline(
         raise io_error(exc, wd, "create workdir") from exc
     with workdir_lock(wd, wait, lambda pid: emit({"event": "waiting", "workdir": str(wd), "pid": pid})):
         _remove_leftovers(wd, emit)
+        if (msg := overlap_warning(cfg)) is not None:
+            emit({"event": "warning", "message": msg})
         return _run_stages(Manifest(wd), stages, forced, emit)
 
 

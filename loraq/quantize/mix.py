@@ -13,6 +13,7 @@ llama-quantize given the same list (--tensor-type-file) and imatrix writes the s
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from gguf import GGUFValueType
 
 from ..errors import BadArguments
 from ..ggml_types import GGMLType, ggml_type
@@ -253,3 +255,13 @@ def target_mix(
         options = plan_options(g, [e.name for e in searched], {e.name: e.ne[0] for e in searched}, opts.imatrix, progress=progress)
     mix = choose_mix(options, budget - fixed - kv_bytes)
     return tensor_type_patterns({n: mix[n] for n in (e.name for e in searched)}), budget
+
+
+def with_mix(opts: QuantizeOptions, pairs: Sequence[tuple[str, str]]) -> QuantizeOptions:
+    """`opts` with a mix applied: its anchored patterns ahead of the user's (first match wins) and
+    the list recorded in the file (MIX_KV), so --tensor-type-file can replay it."""
+    return dataclasses.replace(
+        opts,
+        tensor_types=[*pairs, *opts.tensor_types],
+        kv_overrides=[*opts.kv_overrides, (MIX_KV, GGUFValueType.STRING, format_tensor_type_file(pairs).encode())],
+    )
