@@ -252,7 +252,7 @@ def _print_plan(res: QuantizeResult) -> None:
 @app.command()
 def compare(
     base: Path = typer.Argument(..., help="The F16/BF16/F32 base model GGUF (the reference is base + adapters)."),
-    text: Path = typer.Option(..., "-f", "--text", help="Evaluation text (UTF-8), or a .json list of token ids."),
+    text: Path = typer.Option(..., "-f", "--text", help="Evaluation text (UTF-8), a chat .jsonl, or a .json list of token ids."),
     lora: list[Path] = typer.Option([], "--lora", help="Adapter (GGUF LoRA or PEFT folder), scale 1.0; repeatable."),
     lora_scaled: list[str] = typer.Option([], "--lora-scaled", help="PATH:SCALE; repeatable."),
     merged: list[Path] = typer.Option([], "--merged", help="A merged-then-quantized GGUF to score; repeatable."),

@@ -161,3 +161,41 @@ def test_compare_reads_chat_jsonl(project, tmp_path):
     stored, _, n = evaluation_tokens(project / "base.gguf", chats, 64, 2)
     ids = calibration_tokens(project / "base.gguf", chats).tokens
     assert n == len(ids) and stored.ravel().tolist() == ids[:128]
+
+
+def test_further_texts_get_their_own_scores(project, tmp_path):
+    """compare.also: a second evaluation text is scored like the main one, in its own folder and
+    report section; its figures equal `loraq compare` run on that text alone."""
+    other = "She sells sea shells by the sea shore; the shells she sells are surely sea shells. " * 30
+    (project / "generic.txt").write_text(other)
+    compare = {"text": "eval.txt", "ctx": 64, "chunks": 2, "runtime_lora": False, "also": {"generic": "generic.txt"}}
+    cfg = load_config(_cfg(project, workdir="work-also", imatrix=None, quantize={"types": ["Q4_0"]}, compare=compare))
+    ran = [r.name for r in run_pipeline(cfg) if r.status == "ran"]
+    assert {"reference:generic", "score:generic:merged-Q4_0", "score:generic:base"} <= set(ran)
+    work = cfg.workdir_path
+    rep = json.loads((work / "report.json").read_text())
+    (sec,) = rep["other_texts"]
+    assert sec["name"] == "generic" and sec["text"]["path"] == "../generic.txt"
+    got = {v["name"]: v["kld_mean"] for v in sec["variants"]}
+    assert got.keys() == {v["name"] for v in rep["variants"]} and got != {v["name"]: v["kld_mean"] for v in rep["variants"]}
+
+    out = tmp_path / "cli"
+    args = ["base.gguf", "--lora", "adapter", "-f", "generic.txt", "--ctx", "64", "--chunks", "2"]
+    _loraq("compare", *args, "--merged", work / "merged-Q4_0.gguf", "-o", out, cwd=project)
+    cli = {v["name"]: v["kld_mean"] for v in json.loads((out / "report.json").read_text())["variants"]}
+    assert cli["merged-Q4_0"] == got["merged-Q4_0"] and cli["base"] == got["base"]
+    md = (work / "report.md").read_text()
+    assert "## Also evaluated on `generic`" in md and "Also evaluated on <code>generic</code>" in (work / "report.html").read_text()
+
+    # Dropping the text: only the compare stage reruns (the main text's scores stay).
+    cfg2 = load_config(_cfg(project, workdir="work-also", imatrix=None, quantize={"types": ["Q4_0"]}, compare={**compare, "also": {}}))
+    assert [r.name for r in run_pipeline(cfg2) if r.status == "ran"] == ["compare"]
+    assert "other_texts" not in json.loads((work / "report.json").read_text())
+
+
+def test_bad_text_name(project):
+    from loraq.errors import BadArguments
+
+    compare = {"text": "eval.txt", "also": {"../x": "eval.txt"}}
+    with pytest.raises(BadArguments, match="a text's name"):
+        load_config(_cfg(project, name="bad2.yaml", compare=compare))

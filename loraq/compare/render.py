@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import jinja2
 from markupsafe import Markup, escape
@@ -16,7 +17,7 @@ from ..atomic import atomic_output
 from .gates import GATED_KINDS, GateFailure, GateLimits, check_gates
 from .plot import COLORS, KIND_LABEL, svg_plot, text_plot
 from .report import report_json
-from .schema import Report, VariantRow
+from .schema import OtherTextReport, Report, VariantRow
 
 COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     # header, key, formatter
@@ -75,6 +76,15 @@ def _summary_lines(report: Report) -> list[str]:
     ]
 
 
+def _other_texts(report: Report) -> list[tuple[OtherTextReport, list[str], list[list[str]]]]:
+    """compare.also: each further text with its summary lines and its table's cells (not gated)."""
+    out = []
+    for o in report.get("other_texts", []):
+        sub = cast(Report, {**report, **o, "other_texts": []})
+        out.append((o, _summary_lines(sub), [cells for _, cells, _ in _rows(sub, [])]))
+    return out
+
+
 def render_markdown(report: Report, gates: GateLimits) -> str:
     failures = check_gates(report, gates)
     out = ["# loraq report", ""]
@@ -92,6 +102,13 @@ def render_markdown(report: Report, gates: GateLimits) -> str:
         out += ["", "Gate failures:", ""] + [f"- {f}" for f in failures]
     if plot := text_plot(report):
         out += ["", "## KLD against file size", "", "```text", *plot, "```"]
+    for o, summary, rows in _other_texts(report):
+        out += ["", f"## Also evaluated on `{o['name']}`", ""] + [f"{line}  " for line in summary] + [""]
+        out.append("| " + " | ".join(heads[:-1]) + " |")
+        out.append("|" + "|".join("---" if i < 3 else "---:" for i in range(len(heads) - 1)) + "|")
+        for cells in rows:
+            cells = [c.replace("|", "\\|") for c in cells]
+            out.append(f"| `{cells[0]}` | " + " | ".join(cells[1:]) + " |")
     out += ["", f"loraq {report['loraq_version']}. KLD, same top and Δp as llama-perplexity --kl-divergence.", ""]
     return "\n".join(out)
 
@@ -123,6 +140,8 @@ def render_html(report: Report, gates: GateLimits) -> str:
         failures=failures,
         heads=[h for h, _, _ in COLUMNS],
         rows=_rows(report, failures),
+        others=_other_texts(report),
+        pair_note=PAIR_NOTE if any(v.get("preferred") is not None for v in report["variants"]) else "",
         plot=svg_plot(report, gates),
         colors=COLORS,
         kind_label=KIND_LABEL,

@@ -16,7 +16,7 @@ from .. import __version__
 from . import gates as _gates
 from .gates import GateLimits
 from .metrics import KLDResult
-from .schema import KINDS, Report, VariantRow
+from .schema import KINDS, OtherTextReport, Report, VariantRow
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,18 @@ def build_report(
     failures = _gates.check_gates(report, gates)
     report["gates"] = {"passed": not failures, "failures": [str(f) for f in failures]}
     return report
+
+
+def other_text_section(name: str, rep: Report) -> OtherTextReport:
+    """A further evaluation text's part of the report: a report's text, reference, effect and
+    variants (gates and deliver use the main text only)."""
+    return {
+        "name": name,
+        "text": rep["text"],
+        "reference": rep["reference"],
+        "adapter_effect": rep["adapter_effect"],
+        "variants": rep["variants"],
+    }
 
 
 def _mark_preferred(rows: list[VariantRow]) -> None:

@@ -59,7 +59,17 @@ class GateSummary(TypedDict):
     failures: list[str]
 
 
-class Report(TypedDict):
+class OtherTextReport(TypedDict):
+    """compare.also: the variants scored on a further evaluation text (its own reference)."""
+
+    name: str
+    text: TextInfo
+    reference: ReferenceInfo
+    adapter_effect: AdapterEffect
+    variants: list[VariantRow]
+
+
+class _Report(TypedDict):
     loraq_version: str
     text: TextInfo
     engine: EngineInfo
@@ -67,3 +77,7 @@ class Report(TypedDict):
     adapter_effect: AdapterEffect
     variants: list[VariantRow]
     gates: GateSummary
+
+
+class Report(_Report, total=False):
+    other_texts: list[OtherTextReport]  # only with compare.also

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from .gates import GateLimits
 from .kld_file import ReferenceFile, ReferenceWriter, first_scored
 from .metrics import KLDAccumulator, KLDResult, PerplexityAccumulator
 from .render import write_reports
-from .report import VariantScore, build_report
+from .report import VariantScore, build_report, other_text_section
 from .schema import Report
 
 Adapters = Sequence[tuple[Path, float]]
@@ -58,6 +58,16 @@ class Candidate:
     size_files: list[Path] = field(default_factory=list)  # what a user deploys (model + adapter)
     imatrix: bool = False  # quantized with the run's importance matrix
     target: str | None = None  # a size-targeted mix: its target, e.g. "size of Q4_K_M" or "4.8 bpw"
+
+
+@dataclass
+class OtherText:
+    """A further evaluation text (compare.also): its reference and the candidates scored on it."""
+
+    name: str
+    reference: Path  # its reference.kld
+    text: Path
+    scores: list[VariantScore]
 
 
 def evaluation_tokens(model: Path, text: Path, ctx: int, chunks: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -224,9 +234,22 @@ def assemble_report(
     gates: GateLimits = None,
     kv_cache: str = "f32",
     engine: str = "numpy",
+    others: Sequence[OtherText] = (),
 ) -> Report:
-    """report.json/.md/.html from scored variants (in report order); returns the report, whose
-    "gates" entry says whether every gate passed (the caller decides how to fail: gates.enforce_gates)."""
+    """report.json/.md/.html from scored variants (in report order), and a section per further
+    evaluation text; returns the report, whose "gates" entry says whether every gate passed (the
+    caller decides how to fail: gates.enforce_gates)."""
+    report = build_report(**_report_args(reference, scores, text), gates=gates, workdir=workdir, kv_cache=kv_cache, engine=engine)
+    if others:
+        report["other_texts"] = [
+            other_text_section(o.name, build_report(**_report_args(o.reference, o.scores, o.text), workdir=workdir, kv_cache=kv_cache))
+            for o in others
+        ]
+    write_reports(report, workdir, gates)
+    return report
+
+
+def _report_args(reference: Path, scores: Sequence[VariantScore], text: Path) -> dict[str, Any]:
     # A reference.kld made by llama-perplexity has no reference.json: fall back to what the .kld says.
     meta: ReferenceMeta | None = json.loads(meta_path(reference).read_text()) if meta_path(reference).exists() else None
     adapter_effect: KLDResult | None = None
@@ -236,22 +259,16 @@ def assemble_report(
     with ReferenceFile(reference) as ref:
         n_chunk, n_ctx = ref.n_chunk, ref.n_ctx
     ref_ppl = meta["ppl"] if meta else scores[0].stats.ppl_base if scores else float("nan")
-    report = build_report(
-        text_path=text,
-        text_tokens=int(meta["text_tokens"] if meta else n_chunk * n_ctx),
-        ctx=n_ctx,
-        chunks=n_chunk,
-        reference_name="f16+lora",
-        reference_ppl=ref_ppl,
-        adapter_effect=adapter_effect,
-        variants=scores,
-        gates=gates,
-        workdir=workdir,
-        kv_cache=kv_cache,
-        engine=engine,
-    )
-    write_reports(report, workdir, gates)
-    return report
+    return {
+        "text_path": text,
+        "text_tokens": int(meta["text_tokens"] if meta else n_chunk * n_ctx),
+        "ctx": n_ctx,
+        "chunks": n_chunk,
+        "reference_name": "f16+lora",
+        "reference_ppl": ref_ppl,
+        "adapter_effect": adapter_effect,
+        "variants": scores,
+    }
 
 
 def compare_models(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,17 @@ class CompareConfig(_Strict):
     # numpy: loraq's own float32 pass (no dependency); llama.cpp: llama-cpp-python's kernels on any
     # accelerator it was built for (the extra loraq[llama-cpp]), for big models
     engine: Literal["numpy", "llama.cpp"] = "numpy"
+    # More evaluation texts, name -> path (e.g. {generic: wiki.txt} beside a domain text): each is
+    # scored like `text` and gets its own table; gates, deliver and the plot use `text`.
+    also: dict[str, str] = Field(default_factory=dict, max_length=16)
+
+    @field_validator("also")
+    @classmethod
+    def _also(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}", name):
+                raise ValueError(f"'{shown(name, 40)}': a text's name is 1-32 letters, digits, _ or - (it names a folder)")
+        return v
 
 
 class DeliverBest(_Strict):
@@ -406,6 +418,9 @@ def load_config(path: Path | str) -> Config:
             missing.append(f"adapters.{i}.path: not found: {a.path}")
     if cfg.compare and not cfg.resolve(cfg.compare.text).exists():
         missing.append(f"compare.text: file not found: {cfg.compare.text}")
+    for name, t in cfg.compare.also.items() if cfg.compare else ():
+        if not cfg.resolve(t).exists():
+            missing.append(f"compare.also.{name}: file not found: {t}")
     if cfg.imatrix and not cfg.resolve(cfg.imatrix.text).exists():
         missing.append(f"imatrix.text: file not found: {cfg.imatrix.text}")
     if missing:

@@ -26,8 +26,8 @@ from ..atomic import (
     stale_temps,
 )
 from ..compare.gates import GateFailure, check_gates
-from ..compare.report import load_report
-from ..compare.stage import Candidate, assemble_report, build_reference, meta_path, read_score, score_to_file
+from ..compare.report import VariantScore, load_report
+from ..compare.stage import Candidate, OtherText, assemble_report, build_reference, meta_path, read_score, score_to_file
 from ..convert import convert_adapter, convert_hf_base
 from ..convert.lora_gguf import runtime_refusal, vocab_grows
 from ..errors import BadArguments
@@ -46,6 +46,7 @@ from .lock import LOCK, running_pid, workdir_lock
 Event = dict[str, Any]
 STAGE_KINDS = ("convert", "merge", "quantize")
 SCORES = "scores"  # workdir/scores/<variant>.json: one per score:<variant> stage
+TEXTS = "texts"  # workdir/texts/<name>/: reference.kld and scores/ of each compare.also text
 
 
 @dataclass
@@ -194,17 +195,12 @@ def build_stages(cfg: Config) -> list[Stage]:
     if c is not None:
         # A grown vocabulary: the base's logits cover fewer tokens than the reference's, so no KLD to them (no effect size).
         grown = any(vocab_grows(adapters[i][0], base) for i in merge_only)
-        stages += _compare_stages(cfg, c, base, adapters, stages, with_base=not grown)
+        ref_model = None
         if merge_only:  # the full-precision fine-tune is the merged F16 itself (merge is exact to f16 rounding)
             why = "; ".join(f"{cfg.adapters[i].path}: {w}" for i, w in merge_only.items())
-            ref = next(s for s in stages if s.name == "reference")
             no_base = "; no base variant: the vocabulary grows" if grown else ""
-            ref.settings["reference_model"] = f"merged-{cfg.merge.outtype} (runtime LoRA off, llama.cpp cannot run {why}{no_base})"
-            ref.inputs = {"merged": merged, "text": ref.inputs["text"]}
-            ref.after = ["merge"]
-            ref.action = partial(
-                build_reference, merged, [], cfg.resolve(c.text), c.ctx, c.chunks, ref.outputs[0], cpu_threads(cfg.quantize.threads)
-            )
+            ref_model = RefModel(merged, f"merged-{cfg.merge.outtype} (runtime LoRA off, llama.cpp cannot run {why}{no_base})")
+        stages += _compare_stages(cfg, c, base, adapters, stages, with_base=not grown, ref_model=ref_model)
     if cfg.deliver is not None:
         stages.append(_deliver_stage(cfg, adapters, stages))
     if stages[0].name == "base":  # stages reading the converted base wait for it
@@ -319,25 +315,31 @@ def _deliver_stage(cfg: Config, adapters: list[tuple[Path, float]], before: list
     )
 
 
+@dataclass(frozen=True)
+class RefModel:
+    """The reference when it is not base + runtime adapters: the merged F16 (merge-only adapters)."""
+
+    path: Path
+    label: str  # recorded in the reference stage's settings
+
+
 def _compare_stages(
-    cfg: Config, c: CompareConfig, base: Path, adapters: list[tuple[Path, float]], before: list[Stage], with_base: bool = True
+    cfg: Config,
+    c: CompareConfig,
+    base: Path,
+    adapters: list[tuple[Path, float]],
+    before: list[Stage],
+    with_base: bool = True,
+    ref_model: RefModel | None = None,
 ) -> list[Stage]:
+    """reference, score:<variant> per candidate, for compare.text; the same under texts/<name>/ for
+    each compare.also text (stages reference:<name>, score:<name>:<variant>); then compare, which
+    assembles report.json from all of them."""
     wd = cfg.workdir_path
-    text = cfg.resolve(c.text)
     threads = stage_threads(cfg, "compare")
-    ref = wd / "reference.kld"
     # The engine is part of every compare checkpoint key (its logits differ in the last bits); the
     # default is left out of the key, so workdirs scored before compare.engine existed stay valid.
     eng = {} if c.engine == "numpy" else {"engine": c.engine}
-    ref_inputs = {"base": base, "text": text, **{_aname(i, adapters): p for i, (p, _) in enumerate(adapters)}}
-    reference = Stage(
-        "reference",
-        "reference",
-        {"ctx": c.ctx, "chunks": c.chunks, "scales": [s for _, s in adapters], "kv_cache": c.kv_cache, **eng},
-        ref_inputs,
-        [ref, meta_path(ref)],
-        lambda: build_reference(base, adapters, text, c.ctx, c.chunks, ref, threads, kv_cache=c.kv_cache, engine=c.engine),
-    )
     convert = next((s for s in before if s.kind == "convert"), None)
     # Runtime candidates use the adapter a user deploys: the converted GGUF where there is one.
     deployed = list(adapters)
@@ -354,47 +356,78 @@ def _compare_stages(
         elif s.kind == "quantize-base":
             files = [s.outputs[0], *(p for p, _ in deployed)]
             cands.append(Candidate(variant_name(s), "runtime_lora", t, s.outputs[0], deployed, files, imatrix=imat))
-    # One score:<variant> stage per candidate, its JSON checkpointed on its own: adding a type scores
-    # only that type's variants. Kind "compare", so --force=compare rescores every variant.
-    scores: list[Stage] = []
-    for x in cands:
-        out = wd / SCORES / f"{x.name}.json"
-        reads = [x.model, *(p for p, _ in x.adapters)]
-        upstream = [s.name for s in before if any(f in s.outputs for f in reads)]  # quantize, convert
-        scores.append(
-            Stage(
-                f"score:{x.name}",
-                "compare",
-                {
-                    "kind": x.kind,
-                    "type": x.type,
-                    "scales": [s for _, s in x.adapters],
-                    "ctx": c.ctx,
-                    "chunks": c.chunks,
-                    "kv_cache": c.kv_cache,
-                    **eng,
-                },
-                {"reference": ref, "text": text, "model": x.model, **{f"adapter{k}": p for k, (p, _) in enumerate(x.adapters)}},
-                [out],
-                partial(score_to_file, ref, x, out, threads, c.kv_cache, c.engine),
-                after=["reference", *upstream],
+
+    out: list[Stage] = []
+    per_text: list[tuple[str | None, Path, Stage, list[Stage]]] = []
+    for tag, text_cfg in [(None, c.text), *c.also.items()]:
+        text = cfg.resolve(text_cfg)
+        folder = wd if tag is None else wd / TEXTS / tag
+        suffix = "" if tag is None else f":{tag}"
+        ref = folder / "reference.kld"
+        settings: dict[str, Any] = {"ctx": c.ctx, "chunks": c.chunks, "scales": [s for _, s in adapters], "kv_cache": c.kv_cache, **eng}
+        if ref_model is None:
+            ref_inputs = {"base": base, "text": text, **{_aname(i, adapters): p for i, (p, _) in enumerate(adapters)}}
+            act = partial(build_reference, base, adapters, text, c.ctx, c.chunks, ref, threads, kv_cache=c.kv_cache, engine=c.engine)
+            after: list[str] = []
+        else:
+            settings["reference_model"] = ref_model.label
+            ref_inputs = {"merged": ref_model.path, "text": text}
+            act = partial(build_reference, ref_model.path, [], text, c.ctx, c.chunks, ref, threads, kv_cache=c.kv_cache, engine=c.engine)
+            after = ["merge"]
+        reference = Stage(f"reference{suffix}", "reference", settings, ref_inputs, [ref, meta_path(ref)], act, after=after)
+        # One score:<variant> stage per candidate, its JSON checkpointed on its own: adding a type scores
+        # only that type's variants. Kind "compare", so --force=compare rescores every variant.
+        scores: list[Stage] = []
+        for x in cands:
+            sfile = folder / SCORES / f"{x.name}.json"
+            reads = [x.model, *(p for p, _ in x.adapters)]
+            upstream = [s.name for s in before if any(f in s.outputs for f in reads)]  # quantize, convert
+            scores.append(
+                Stage(
+                    f"score{suffix}:{x.name}",
+                    "compare",
+                    {
+                        "kind": x.kind,
+                        "type": x.type,
+                        "scales": [s for _, s in x.adapters],
+                        "ctx": c.ctx,
+                        "chunks": c.chunks,
+                        "kv_cache": c.kv_cache,
+                        **eng,
+                    },
+                    {"reference": ref, "text": text, "model": x.model, **{f"adapter{k}": p for k, (p, _) in enumerate(x.adapters)}},
+                    [sfile],
+                    partial(score_to_file, ref, x, sfile, threads, c.kv_cache, c.engine),
+                    after=[reference.name, *upstream],
+                )
             )
-        )
+        per_text.append((tag, text, reference, scores))
+        out += [reference, *scores]
+
+    def assemble() -> None:
+        def scored(ss: list[Stage]) -> list[VariantScore]:
+            return [read_score(s.outputs[0], x) for s, x in zip(ss, cands, strict=True)]
+
+        (_, text, reference, scores), extra = per_text[0], per_text[1:]
+        others = [OtherText(str(tag), r.outputs[0], t, scored(ss)) for tag, t, r, ss in extra]
+        assemble_report(reference.outputs[0], scored(scores), text, wd, c.gates, c.kv_cache, c.engine, others=others)
+
     # The report only assembles the score files (fast). Gates are not a setting: run re-applies
     # changed gates to the report without rescoring (check_run_gates).
-    report = [wd / "report.json", wd / "report.md", wd / "report.html"]
+    inputs: dict[str, Path] = {}
+    for _, _, r, ss in per_text:
+        inputs |= {r.name: r.outputs[0], f"{r.name}-meta": r.outputs[1], **{s.name: s.outputs[0] for s in ss}}
+    also = {"also": list(c.also)} if c.also else {}  # absent without extra texts: older workdirs stay valid
     compare = Stage(
         "compare",
         "compare",
-        {"variants": [x.name for x in cands], **eng},
-        {"reference": ref, "reference-meta": meta_path(ref), **{s.name: s.outputs[0] for s in scores}},
-        report,
-        lambda: assemble_report(
-            ref, [read_score(s.outputs[0], x) for s, x in zip(scores, cands, strict=True)], text, wd, c.gates, c.kv_cache, c.engine
-        ),
-        after=["reference", *(s.name for s in scores)],
+        {"variants": [x.name for x in cands], **eng, **also},
+        inputs,
+        [wd / "report.json", wd / "report.md", wd / "report.html"],
+        assemble,
+        after=[s.name for s in out],
     )
-    return [reference, *scores, compare]
+    return [*out, compare]
 
 
 def check_run_gates(cfg: Config) -> list[GateFailure]:
@@ -462,6 +495,8 @@ def _config_inputs(cfg: Config) -> dict[str, Path]:
         ins[_aname(i, cfg.adapters)] = cfg.resolve(a.path)
     if cfg.compare is not None:
         ins["evaluation text"] = cfg.resolve(cfg.compare.text)
+        for name, t in cfg.compare.also.items():
+            ins[f"evaluation text {name}"] = cfg.resolve(t)
     if cfg.imatrix is not None:
         ins["calibration text"] = cfg.resolve(cfg.imatrix.text)
     return ins
@@ -515,8 +550,9 @@ def workdir_state(cfg: Config) -> WorkdirState:
 
 
 def _stale_temps(wd: Path) -> list[Path]:
-    """Temporaries of killed runs in the workdir and in its scores/ folder."""
-    return stale_temps(wd) + stale_temps(wd / SCORES)
+    """Temporaries of killed runs in the workdir, its scores/ folder and each extra text's folders."""
+    extra = sorted(p for p in (wd / TEXTS).glob("*") if p.is_dir()) if (wd / TEXTS).is_dir() else []
+    return stale_temps(wd) + stale_temps(wd / SCORES) + [t for d in extra for t in stale_temps(d) + stale_temps(d / SCORES)]
 
 
 def _remove_leftovers(wd: Path, emit: Callable[[Event], None]) -> None:
