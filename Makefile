@@ -38,12 +38,18 @@ $(DEMO)/eval.txt: | $(BIN)/python
 demo: $(DEMO)/adapter/adapter_model.safetensors $(DEMO)/eval.txt
 	$(BIN)/loraq run configs/smollm2-demo.yaml
 
+# torch, transformers and peft build PEFT adapters (DoRA, modules_to_save, ...) in the tests, to
+# check loraq's merge against PEFT's own merge_and_unload; never needed at run time.
+$(VENV)/.peft: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,peft-tests]'
+	touch $@
+
 # The fast tier (under 5 minutes on 2 cores); the slow tier holds the real-model end-to-end and
 # subprocess-heavy cases. .ci/run runs both, then lint, then the interop tier.
-test: $(VENV)/.installed $(SMOL)
+test: $(VENV)/.installed $(VENV)/.peft $(SMOL)
 	$(BIN)/pytest -q
 
-test-slow: $(VENV)/.installed $(SMOL)
+test-slow: $(VENV)/.installed $(VENV)/.peft $(SMOL)
 	$(BIN)/pytest -q -m 'slow and not interop'
 
 # ruff (lint + format check) and mypy, configured in pyproject.toml.
@@ -52,8 +58,8 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check loraq tests scripts
 	$(BIN)/mypy
 
-$(VENV)/.interop: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[dev,interop]'
+$(VENV)/.interop: $(VENV)/.installed $(VENV)/.peft
+	$(BIN)/pip install -q -e '.[dev,interop,peft-tests]'
 	touch $@
 
 test-interop: $(VENV)/.interop $(SMOL)
