@@ -351,3 +351,23 @@ def test_token_id_far_past_the_vocabulary_is_refused_before_allocating(tok, base
     (ad / "adapter_config.json").write_text(json.dumps(doc))
     with pytest.raises(BadInput, match="token id 5000000"):
         merge(bases[False], [(ad, 1.0)], tmp_path)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_hf_folder_base_sees_a_tied_head_before_converting(tied, tok, tmp_path):
+    """With an HF folder as base the GGUF does not exist when the stages are planned: the lm_head
+    LoRA on a tied model must still be found merge-only (no convert stage, no runtime variants)
+    from the folder's safetensors headers, and an untied one must not."""
+    import yaml
+
+    from loraq.pipeline.config import load_config
+    from loraq.pipeline.runner import build_stages
+
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    pm.build(tok, tied, cfg, tmp_path / "adapter")
+    hf = tmp_path / "hf"
+    pm.make_model(len(tok), tied).save_pretrained(hf, safe_serialization=True)
+    doc = {"name": "t", "workdir": "work", "base": "hf", "adapters": [{"path": "adapter"}], "quantize": {"types": ["Q8_0"]}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(doc | {"compare": {"text": "cfg.yaml"}}))
+    names = [s.name for s in build_stages(load_config(tmp_path / "cfg.yaml"))]
+    assert ("convert" in names) is not tied and any(n.startswith("quantize-base") for n in names) is not tied, names

@@ -344,6 +344,15 @@ def index_tensors(folder: Path) -> list[_Source]:
     return [s for s in sources if not s.hf_name.endswith(SKIPPED_SUFFIXES)]
 
 
+def hf_head_facts(folder: Path) -> tuple[bool, int | None]:
+    """(tied: the folder has no lm_head tensor, so its GGUF has no output.weight; rows of
+    embed_tokens, or None), from the safetensors headers only."""
+    sources = index_tensors(folder)
+    tied = not any(s.hf_name.split(".")[-2:] == ["lm_head", "weight"] for s in sources)
+    emb = next((s for s in sources if s.hf_name.endswith("embed_tokens.weight")), None)
+    return tied, (emb.shape[0] if emb is not None and emb.shape else None)
+
+
 def _permute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's Q/K permutation: per head, rows (2, d/2) -> (d/2, 2), for weights and biases."""
     rows = x.shape[0]

@@ -42,6 +42,7 @@ from ..ggml_types import GGMLType, ggml_type
 from ..gguf_io import GGUFFile, GGUFStreamWriter, KVList, open_gguf
 from ..gguf_io.writer import OutTensor
 from ..kernels import quantize
+from .hf_base import hf_head_facts
 from .peft import MERGE_HINT, LoraModule, PeftAdapter, load_peft_adapter
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -331,11 +332,16 @@ def runtime_refusal(adapter: Path | str, base: Path | str) -> str | None:
     try:
         peft = load_peft_adapter(adapter, merge=True)
         why = peft.merge_only
+        tied_head = "an lm_head LoRA on a base whose output is tied to its embeddings"
         if Path(base).is_file():
             with open_gguf(base) as g:
                 tm = TargetMap(g)
                 if tm.tied and any(tm.tmap.get_name(m.name) == "output" for m in peft.modules):
-                    why.append("an lm_head LoRA on a base whose output is tied to its embeddings")
+                    why.append(tied_head)
+        elif Path(base).is_dir():  # an HF folder not converted yet: tied when it has no lm_head tensor (nor will its GGUF)
+            tied, _ = hf_head_facts(Path(base))
+            if tied and any(m.name.split(".")[-1] == "lm_head" for m in peft.modules):
+                why.append(tied_head)
     except LoraqError:
         return None
     return "; ".join(why) or None
@@ -349,10 +355,16 @@ def vocab_grows(adapter: Path | str, base: Path | str) -> bool:
 
     try:
         peft = load_peft_adapter(adapter, merge=True)
-        with open_gguf(base) as g:
-            if not g.has_tensor("token_embd.weight"):
+        if Path(base).is_dir():  # an HF folder not converted yet: its embed_tokens rows, from the headers
+            _, n_vocab = hf_head_facts(Path(base))
+            if n_vocab is None:
                 return False
-            n_base = g.tensor("token_embd.weight").ne[1]
+            n_base = n_vocab
+        else:
+            with open_gguf(base) as g:
+                if not g.has_tensor("token_embd.weight"):
+                    return False
+                n_base = g.tensor("token_embd.weight").ne[1]
         parts = peft.parts
         rows = [peft._file.shape(k)[0] for k in parts.full.values()] if peft._file else []
         rows += [max(ids, default=-1) + 1 for ids, _ in parts.tokens.values()]

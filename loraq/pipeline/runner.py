@@ -98,6 +98,7 @@ def build_stages(cfg: Config) -> list[Stage]:
     base = cfg.resolve(cfg.base)
     adapters = [(cfg.resolve(a.path), a.scale) for a in cfg.adapters]
     stages: list[Stage] = []
+    probe = base  # what the adapter checks read: the HF folder itself before its GGUF exists
     if base.is_dir():  # a Hugging Face folder: the `base` stage converts it once, every stage reads its GGUF
         hf, base = base, wd / f"base-{cfg.base_outtype}.gguf"
         stages.append(
@@ -106,7 +107,7 @@ def build_stages(cfg: Config) -> list[Stage]:
 
     # Adapters only a merge can apply (DoRA, modules_to_save, ...): no runtime GGUF adapter is made,
     # and compare scores merged variants only, against the merged F16 as its reference.
-    merge_only = {i: why for i, (p, _) in enumerate(adapters) if _is_peft(p) and (why := runtime_refusal(p, base))}
+    merge_only = {i: why for i, (p, _) in enumerate(adapters) if _is_peft(p) and (why := runtime_refusal(p, probe))}
     if merge_only and cfg.deliver is not None and cfg.deliver.adapter:
         i, why = next(iter(merge_only.items()))
         raise BadArguments(
@@ -194,7 +195,7 @@ def build_stages(cfg: Config) -> list[Stage]:
 
     if c is not None:
         # A grown vocabulary: the base's logits cover fewer tokens than the reference's, so no KLD to them (no effect size).
-        grown = any(vocab_grows(adapters[i][0], base) for i in merge_only)
+        grown = any(vocab_grows(adapters[i][0], probe) for i in merge_only)
         ref_model = None
         if merge_only:  # the full-precision fine-tune is the merged F16 itself (merge is exact to f16 rounding)
             why = "; ".join(f"{cfg.adapters[i].path}: {w}" for i, w in merge_only.items())
