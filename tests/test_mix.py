@@ -176,3 +176,17 @@ def test_llama_quantize_replays_the_mix(synth256, tmp_path):
         for t in a.tensors:
             u = b.tensor(t.name)
             assert (t.type, a.read_raw(t).tobytes()) == (u.type, b.read_raw(u).tobytes()), t.name
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_tied_embedding_keeps_the_heads_type(smollm2_q4_1, tmp_path, tied):
+    """A tied token_embd is also the output head: its error reaches every logit, which its lookup
+    row error (the loss the search would use) does not see. On SmolLM2 a mix that priced it as a
+    lookup took iq4_nl for it and lost 1.7x Q4_K_M's KLD; it must keep the ftype's head type."""
+    from loraq.quantize.driver import QuantizeOptions
+    from loraq.quantize.mix import target_mix
+    from scripts import make_synthetic_model
+
+    m = make_synthetic_model.make_model(tmp_path / "m.gguf", smollm2_q4_1, n_embd=256, n_ff=512, n_layer=1, tied=tied, n_vocab=4096)
+    pairs, _ = target_mix(m, "Q4_K_M", QuantizeOptions(), size_of="Q4_K_M")
+    assert any(p == "^token_embd\\.weight$" for p, _ in pairs) is not tied, pairs

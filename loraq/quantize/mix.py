@@ -247,7 +247,12 @@ def target_mix(
         else:
             ref, _ = plan_quantize(g, file_type(str(size_of)), opts, dry_run=True)
             budget = sum(e.nbytes for e in ref)
-        searched = [e for e in plan if e.dst.quantized and e.dst != e.src and len(e.ne) == 2]
+        # A tied token_embd is also the output head: its error reaches every logit, which the
+        # lookup's row error does not measure; it keeps the type the ftype's rules give the head.
+        tied = not g.has_tensor("output.weight")
+        searched = [
+            e for e in plan if e.dst.quantized and e.dst != e.src and len(e.ne) == 2 and not (tied and e.name == "token_embd.weight")
+        ]
         fixed = total - sum(e.nbytes for e in searched)
         # the list itself is stored in the file: one string per tensor, ~40 bytes each
         kv_bytes = sum(len(f"^{re.escape(e.name)}$=q4_0") + 8 for e in searched) + 64
