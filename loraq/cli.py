@@ -162,16 +162,22 @@ def merge(
         False, "--allow-requantize", help="Accept a quantized base (dequantized; the result is quantized twice)."
     ),
     threads: int = typer.Option(0, "--threads", "-t", help="BLAS threads for the B·A products (0: the CPUs available)."),
+    base_precision: str = typer.Option(
+        "original",
+        "--base-precision",
+        help="original, or nf4_roundtrip (QLoRA: merge into the linear weights as bitsandbytes' NF4 gave them in training).",
+    ),
 ) -> None:
     """W + scale·(alpha/r)·B·A into one GGUF (llama-export-lora, rounded once from float64)."""
     _number("--threads", threads, 0, MAX_THREADS)
     set_blas_threads(cpu_threads(threads))
     specs = [AdapterSpec(p, 1.0) for p in lora] + [AdapterSpec(p, s) for p, s in _parse_scaled(lora_scaled)]
     with _gguf_base(base, output) as gguf_base, _progress(len(open_gguf(gguf_base).tensors), "merge") as tick:
-        res = merge_model(gguf_base, specs, output, outtype, allow_requantize, on_tensor=tick)
+        res = merge_model(gguf_base, specs, output, outtype, allow_requantize, on_tensor=tick, base_precision=base_precision)
     for w in res.warnings:
         err.print(f"warning: {w}")
-    out.print(f"wrote {res.out}: {len(res.merged)} tensors merged")
+    nf4 = f", {len(res.nf4)} base tensors through the NF4 roundtrip" if res.nf4 else ""
+    out.print(f"wrote {res.out}: {len(res.merged)} tensors merged{nf4}")
 
 
 @app.command()
