@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -46,8 +47,41 @@ from ..merge.merge import _apply
 from ..quantize.driver import QuantizeOptions, plan_quantize
 from .noise import BaseModel, fro_sq_lowrank, open_base, predict_noise, rel
 
-if TYPE_CHECKING:
-    from ..pipeline.config import Config
+
+class _QuantizeSettings(Protocol):
+    @property
+    def types(self) -> list[str]: ...
+    @property
+    def output_tensor_type(self) -> str | None: ...
+    @property
+    def token_embedding_type(self) -> str | None: ...
+    @property
+    def tensor_types(self) -> dict[str, str]: ...
+    @property
+    def pure(self) -> bool: ...
+    @property
+    def leave_output_tensor(self) -> bool: ...
+
+
+class _AdapterSetting(Protocol):
+    @property
+    def path(self) -> str: ...
+    @property
+    def scale(self) -> float: ...
+
+
+class ConfigLike(Protocol):
+    """What the check reads of loraq.pipeline.config.Config (a layer above this one)."""
+
+    @property
+    def base(self) -> str: ...
+    @property
+    def base_outtype(self) -> str: ...
+    @property
+    def quantize(self) -> _QuantizeSettings: ...
+    @property
+    def adapters(self) -> Sequence[_AdapterSetting]: ...
+    def resolve(self, p: str) -> Path: ...
 
 
 @dataclass
@@ -138,7 +172,7 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def check_config(cfg: Config) -> CheckResult:
+def check_config(cfg: ConfigLike) -> CheckResult:
     """`loraq check` for a loaded config (see load_config): the adapters, base and quantize types it names."""
     q = cfg.quantize
     opts = QuantizeOptions(
