@@ -78,6 +78,8 @@ class ConfigLike(Protocol):
     @property
     def base_outtype(self) -> str: ...
     @property
+    def allow_requantized_base(self) -> bool: ...
+    @property
     def quantize(self) -> _QuantizeSettings: ...
     @property
     def adapters(self) -> Sequence[_AdapterSetting]: ...
@@ -181,6 +183,7 @@ def check_config(cfg: ConfigLike) -> CheckResult:
         tensor_types=list(q.tensor_types.items()),
         pure=q.pure,
         leave_output_tensor=q.leave_output_tensor,
+        allow_requantize=cfg.allow_requantized_base,
     )
     adapters = [(cfg.resolve(a.path), a.scale) for a in cfg.adapters]
     return check(cfg.resolve(cfg.base), adapters, q.types, opts, base_outtype=cfg.base_outtype)
