@@ -237,3 +237,81 @@ def test_original_precision_unchanged(smollm2_f16, tmp_path):
     merge_model(smollm2_f16, [AdapterSpec(ad, 1.0)], a, "f16")
     merge_model(smollm2_f16, [AdapterSpec(ad, 1.0)], b, "f16", base_precision="original")
     assert Path(a).read_bytes() == Path(b).read_bytes()
+
+
+def test_merge_nf4_dora_equals_peft_on_nf4_weights(tmp_path):
+    """A DoRA adapter merged with base_precision=nf4_roundtrip equals PEFT's merge_and_unload on a
+    model whose linear weights were replaced by their NF4 roundtrip in HF order (the oracle never
+    permutes; loraq un-permutes the GGUF's q/k rows, roundtrips, permutes back). A head of q is
+    48 rows of 192 = 144 NF4 blocks, not a whole number of 256-block absmax groups (as SmolLM2's 576
+    blocks are not), so a roundtrip in the GGUF's row order would group the absmax differently."""
+    torch = pytest.importorskip("torch", reason="torch is a dev-only dependency")
+    pytest.importorskip("peft", reason="peft is a dev-only dependency")
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peft_models as pm
+
+    tok = pm.make_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=192,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+    def model() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(cfg)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                norm = name.endswith("norm.weight")
+                p.copy_((torch.randn_like(p) * (0.1 if norm else 0.05) + (1.0 if norm else 0.0)).half().float())
+        return m.eval()
+
+    base = pm.write_gguf(model(), tok, tmp_path / "base.gguf")
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"], use_dora=True, init_lora_weights=False)
+    torch.manual_seed(1)
+    p = get_peft_model(model(), lcfg)
+    pm._perturb(p, 1)
+    p.save_pretrained(tmp_path / "adapter")
+
+    nf4_model = model()
+    linear = {n for n, mod in nf4_model.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
+    with torch.no_grad():
+        for n in linear:
+            w = nf4_model.get_submodule(n).weight
+            w.copy_(torch.from_numpy(nf4_roundtrip(w.numpy(), "bf16")))
+    with torch.no_grad():
+        merged = PeftModel.from_pretrained(nf4_model, tmp_path / "adapter").merge_and_unload()
+    want = {k: v.detach().double().numpy() for k, v in merged.state_dict().items()}
+
+    out = tmp_path / "merged.gguf"
+    res = merge_model(base, [AdapterSpec(tmp_path / "adapter", 1.0)], out, "f16", base_precision="nf4_roundtrip")
+    assert len(res.nf4) == len(linear) == 14
+    heads = {"q_proj": 4, "k_proj": 2}
+    with open_gguf(out) as g:
+        for t in g.tensors:
+            hf = next(k for k in want if pm.gguf_name(k, 2) == t.name)
+            x = want[hf]
+            h = heads.get(hf.split(".")[-2])
+            if h:
+                x = pm.permute(x, h)
+                # the test can fail: the roundtrip in GGUF row order differs
+                assert not np.array_equal(
+                    pm.permute(nf4_roundtrip(want[hf].astype(np.float32), "f32"), h), nf4_roundtrip(x.astype(np.float32), "f32")
+                )
+            got = read_f32(g, t).reshape(x.shape)
+            if t.n_dims == 1:
+                assert np.array_equal(got, x.astype(np.float32)), t.name
+                continue
+            ref = x.astype(np.float16).astype(np.float64)
+            ulp = np.spacing(np.maximum(np.abs(got), np.abs(ref)).astype(np.float16)).astype(np.float64)
+            assert (np.abs(got - ref) <= ulp).all(), (t.name, float(np.abs(got - ref).max()))
