@@ -179,6 +179,7 @@ def test_smollm2_bit_exact_and_cuda_rounding(bnb, smollm2_f16):
 # -- merge.base_precision ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 10 s: all 210 SmolLM2 matrices through the roundtrip
 def test_merge_nf4_roundtrip(smollm2_f16, tmp_path):
     """Every blk.* matrix becomes f16(nf4(W in HF row order) + s·B·A); embeddings and norms stay."""
     ad = make_adapter(smollm2_f16, tmp_path / "ad", targets=["q_proj", "v_proj"], layers=[0])
@@ -209,12 +210,12 @@ def test_merge_nf4_roundtrip(smollm2_f16, tmp_path):
             assert np.array_equal(m.read_raw(m.tensor(name)), g.read_raw(g.tensor(name))), name
 
 
-def test_merge_base_precision_cli_and_config(smollm2_f16, tmp_path, capsys):
-    ad = make_adapter(smollm2_f16, tmp_path / "ad", targets=["q_proj"], layers=[0])
+def test_merge_base_precision_cli_and_config(smollm2_f16, synth256, tmp_path, capsys):
+    ad = make_adapter(synth256, tmp_path / "ad", targets=["q_proj"], layers=[0])
     out = tmp_path / "m.gguf"
-    assert run_cli(["merge", str(smollm2_f16), "--lora", str(ad), "-o", str(out), "--base-precision", "nf4_roundtrip"]) == 0
-    assert "210 base tensors through the NF4 roundtrip" in capsys.readouterr().out
-    assert run_cli(["merge", str(smollm2_f16), "--lora", str(ad), "-o", str(out), "--base-precision", "nf8"]) == 2
+    assert run_cli(["merge", str(synth256), "--lora", str(ad), "-o", str(out), "--base-precision", "nf4_roundtrip"]) == 0
+    assert "28 base tensors through the NF4 roundtrip" in capsys.readouterr().out  # 4 layers x 7 matrices
+    assert run_cli(["merge", str(synth256), "--lora", str(ad), "-o", str(out), "--base-precision", "nf8"]) == 2
     cfg = tmp_path / "c.yaml"
     body = {
         "name": "t",
