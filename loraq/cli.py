@@ -571,7 +571,7 @@ def check(
         sys.stdout.write(json.dumps(res.to_json(), allow_nan=False, default=str) + "\n")
         return
     ok = lambda b: "ok" if b else "NO"  # noqa: E731
-    out.print(f"base {res.base} ({res.base_kind}): architecture {res.arch} {ok(res.arch_ok)}{_why(res.arch_why)}")
+    out.print(f"base {res.base} ({res.base_kind}): architecture {res.arch or '-'} {ok(res.arch_ok)}{_why(res.arch_why)}")
     out.print(f"tokenizer {res.tokenizer or '-'} {ok(res.tokenizer_ok)}{_why(res.tokenizer_why)}")
     for a in res.adapters:
         out.print(f"adapter {a.path} (scale {a.scale:g}): {a.deployment}")

@@ -344,3 +344,15 @@ def test_hf_folder_base_equals_its_gguf(pm, tok, tiny, tmp_path):
         for u, v in zip(x.types, y.types):
             assert (u.type, u.below) == (v.type, v.below)
             assert u.noise_sq == pytest.approx(v.noise_sq, rel=1e-12)  # the model's weights are exactly f16
+
+
+def test_unsupported_hf_architecture_is_a_verdict(tmp_path, demo, capsys):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 64}))
+    (folder / "tokenizer.model").write_bytes(b"\0")
+    r = check(folder, [(demo, 1.0)], ["Q8_0"])
+    assert not r.arch_ok and "GPT2LMHeadModel" in (r.arch_why or "") and "qwen2" in (r.arch_why or "")
+    assert not r.tokenizer_ok and "SentencePiece" in (r.tokenizer_why or "")
+    assert run_cli(["check", str(_config(tmp_path, folder, demo, ["Q8_0"]))]) == 0
+    assert "architecture - NO" in capsys.readouterr().out
