@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -91,14 +91,13 @@ class HFModelView:
 
 
 @dataclass
-class BaseModel:
+class BaseView:
     """The base for the check: a GGUF, or a Hugging Face folder read in place (`view`)."""
 
     path: Path
     kind: str  # "gguf" or "hf"
     g: GGUFFile  # a GGUFFile, or an HFModelView typed as one (it has every attribute planning reads)
     hf: HFModelView | None = None
-    _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def read(self, name: str) -> np.ndarray:
         """Tensor `name` as float32 in numpy orientation (rows × ne[0])."""
@@ -108,15 +107,15 @@ class BaseModel:
 
 
 @contextmanager
-def open_base(path: Path, outtype: str = "f16") -> Iterator[BaseModel]:
+def open_base(path: Path, outtype: str = "f16") -> Iterator[BaseView]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BadArguments(f"base {path} is a folder without config.json; give a GGUF or a Hugging Face model folder")
         view = HFModelView(path, outtype)
-        yield BaseModel(path, "hf", cast(GGUFFile, view), view)
+        yield BaseView(path, "hf", cast(GGUFFile, view), view)
         return
     with open_gguf(path) as g:
-        yield BaseModel(path, "gguf", g)
+        yield BaseView(path, "gguf", g)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from ..ggml_types import file_type, ggml_type
 from ..merge.lora_file import VOCAB_TENSORS, LoraAdapter, load_adapter
 from ..merge.merge import _apply
 from ..quantize.driver import QuantizeOptions, plan_quantize
-from .noise import BaseModel, fro_sq_lowrank, open_base, predict_noise, rel
+from .noise import BaseView, fro_sq_lowrank, open_base, predict_noise, rel
 
 
 class _QuantizeSettings(Protocol):
@@ -242,7 +242,7 @@ def check(
     )
 
 
-def _arch_support(bm: BaseModel) -> tuple[bool, str | None]:
+def _arch_support(bm: BaseView) -> tuple[bool, str | None]:
     from ..llama.engine import ARCHS
 
     arch = bm.g.arch
@@ -253,7 +253,7 @@ def _arch_support(bm: BaseModel) -> tuple[bool, str | None]:
     return True, None
 
 
-def _tokenizer_support(bm: BaseModel) -> tuple[str | None, bool, str | None]:
+def _tokenizer_support(bm: BaseView) -> tuple[str | None, bool, str | None]:
     from ..llama.tokenizer import PRE_TOKENIZERS
 
     if bm.hf is not None:
@@ -279,7 +279,7 @@ def _hf_tokenizer(folder: Path) -> tuple[str | None, bool, str | None]:
     return f"{model} (tokenizer.json)", True, None
 
 
-def _adapter_check(bm: BaseModel, path: Path, scale: float) -> tuple[AdapterCheck, LoraAdapter | None]:
+def _adapter_check(bm: BaseView, path: Path, scale: float) -> tuple[AdapterCheck, LoraAdapter | None]:
     """The two deployment paths for one adapter, and the adapter as the merge reads it (or None)."""
     runtime = PathVerdict(True)
     if path.is_dir():
@@ -313,7 +313,7 @@ def _adapter_check(bm: BaseModel, path: Path, scale: float) -> tuple[AdapterChec
     return AdapterCheck(str(path), scale, runtime, merged, grows, notes), lora
 
 
-def _grows(bm: BaseModel, lora: LoraAdapter) -> bool:
+def _grows(bm: BaseView, lora: LoraAdapter) -> bool:
     if not bm.g.has_tensor("token_embd.weight"):
         return False
     n = bm.g.tensor("token_embd.weight").ne[1]
@@ -327,7 +327,7 @@ def _touched(lora: LoraAdapter) -> set[str]:
 
 
 def _tensor_checks(
-    bm: BaseModel, loras: list[tuple[LoraAdapter, float]], plans: dict[str, dict[str, Any]]
+    bm: BaseView, loras: list[tuple[LoraAdapter, float]], plans: dict[str, dict[str, Any]]
 ) -> tuple[list[TensorCheck], list[str]]:
     names = sorted(set().union(*(_touched(lo) for lo, _ in loras)), key=_order(bm)) if loras else []
     out: list[TensorCheck] = []
@@ -363,7 +363,7 @@ def _tensor_checks(
     return out, skipped
 
 
-def _order(bm: BaseModel) -> Any:
+def _order(bm: BaseView) -> Any:
     pos = {t.name: i for i, t in enumerate(bm.g.tensors)}
     return lambda n: pos.get(n, len(pos))
 
