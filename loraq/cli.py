@@ -161,16 +161,22 @@ def merge(
         False, "--allow-requantize", help="Accept a quantized base (dequantized; the result is quantized twice)."
     ),
     threads: int = typer.Option(0, "--threads", "-t", help="BLAS threads for the B·A products (0: the CPUs available)."),
+    base_precision: str = typer.Option(
+        "original",
+        "--base-precision",
+        help="original, or nf4_roundtrip (QLoRA: merge into the linear weights as bitsandbytes' NF4 gave them in training).",
+    ),
 ) -> None:
     """W + scale·(alpha/r)·B·A into one GGUF (llama-export-lora, rounded once from float64)."""
     _number("--threads", threads, 0, MAX_THREADS)
     set_blas_threads(cpu_threads(threads))
     specs = [AdapterSpec(p, 1.0) for p in lora] + [AdapterSpec(p, s) for p, s in _parse_scaled(lora_scaled)]
     with _gguf_base(base, output) as gguf_base, _progress(len(open_gguf(gguf_base).tensors), "merge") as tick:
-        res = merge_model(gguf_base, specs, output, outtype, allow_requantize, on_tensor=tick)
+        res = merge_model(gguf_base, specs, output, outtype, allow_requantize, on_tensor=tick, base_precision=base_precision)
     for w in res.warnings:
         err.print(f"warning: {w}")
-    out.print(f"wrote {res.out}: {len(res.merged)} tensors merged")
+    nf4 = f", {len(res.nf4)} base tensors through the NF4 roundtrip" if res.nf4 else ""
+    out.print(f"wrote {res.out}: {len(res.merged)} tensors merged{nf4}")
 
 
 @app.command()
@@ -547,6 +553,60 @@ def _print_report(workdir: Path) -> None:
         )
     out.print(t)
     out.print(f"report: {workdir / 'report.html'}")
+
+
+@app.command()
+def check(
+    config: Path = typer.Argument(..., help="The pipeline's YAML config."),
+    json_out: bool = typer.Option(False, "--json", help="The whole result as one JSON object on stdout."),
+    all_tensors: bool = typer.Option(False, "--all-tensors", help="List every adapted tensor, not only those below some type's noise."),
+) -> None:
+    """Preflight, writing nothing: deployment paths per adapter, architecture and tokenizer support,
+    and whether each adapted tensor's delta is below each requested type's quantization noise.
+    Exits 0 whatever the verdicts (it is a report)."""
+    from .check import check_config
+
+    res = check_config(load_config(config))
+    if json_out:
+        sys.stdout.write(json.dumps(res.to_json(), allow_nan=False, default=str) + "\n")
+        return
+    ok = lambda b: "ok" if b else "NO"  # noqa: E731
+    out.print(f"base {res.base} ({res.base_kind}): architecture {res.arch or '-'} {ok(res.arch_ok)}{_why(res.arch_why)}")
+    out.print(f"tokenizer {res.tokenizer or '-'} {ok(res.tokenizer_ok)}{_why(res.tokenizer_why)}")
+    for a in res.adapters:
+        out.print(f"adapter {a.path} (scale {a.scale:g}): {a.deployment}")
+        out.print(f"  runtime GGUF adapter: {ok(a.runtime.ok)}{_why(a.runtime.why)}")
+        out.print(f"  merged: {ok(a.merged.ok)}{_why(a.merged.why)}")
+        for n in a.notes:
+            out.print(f"  note: {n}")
+    rows = [tc for tc in res.tensors if all_tensors or any(tn.below for tn in tc.types)]
+    if rows:
+        t = Table(title="quantization noise / adapter delta (‖Q(W)−W‖²_F / ‖ΔW‖²_F; above 1: the delta is below the noise)")
+        t.add_column("tensor")
+        t.add_column("‖ΔW‖/‖W‖")
+        for s in res.summaries:
+            t.add_column(s.ftype)
+        for tc in rows:
+            by = {tn.ftype: tn for tn in tc.types}
+            cells = [
+                f"{by[s.ftype].ratio:.3g} {by[s.ftype].type}{' *' if by[s.ftype].below else ''}" if s.ftype in by else "-"
+                for s in res.summaries
+            ]
+            t.add_row(tc.tensor, f"{math.sqrt(tc.delta_sq / tc.weight_sq) if tc.weight_sq else math.inf:.3%}", *cells)
+        out.print(t)
+        if not all_tensors and len(rows) < len(res.tensors):
+            out.print(
+                f"({len(res.tensors) - len(rows)} tensors whose delta is above every type's noise not listed; --all-tensors lists them)"
+            )
+    for s in res.summaries:
+        out.print(f"{s.line} (effect kept, imatrix-free estimate: {s.kept_estimate:.0%})" if s.n_tensors else s.line)
+    for why in res.skipped:
+        err.print(f"note: not compared: {why}")
+    out.print(f"checked in {res.seconds:.1f} s")
+
+
+def _why(why: str | None) -> str:
+    return f" — {why}" if why else ""
 
 
 @app.command()

@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "loraq.llama": 5,
     "loraq.compare": 6,
     "loraq.imatrix": 6,
+    "loraq.check": 6,
     "loraq.pipeline": 7,
     "loraq.cli": 8,
     "loraq.__main__": 9,  # `python -m loraq`: exists to import cli, so it sits above it

@@ -7,7 +7,15 @@ the exactly rounded value by one F16 ulp on a few elements per million (docs/lla
 
 A PEFT folder is read directly (lora_file.read_peft_for_merge) with PEFT's exact per-module scale,
 and with what a GGUF LoRA cannot hold: DoRA magnitudes, modules_to_save tensors, trainable token
-rows, a vocabulary grown past the base's (vocab.py), and a head untied from tied embeddings (_Shape)."""
+rows, a vocabulary grown past the base's (vocab.py), and a head untied from tied embeddings (_Shape).
+
+base_precision="nf4_roundtrip" (QLoRA): the linear weights the adapter was trained against were
+bitsandbytes NF4 (blocksize 64, double-quantized absmax), so each is first replaced by its NF4
+quantize -> dequantize (nf4.py), in bfloat16 as QLoRA loads the model, and the adapters are merged
+into that. bitsandbytes' Linear4bit replaces every nn.Linear except the skipped modules (transformers
+keeps lm_head, and the embeddings are not Linear): in GGUF terms every 2-D `blk.*.weight`, not
+token_embd, output or the norms. The roundtrip runs in the HF layout (q/k rows of permuting
+architectures un-permuted first), since the 256-block grouping of the absmax depends on row order."""
 
 from __future__ import annotations
 
@@ -26,9 +34,12 @@ from ..gguf_io.writer import GGUFStreamWriter, OutTensor
 from ..kernels import read_f32
 from ..kernels.fp import f64_to_bf16, f64_to_f16, f64_to_f32
 from .lora_file import VOCAB_TENSORS, LoraAdapter, load_adapter
+from .nf4 import nf4_roundtrip
 from .vocab import grown_vocab_kvs
 
 _OUT = {"f16": ("F16", f64_to_f16), "bf16": ("BF16", f64_to_bf16), "f32": ("F32", f64_to_f32)}
+BASE_PRECISIONS = ("original", "nf4_roundtrip")
+NF4_DTYPE = "bf16"  # the dtype QLoRA recipes load the base in (torch_dtype=torch.bfloat16) before quantizing
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class MergeResult:
     out: Path
     merged: list[str] = field(default_factory=list)  # base tensors that received a delta
     warnings: list[str] = field(default_factory=list)
+    nf4: list[str] = field(default_factory=list)  # base tensors passed through the NF4 roundtrip
 
 
 def merge_model(
@@ -51,7 +63,10 @@ def merge_model(
     outtype: str = "f16",
     allow_requantize: bool = False,
     on_tensor: Callable[[str], None] | None = None,
+    base_precision: str = "original",
 ) -> MergeResult:
+    if base_precision not in BASE_PRECISIONS:
+        raise BadArguments(f"base precision must be one of {', '.join(BASE_PRECISIONS)} (got '{base_precision}')")
     if outtype not in _OUT:
         raise BadArguments(f"--outtype must be one of f16, bf16, f32 (got '{outtype}')")
     if not adapters:
@@ -97,15 +112,22 @@ def merge_model(
         if shape.untie:  # the head gets its own tensor, starting from the tied embeddings
             sources.append((src.tensor("token_embd.weight"), "output.weight"))
         tensors = [OutTensor(name, shape.ne(name, t.ne), target(t)) for t, name in sources]
+        nf4 = {t.name for t in src.tensors if _qlora_quantized(t)} if base_precision == "nf4_roundtrip" else set()
+        if base_precision == "nf4_roundtrip" and not nf4:
+            raise BadArguments(f"{src.path} has no 2-D blk.* weights: there is nothing a QLoRA would have quantized to NF4")
         kvs = KVList((k, shape.kvs.get(k, kv.raw)) for k, kv in src.kvs.items())
         kvs.set("general.file_type", GGUFValueType.UINT32, FTYPES[ftype_name].id)
         with GGUFStreamWriter(out, kvs, tensors) as w:
             for (t, name), ot in zip(sources, tensors):
                 hits = [(lora, s) for lora, s in loras if lora.touches(name, shape.untie)]
-                if not hits and ot.type == t.type and ot.ne == t.ne:
+                if not hits and ot.type == t.type and ot.ne == t.ne and name not in nf4:
                     w.write(name, src.read_raw(t))
                 else:
-                    x = _apply(name, read_f32(src, t).astype(np.float64), hits, shape)
+                    w0 = read_f32(src, t)
+                    if name in nf4:
+                        w0 = _nf4(src, name, w0)
+                        result.nf4.append(name)
+                    x = _apply(name, w0.astype(np.float64), hits, shape)
                     bits = round_to(x)
                     if not np.isfinite(_back(bits, out_type)).all():
                         raise BadInput(
@@ -117,6 +139,29 @@ def merge_model(
                 if on_tensor:
                     on_tensor(name)
     return result
+
+
+def _qlora_quantized(t: TensorInfo) -> bool:
+    """Whether a QLoRA base held this tensor as NF4: the transformer blocks' linear weights."""
+    return t.name.startswith("blk.") and t.name.endswith(".weight") and t.n_dims == 2 and not t.name.endswith("_norm.weight")
+
+
+def _nf4(src: GGUFFile, name: str, w: np.ndarray) -> np.ndarray:
+    """The NF4 roundtrip of base tensor `name` in its HF row order (q/k of permuting archs un-permuted)."""
+    from ..convert.lora_gguf import PERMUTE_QK
+
+    heads = None
+    if src.arch in PERMUTE_QK and name.endswith((".attn_q.weight", ".attn_k.weight")):
+        n_head = src.arch_int("attention.head_count")
+        heads = n_head if name.endswith(".attn_q.weight") else src.arch_int("attention.head_count_kv", n_head)
+        if not heads or w.shape[0] % (2 * heads):
+            raise BadInput(f"{src.path.name}: cannot undo {src.arch}'s q/k row permutation of {name} ({w.shape[0]} rows, {heads} heads)")
+    if heads is None:
+        return nf4_roundtrip(w, NF4_DTYPE)
+    rows = w.shape[0]
+    hf = w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    back = nf4_roundtrip(hf, NF4_DTYPE)
+    return back.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 class _Shape:

@@ -45,6 +45,9 @@ class ConvertConfig(_Strict):
 
 class MergeConfig(_Strict):
     outtype: Literal["f16", "bf16", "f32"] = "f16"
+    # QLoRA: nf4_roundtrip merges into the base's linear weights passed through bitsandbytes' NF4
+    # quantize -> dequantize, the weights the adapter was trained against (loraq/merge/nf4.py)
+    base_precision: Literal["original", "nf4_roundtrip"] = "original"
 
 
 class TargetConfig(_Strict):

@@ -1,0 +1,358 @@
+"""`loraq check`: deployment verdicts, and the delta-vs-noise prediction against measurement.
+
+Oracles: the adapter's delta is recomputed here from the safetensors factors with the scale the
+adapter_config implies (PEFT's alpha/r or alpha/√r) or from PEFT's own merge_and_unload; the noise
+prediction (128 sampled rows) is checked against quantizing the whole tensor; the verdicts of the
+real SmolLM2 demo are recomputed from those exact figures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from loraq.check import check
+from loraq.check.noise import exact_noise, predict_noise
+from loraq.cli import run_cli
+from loraq.ggml_types import ggml_type
+from loraq.gguf_io import open_gguf
+from loraq.kernels import read_f32
+from scripts.make_demo_adapter import make_adapter
+
+TYPES = ["Q4_0", "Q4_K_M", "Q8_0"]
+GGUF_OF = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
+
+
+def _gguf_name(key: str) -> str:
+    parts = key.split(".")  # base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight
+    return f"blk.{parts[4]}.{GGUF_OF[parts[6]]}.weight"
+
+
+def exact_deltas(adapter: Path) -> dict[str, float]:
+    """‖s·B·A‖²_F per base tensor, from the files: s from adapter_config.json as PEFT computes it."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    st = load_file(str(adapter / "adapter_model.safetensors"))
+    out = {}
+    for k, a in st.items():
+        if ".lora_A." not in k:
+            continue
+        b = st[k.replace(".lora_A.", ".lora_B.")].astype(np.float64)
+        r = a.shape[0]
+        s = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        d = s * (b @ a.astype(np.float64))
+        out[_gguf_name(k)] = float(np.sum(d * d))
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(smollm2_f16, tmp_path_factory) -> Path:
+    return make_adapter(smollm2_f16, tmp_path_factory.mktemp("demo") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def demo_result(smollm2_f16, demo):
+    return check(smollm2_f16, [(demo, 1.0)], TYPES)
+
+
+def test_demo_deployment_and_summary(demo_result):
+    r = demo_result
+    assert (r.arch, r.arch_ok, r.tokenizer_ok) == ("llama", True, True)
+    (a,) = r.adapters
+    assert a.deployment == "runtime adapter and merged" and a.runtime.ok and a.merged.ok
+    assert len(r.tensors) == 30 * 7 and not r.skipped
+    by = {s.ftype: s for s in r.summaries}
+    # the random demo delta is 2-4% of ‖W‖: far above Q8_0's noise, far below Q4_0's
+    assert by["Q8_0"].n_below == 0 and "survive Q8_0" in by["Q8_0"].line
+    assert by["Q4_0"].n_below == 210 and by["Q4_0"].line.startswith("the delta on 210 of 210 tensors is below Q4_0's noise")
+    assert r.seconds < 60
+
+
+def test_demo_deltas_match_the_factors(demo_result, demo):
+    want = exact_deltas(demo)
+    got = {t.tensor: t.delta_sq for t in demo_result.tensors}
+    assert set(got) == set(want)
+    for name, v in want.items():
+        assert got[name] == pytest.approx(v, rel=1e-9), name
+
+
+def test_demo_verdicts_agree_with_exact_noise(demo_result, smollm2_f16, demo):
+    """Every verdict recomputed from the exact noise (whole tensor quantized) and exact delta, except
+    where the two are within 20% of each other (sampling may fall either side)."""
+    want = exact_deltas(demo)
+    checked = 0
+    with open_gguf(smollm2_f16) as g:
+        for tc in demo_result.tensors[::9]:  # 24 tensors, every kind and depth
+            w = read_f32(g, g.tensor(tc.tensor)).reshape(-1, g.tensor(tc.tensor).ne[0])
+            for tn in tc.types:
+                exact = exact_noise(w, ggml_type(tn.type))
+                ratio = exact / want[tc.tensor]
+                if abs(math.log(ratio)) > math.log(1.2):
+                    assert tn.below == (ratio > 1), (tc.tensor, tn.ftype, ratio, tn.ratio)
+                    checked += 1
+    assert checked > 50
+
+
+NOISE_CASES = [
+    ("blk.0.attn_q.weight", "q4_0"),
+    ("blk.3.ffn_down.weight", "q6_K"),
+    ("blk.7.attn_v.weight", "q8_0"),
+    ("blk.12.ffn_up.weight", "q5_0"),
+    ("blk.20.attn_output.weight", "q4_1"),
+    ("token_embd.weight", "q8_0"),
+]
+
+
+@pytest.mark.parametrize("name,qtype", NOISE_CASES)
+def test_noise_prediction_matches_whole_tensor(smollm2_f16, name, qtype):
+    """The 128-row prediction of ‖Q(W)−W‖²_F is within 15% of quantizing every row."""
+    with open_gguf(smollm2_f16) as g:
+        t = g.tensor(name)
+        w = read_f32(g, t).reshape(-1, t.ne[0])
+    pred = predict_noise(w, ggml_type(qtype)).predicted
+    exact = exact_noise(w, ggml_type(qtype))
+    print(f"{name} {qtype}: predicted {pred:.4g}, exact {exact:.4g}, {100 * (pred / exact - 1):+.1f}%")
+    assert pred == pytest.approx(exact, rel=0.15)
+
+
+@pytest.mark.parametrize(
+    "name,qtype", [("blk.0.attn_q.weight", "q4_K"), ("blk.1.ffn_down.weight", "q2_K"), ("blk.2.ffn_gate.weight", "q5_K")]
+)
+def test_noise_prediction_k_types_on_synthetic(synth256, name, qtype):
+    with open_gguf(synth256) as g:
+        t = g.tensor(name)
+        w = read_f32(g, t).reshape(-1, t.ne[0])
+    pred = predict_noise(w, ggml_type(qtype)).predicted
+    exact = exact_noise(w, ggml_type(qtype))
+    print(f"synthetic {name} {qtype}: predicted {pred:.4g}, exact {exact:.4g}, {100 * (pred / exact - 1):+.1f}%")
+    assert pred == pytest.approx(exact, rel=0.15)
+
+
+def test_synthetic_k_types(synth256, tmp_path):
+    """On widths that are multiples of 256 the K types apply: Q4_K_M gives q4_K and q6_K only."""
+    ad = make_adapter(synth256, tmp_path / "ad", rank=8)
+    r = check(synth256, [(ad, 1.0)], ["Q4_K_M", "Q8_0"])
+    types = {tn.type for tc in r.tensors for tn in tc.types if tn.ftype == "Q4_K_M"}
+    assert types <= {"q4_K", "q6_K"} and "q4_K" in types
+    want = exact_deltas(ad)
+    for tc in r.tensors:
+        assert tc.delta_sq == pytest.approx(want[tc.tensor], rel=1e-9)
+
+
+def test_rslora_scale(smollm2_f16, tmp_path):
+    """rsLoRA: the delta carries alpha/√r (not alpha/r): 4× the plain delta's energy at r=16."""
+    ad = make_adapter(smollm2_f16, tmp_path / "rs", rank=16, rslora=True, targets=["q_proj", "v_proj"], layers=[0, 1])
+    r = check(smollm2_f16, [(ad, 1.0)], ["Q8_0"])
+    assert r.adapters[0].deployment == "runtime adapter and merged"
+    want = exact_deltas(ad)
+    assert {t.tensor: t.delta_sq for t in r.tensors} == pytest.approx(want, rel=1e-9)
+    # the same factors read as plain LoRA would be 16x smaller in energy: the check used alpha/√r
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["use_rslora"] = False
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    plain = check(smollm2_f16, [(ad, 1.0)], ["Q8_0"])
+    for a, b in zip(r.tensors, plain.tensors):
+        assert a.delta_sq == pytest.approx(16 * b.delta_sq, rel=1e-9)
+
+
+def test_user_scale_and_two_adapters(smollm2_f16, tmp_path):
+    a1 = make_adapter(smollm2_f16, tmp_path / "a1", targets=["q_proj"], layers=[0], seed=1)
+    a2 = make_adapter(smollm2_f16, tmp_path / "a2", targets=["q_proj"], layers=[0], seed=2)
+    r = check(smollm2_f16, [(a1, 0.5), (a2, -1.0)], ["Q8_0"])
+    (tc,) = r.tensors
+    st1, st2 = (load_file(str(a / "adapter_model.safetensors")) for a in (a1, a2))
+    k = "base_model.model.model.layers.0.self_attn.q_proj"
+    d = sum(
+        s * 2.0 * st[f"{k}.lora_B.weight"].astype(np.float64) @ st[f"{k}.lora_A.weight"].astype(np.float64)
+        for s, st in ((0.5, st1), (-1.0, st2))
+    )  # alpha 32 / r 16 = 2
+    assert tc.how == "explicit"
+    # the q rows of the base are permuted; the Frobenius norm is not
+    assert tc.delta_sq == pytest.approx(float(np.sum(d * d)), rel=1e-9)
+
+
+def test_adapter_for_another_model_is_a_verdict(smollm2_f16, synth256, tmp_path):
+    ad = make_adapter(synth256, tmp_path / "ad", targets=["q_proj"], layers=[0])
+    r = check(smollm2_f16, [(ad, 1.0)], ["Q8_0"])
+    (a,) = r.adapters
+    assert a.deployment == "neither"
+    assert "another width" in (a.merged.why or "") and "another width" in (a.runtime.why or "")
+    assert r.tensors == []
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, base: Path, adapter: Path, types: list[str]) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {"name": "t", "workdir": "work", "base": str(base), "adapters": [{"path": str(adapter)}], "quantize": {"types": types}}
+        )
+    )
+    return p
+
+
+def test_cli_check_prints_and_writes_nothing(smollm2_f16, demo, tmp_path, capsys):
+    cfg = _config(tmp_path, smollm2_f16, demo, TYPES)
+    assert run_cli(["check", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "runtime adapter and merged" in out
+    assert "the delta on 210 of 210 tensors is below Q4_0's noise: expect most of the fine-tune to be lost at Q4_0" in out
+    assert not (tmp_path / "work").exists()
+    assert run_cli(["check", str(cfg), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["ftype"] for s in data["summaries"]] == TYPES
+    assert data["adapters"][0]["deployment"] == "runtime adapter and merged"
+
+
+def test_cli_check_user_errors(tmp_path, smollm2_f16, demo, capsys):
+    assert run_cli(["check", str(tmp_path / "missing.yaml")]) == 2
+    cfg = _config(tmp_path, smollm2_f16, demo, ["Q4_0"])
+    bad = yaml.safe_load(cfg.read_text())
+    bad["quantize"]["types"] = ["Q4_Z"]
+    cfg.write_text(yaml.safe_dump(bad))
+    assert run_cli(["check", str(cfg)]) == 2
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
+    cfg = _config(tmp_path, tmp_path / "junk.gguf", demo, ["Q4_0"])
+    assert run_cli(["check", str(cfg)]) == 4
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+
+
+# -- PEFT-built variants: DoRA, modules_to_save (merge only), and an HF folder base -------------------
+
+
+@pytest.fixture(scope="module")
+def pm():
+    """tests/peft_models.py, whose models and adapters PEFT itself builds (dev-only torch + peft)."""
+    pytest.importorskip("torch", reason="torch is a dev-only dependency (pip install -e '.[peft-tests]')")
+    pytest.importorskip("peft", reason="peft is a dev-only dependency (pip install -e '.[peft-tests]')")
+    import peft_models
+
+    return peft_models
+
+
+def LoraConfig(**kw):
+    from peft import LoraConfig as cfg
+
+    return cfg(**kw)
+
+
+@pytest.fixture(scope="module")
+def tok(pm):
+    return pm.make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(pm, tok, tmp_path_factory):
+    """{tied: (GGUF base, HF folder)} of the tiny PEFT test model."""
+    d = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for tied in (True, False):
+        m = pm.make_model(len(tok), tied)
+        folder = d / f"hf-{tied}"
+        m.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
+        out[tied] = (pm.write_gguf(m, tok, d / f"base-{tied}.gguf"), folder)
+    return out
+
+
+def _peft_deltas(pm, p, base_model) -> dict[str, float]:
+    """‖merged − base‖²_F per GGUF tensor from PEFT's own merge_and_unload."""
+    import torch
+
+    base = {k: v.detach().double().numpy() for k, v in base_model.state_dict().items()}
+    with torch.no_grad():
+        merged = p.merge_and_unload()
+    out = {}
+    for k, v in merged.state_dict().items():
+        d = v.detach().double().numpy() - base[k]
+        if np.any(d):
+            out[pm.gguf_name(k, merged.config.num_hidden_layers)] = float(np.sum(d * d))
+    return out
+
+
+def test_dora_is_merged_only_with_its_delta(pm, tok, tiny, tmp_path):
+    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True, init_lora_weights=False)
+    p, ad = pm.build(tok, False, cfg, tmp_path / "dora")
+    want = _peft_deltas(pm, p, pm.make_model(len(tok), False))
+    r = check(tiny[False][0], [(ad, 1.0)], ["Q4_0", "Q8_0"])
+    (a,) = r.adapters
+    assert a.deployment == "merged only" and a.merged.ok
+    assert "DoRA" in (a.runtime.why or "") and "merged path" in (a.runtime.why or ""), a.runtime.why
+    got = {t.tensor: t.delta_sq for t in r.tensors}
+    assert set(got) == set(want)
+    for name, v in want.items():  # PEFT merges in float32 from f16 weights: agree to float32 rounding
+        assert got[name] == pytest.approx(v, rel=1e-3), name
+    assert all(t.how == "explicit" for t in r.tensors)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_modules_to_save_is_merged_only(pm, tok, tiny, tied, tmp_path):
+    cfg = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"], init_lora_weights=False)
+    p, ad = pm.build(tok, tied, cfg, tmp_path / "mts")
+    want = _peft_deltas(pm, p, pm.make_model(len(tok), tied))
+    r = check(tiny[tied][0], [(ad, 1.0)], ["Q8_0"])
+    (a,) = r.adapters
+    assert a.deployment == "merged only"
+    assert "modules_to_save" in (a.runtime.why or "")
+    got = {t.tensor: t.delta_sq for t in r.tensors}
+    assert got["token_embd.weight"] == pytest.approx(want["token_embd.weight"], rel=1e-3)
+    assert got["blk.0.attn_q.weight"] == pytest.approx(want["blk.0.attn_q.weight"], rel=1e-3)
+    if tied:
+        assert any("untied" in n for n in a.notes)
+
+
+def test_lm_head_lora_on_tied_model_is_merged_only(pm, tok, tiny, tmp_path):
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    _, ad = pm.build(tok, True, cfg, tmp_path / "head")
+    for base in tiny[True]:  # the GGUF and the HF folder say the same
+        r = check(base, [(ad, 1.0)], ["Q8_0"])
+        (a,) = r.adapters
+        assert a.deployment == "merged only", base
+        assert "tie" in (a.runtime.why or "") and "merged path" in (a.runtime.why or ""), a.runtime.why
+        assert any("output.weight" in s for s in r.skipped)
+
+
+def test_hf_folder_base_equals_its_gguf(pm, tok, tiny, tmp_path):
+    """An HF folder is checked without conversion, with the verdicts of its F16 GGUF."""
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"], init_lora_weights=False)
+    _, ad = pm.build(tok, False, cfg, tmp_path / "plain")
+    gguf_path, folder = tiny[False]
+    a = check(gguf_path, [(ad, 1.0)], ["Q4_0", "Q8_0"])
+    b = check(folder, [(ad, 1.0)], ["Q4_0", "Q8_0"])
+    assert b.base_kind == "hf" and b.arch == "llama" and b.tokenizer_ok
+    assert b.adapters[0].deployment == a.adapters[0].deployment == "runtime adapter and merged"
+    by_name = {t.tensor: t for t in b.tensors}
+    assert set(by_name) == {t.tensor for t in a.tensors}
+    for x in a.tensors:
+        y = by_name[x.tensor]
+        assert x.delta_sq == pytest.approx(y.delta_sq, rel=1e-12)
+        for u, v in zip(x.types, y.types):
+            assert (u.type, u.below) == (v.type, v.below)
+            assert u.noise_sq == pytest.approx(v.noise_sq, rel=1e-12)  # the model's weights are exactly f16
+
+
+def test_unsupported_hf_architecture_is_a_verdict(tmp_path, demo, capsys):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 64}))
+    (folder / "tokenizer.model").write_bytes(b"\0")
+    r = check(folder, [(demo, 1.0)], ["Q8_0"])
+    assert not r.arch_ok and "GPT2LMHeadModel" in (r.arch_why or "") and "qwen2" in (r.arch_why or "")
+    assert not r.tokenizer_ok and "SentencePiece" in (r.tokenizer_why or "")
+    assert run_cli(["check", str(_config(tmp_path, folder, demo, ["Q8_0"]))]) == 0
+    assert "architecture - NO" in capsys.readouterr().out
