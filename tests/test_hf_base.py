@@ -256,7 +256,7 @@ def test_run_with_hf_folder_base(smollm2_q4_1, tmp_path):
         runs[base] = load_config(cfg_path)
     hf = runs["hf-base"]
     first = run_pipeline(hf, until="merge")
-    assert [r.name for r in first if r.status == "ran"] == ["base", "convert", "merge"]
+    assert [r.name for r in first if r.status == "ran"] == ["base", "check", "convert", "merge"]
     assert [r.name for r in run_pipeline(hf, until="merge") if r.status == "ran"] == []
     assert {r.name: r.reason for r in stage_status(hf)}["base"] == "up-to-date"
     run_pipeline(runs["base.gguf"], until="merge")

@@ -63,7 +63,7 @@ def test_adding_a_type_scores_only_its_variants(project):
     t0 = time.perf_counter()
     first = run_pipeline(cfg1)
     t_first = time.perf_counter() - t0
-    assert _ran(first) == ["convert", "merge", "quantize:Q8_0", "quantize-base:Q8_0", "reference", *SCORES_Q8, "compare"]
+    assert _ran(first) == ["check", "convert", "merge", "quantize:Q8_0", "quantize-base:Q8_0", "reference", *SCORES_Q8, "compare"]
     work = cfg1.workdir_path
     assert sorted(p.name for p in (work / "scores").iterdir()) == ["base.json", "merged-Q8_0.json", "runtime-Q8_0.json"]
 
@@ -85,7 +85,7 @@ def test_adding_a_type_scores_only_its_variants(project):
         jsonschema.validate(e, SCHEMA)
     done = [e["stage"] for e in events if e["event"] == "stage_done"]
     skipped = [e["stage"] for e in events if e["event"] == "stage_skipped"]
-    assert done == ["quantize:Q4_0", "quantize-base:Q4_0", "score:merged-Q4_0", "score:runtime-Q4_0", "compare"]
+    assert done == ["check", "quantize:Q4_0", "quantize-base:Q4_0", "score:merged-Q4_0", "score:runtime-Q4_0", "compare"]
     assert skipped == ["convert", "merge", "quantize:Q8_0", "quantize-base:Q8_0", "reference", *SCORES_Q8]
     summary = {s["stage"]: s["status"] for s in events[-1]["stages"]}
     assert summary["score:merged-Q4_0"] == "ran" and summary["score:merged-Q8_0"] == "skipped"

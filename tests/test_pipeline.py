@@ -46,10 +46,10 @@ def _ran(reports) -> list[str]:
 def test_run_skip_and_rerun_exactly_what_changed(project):
     cfg = load_config(_write_cfg(project))
     first = run_pipeline(cfg, force="all")
-    assert _ran(first) == ["convert", "merge", "quantize:Q8_0", "quantize:Q4_0"]
+    assert _ran(first) == ["check", "convert", "merge", "quantize:Q8_0", "quantize:Q4_0"]
     work = cfg.workdir_path
     snap = _snapshot(work)
-    assert set(snap) == {"adapter-f16.gguf", "merged-f16.gguf", "merged-Q8_0.gguf", "merged-Q4_0.gguf", "manifest.json"}
+    assert set(snap) == {"check.json", "adapter-f16.gguf", "merged-f16.gguf", "merged-Q8_0.gguf", "merged-Q4_0.gguf", "manifest.json"}
 
     again = run_pipeline(cfg)
     assert _ran(again) == [] and {r.reason for r in again} == {"up-to-date"}
@@ -64,12 +64,13 @@ def test_run_skip_and_rerun_exactly_what_changed(project):
     mk_adapter.make_adapter(project / "base.gguf", project / "adapter", rank=4, seed=1)
     status = {r.name: r.reason for r in stage_status(cfg)}
     assert status == {
+        "check": "input-changed:adapter",
         "convert": "input-changed:adapter",
         "merge": "input-changed:adapter",
         "quantize:Q8_0": "waits-for:merge",
         "quantize:Q4_0": "waits-for:merge",
     }
-    assert _ran(run_pipeline(cfg)) == ["convert", "merge", "quantize:Q8_0", "quantize:Q4_0"]
+    assert _ran(run_pipeline(cfg)) == ["check", "convert", "merge", "quantize:Q8_0", "quantize:Q4_0"]
 
     # Damaged or missing outputs rerun only their own stage.
     q4 = work / "merged-Q4_0.gguf"
@@ -86,7 +87,7 @@ def test_run_skip_and_rerun_exactly_what_changed(project):
     cfg2 = load_config(_write_cfg(project, convert={"outtype": "f32"}))
     assert _ran(run_pipeline(cfg2)) == ["convert"]
     cfg3 = load_config(_write_cfg(project, convert={"outtype": "f32"}, quantize={"types": ["Q8_0", "Q4_0", "Q5_1"]}))
-    assert _ran(run_pipeline(cfg3)) == ["quantize:Q5_1"]
+    assert _ran(run_pipeline(cfg3)) == ["check", "quantize:Q5_1"]  # check's verdicts cover every type
 
 
 def test_rerun_is_byte_identical(project):
@@ -101,7 +102,7 @@ def test_rerun_is_byte_identical(project):
 
 def test_until_and_force_one_stage(project):
     cfg = load_config(_write_cfg(project, workdir="work-until"))
-    assert _ran(run_pipeline(cfg, until="merge")) == ["convert", "merge"]
+    assert _ran(run_pipeline(cfg, until="merge")) == ["check", "convert", "merge"]
     assert _ran(run_pipeline(cfg)) == ["quantize:Q8_0", "quantize:Q4_0"]
     assert _ran(run_pipeline(cfg, force="quantize:Q4_0")) == ["quantize:Q4_0"]
     assert _ran(run_pipeline(cfg, force="quantize")) == ["quantize:Q8_0", "quantize:Q4_0"]
@@ -112,9 +113,9 @@ def test_cli_json_events(project):
     out = subprocess.run([sys.executable, "-m", "loraq.cli", "run", str(cfgp), "--json"], capture_output=True, text=True, check=True)
     events = [json.loads(line) for line in out.stdout.splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds.count("stage_started") == 4 and kinds.count("stage_done") == 4 and kinds[-1] == "summary"
+    assert kinds.count("stage_started") == 5 and kinds.count("stage_done") == 5 and kinds[-1] == "summary"
     out = subprocess.run([sys.executable, "-m", "loraq.cli", "status", str(cfgp)], capture_output=True, text=True, check=True)
-    assert out.stdout.count("up-to-date") == 4 and "will run" not in out.stdout
+    assert out.stdout.count("up-to-date") == 5 and "will run" not in out.stdout
 
 
 def test_config_errors_all_at_once_with_near_miss(project):
@@ -184,3 +185,31 @@ def test_compare_stage_report_and_gate_exit_3(project):
     assert out.returncode == 0, out.stderr
     events = [json.loads(line) for line in out.stdout.splitlines()]
     assert all(e["event"] == "stage_skipped" for e in events[:-1]) and events[-1]["gates"]["passed"]
+
+
+def test_qlora_merge_scores_both_precisions_and_check_runs_first(project):
+    """merge.base_precision nf4_roundtrip: the merge stage writes what `loraq merge --base-precision
+    nf4_roundtrip` writes, merge-original the plain merge, and compare scores both merged files,
+    the report naming the one with the lower PPL; the check stage writes its verdicts first."""
+    compare = {"text": "eval.txt", "ctx": 64, "chunks": 2, "runtime_lora": False}
+    cfg = load_config(_write_cfg(project, workdir="work-qlora", merge={"base_precision": "nf4_roundtrip"}, compare=compare))
+    ran = _ran(run_pipeline(cfg))
+    assert ran[:4] == ["check", "convert", "merge", "merge-original"]
+    work = cfg.workdir_path
+    cli = work.parent / "cli-nf4.gguf"
+    subprocess.run(
+        [sys.executable, "-m", "loraq", "merge", "base.gguf", "--lora", "adapter", "-o", str(cli), "--base-precision", "nf4_roundtrip"],
+        cwd=project,
+        check=True,
+        capture_output=True,
+    )
+    assert (work / "merged-f16.gguf").read_bytes() == cli.read_bytes()
+    assert (work / "merged-original-f16.gguf").read_bytes() != (work / "merged-f16.gguf").read_bytes()
+    rep = json.loads((work / "report.json").read_text())
+    rows = {v["name"]: v for v in rep["variants"]}
+    a, b = rows["merged-f16-nf4"], rows["merged-f16-original"]
+    assert a["ppl"] != b["ppl"]
+    better = "merged-f16-nf4" if a["ppl"] < b["ppl"] else "merged-f16-original"
+    assert f"`{better}` keeps more of the fine-tune" in (work / "report.md").read_text()
+    check = json.loads((work / "check.json").read_text())
+    assert [s["ftype"] for s in check["summaries"]] == ["Q8_0", "Q4_0"] and "seconds" not in check

@@ -57,11 +57,13 @@ def _loraq(*argv: str | Path, cwd: Path) -> None:
 
 
 def test_auto_scores_both_and_a_mix_fits_the_size(project):
-    cfg = load_config(_cfg(project))
+    # a 64-wide model: Q4_0's budget is below the smallest mix once the head's type is fixed; Q8_0's is not
+    cfg = load_config(_cfg(project, quantize={"types": ["Q4_0", "Q8_0"], "targets": [{"size_of": "Q8_0"}]}))
     reports = run_pipeline(cfg, force="all")
     ran = [r.name for r in reports if r.status == "ran"]
-    assert ran[:6] == ["convert", "merge", "imatrix", "quantize:Q4_0", "quantize:Q4_0-imatrix", "quantize:mix-Q4_0"]
-    assert {"score:merged-Q4_0", "score:merged-Q4_0-imatrix", "score:merged-mix-Q4_0", "compare"} <= set(ran)
+    assert ran[:5] == ["check", "convert", "merge", "imatrix", "quantize:Q4_0"]
+    assert ran[5:9] == ["quantize:Q4_0-imatrix", "quantize:Q8_0", "quantize:Q8_0-imatrix", "quantize:mix-Q8_0"]
+    assert {"score:merged-Q4_0", "score:merged-Q4_0-imatrix", "score:merged-mix-Q8_0", "compare"} <= set(ran)
     work = cfg.workdir_path
 
     # The stage's imatrix is what `loraq imatrix` writes for the same model, text and ctx.
@@ -80,9 +82,9 @@ def test_auto_scores_both_and_a_mix_fits_the_size(project):
         assert g.get_str("quantize.imatrix.file") == "imatrix.gguf"  # by its name in the workdir, as typed there
     assert np.array_equal(got, want) and not np.array_equal(got, plain)
 
-    # The mix stays within Q4_0's size and records its choice.
-    mix, q4 = work / "merged-mix-Q4_0.gguf", work / "merged-Q4_0.gguf"
-    assert mix.stat().st_size <= q4.stat().st_size
+    # The mix stays within Q8_0's size and records its choice.
+    mix, q8 = work / "merged-mix-Q8_0.gguf", work / "merged-Q8_0.gguf"
+    assert mix.stat().st_size <= q8.stat().st_size
     with open_gguf(mix) as g:
         assert g.get_str(MIX_KV)
 
@@ -91,9 +93,9 @@ def test_auto_scores_both_and_a_mix_fits_the_size(project):
     a, b = rows_["merged-Q4_0"], rows_["merged-Q4_0-imatrix"]
     assert (a["imatrix"], b["imatrix"]) == (False, True) and {a["preferred"], b["preferred"]} == {True, False}
     assert (a["preferred"] is True) == (a["kld_mean"] <= b["kld_mean"])
-    assert rows_["merged-mix-Q4_0"]["target"] == "size of Q4_0" and rows_["merged-mix-Q4_0"]["preferred"] is None
+    assert rows_["merged-mix-Q8_0"]["target"] == "size of Q8_0" and rows_["merged-mix-Q8_0"]["preferred"] is None
     md = (work / "report.md").read_text()
-    assert "★" in md and "mix (size of Q4_0)" in md and "+im" in md
+    assert "★" in md and "mix (size of Q8_0)" in md and "+im" in md
 
     # A rerun does nothing.
     assert [r.name for r in run_pipeline(cfg) if r.status == "ran"] == []

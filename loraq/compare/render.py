@@ -44,6 +44,22 @@ PAIR_NOTE = (
 )
 
 
+def qlora_note(report: Report) -> str | None:
+    """merge.base_precision nf4_roundtrip: which merged file keeps more of the fine-tune, by PPL on
+    the evaluation text (KLD to the F16 reference would favour the original merge by construction)."""
+    rows = {
+        v["name"].rsplit("-", 1)[-1]: v for v in report["variants"] if v["kind"] == "merged" and v["name"].endswith(("-nf4", "-original"))
+    }
+    a, b = rows.get("nf4"), rows.get("original")
+    if a is None or b is None or a["ppl"] is None or b["ppl"] is None:
+        return None
+    better = a if a["ppl"] < b["ppl"] else b
+    return (
+        f"QLoRA: merged into the NF4-roundtripped weights (as trained) PPL {a['ppl']:.4f}, into the original weights "
+        f"PPL {b['ppl']:.4f}: `{better['name']}` keeps more of the fine-tune on this text (lower PPL)."
+    )
+
+
 def _rows(report: Report, failures: list[GateFailure]) -> list[tuple[VariantRow, list[str], str]]:
     """Each variant with its formatted cells and its gate status ("ok", "FAIL", or "–" when not gated)."""
     failed = {f.variant for f in failures}
@@ -98,6 +114,8 @@ def render_markdown(report: Report, gates: GateLimits) -> str:
         out.append(f"| `{cells[0]}` | " + " | ".join(cells[1:] + [status]) + " |")
     if any(v.get("preferred") is not None for v in report["variants"]):
         out += ["", PAIR_NOTE]
+    if note := qlora_note(report):
+        out += ["", note]
     if failures:
         out += ["", "Gate failures:", ""] + [f"- {f}" for f in failures]
     if plot := text_plot(report):
@@ -142,6 +160,7 @@ def render_html(report: Report, gates: GateLimits) -> str:
         rows=_rows(report, failures),
         others=_other_texts(report),
         pair_note=PAIR_NOTE if any(v.get("preferred") is not None for v in report["variants"]) else "",
+        qlora_note=qlora_note(report) or "",
         plot=svg_plot(report, gates),
         colors=COLORS,
         kind_label=KIND_LABEL,

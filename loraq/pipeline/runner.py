@@ -7,6 +7,7 @@ so an interrupted run resumes at the first unfinished stage."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..atomic import (
     InputChanged,
+    atomic_output,
     check_not_input,
     check_regular,
     file_identity,
@@ -105,6 +107,7 @@ def build_stages(cfg: Config) -> list[Stage]:
             Stage("base", "base", {"outtype": cfg.base_outtype}, {"hf": hf}, [base], partial(convert_hf_base, hf, base, cfg.base_outtype))
         )
 
+    stages.append(_check_stage(cfg, probe, adapters))
     # Adapters only a merge can apply (DoRA, modules_to_save, ...): no runtime GGUF adapter is made,
     # and compare scores merged variants only, against the merged F16 as its reference.
     merge_only = {i: why for i, (p, _) in enumerate(adapters) if _is_peft(p) and (why := runtime_refusal(p, probe))}
@@ -134,21 +137,30 @@ def build_stages(cfg: Config) -> list[Stage]:
         )
 
     merged = wd / f"merged-{cfg.merge.outtype}.gguf"
+    precision = cfg.merge.base_precision
+    # QLoRA: the merge goes into the NF4-roundtripped weights the adapter was trained against; the
+    # merge into the original weights is built too, and compare scores both merged files (PPL on the
+    # evaluation text says which keeps more of the fine-tune: against the F16 reference, the
+    # original merge would win by construction).
+    merges = [("merge", merged, precision)]
+    if precision != "original" and cfg.compare is not None:
+        merges.append(("merge-original", wd / f"merged-original-{cfg.merge.outtype}.gguf", "original"))
+    for name, out, prec in merges:
 
-    def do_merge() -> None:
-        set_blas_threads(stage_threads(cfg, "merge"))  # B·A products are numpy matmuls
-        merge_model(base, [AdapterSpec(p, s) for p, s in adapters], merged, cfg.merge.outtype, allow_requantize=cfg.allow_requantized_base)
+        def do_merge(out: Path = out, prec: str = prec) -> None:
+            set_blas_threads(stage_threads(cfg, "merge"))  # B·A products are numpy matmuls
+            specs = [AdapterSpec(p, s) for p, s in adapters]
+            merge_model(base, specs, out, cfg.merge.outtype, allow_requantize=cfg.allow_requantized_base, base_precision=prec)
 
-    stages.append(
-        Stage(
-            "merge",
-            "merge",
-            {"outtype": cfg.merge.outtype, "scales": [s for _, s in adapters], "allow_requantize": cfg.allow_requantized_base},
-            {"base": base, **{_aname(i, adapters): p for i, (p, _) in enumerate(adapters)}},
-            [merged],
-            do_merge,
-        )
-    )
+        msettings: dict[str, Any] = {
+            "outtype": cfg.merge.outtype,
+            "scales": [s for _, s in adapters],
+            "allow_requantize": cfg.allow_requantized_base,
+        }
+        if prec != "original":  # absent for the default: workdirs merged before the key existed stay valid
+            msettings["base_precision"] = prec
+        inputs = {"base": base, **{_aname(i, adapters): p for i, (p, _) in enumerate(adapters)}}
+        stages.append(Stage(name, "merge", msettings, inputs, [out], do_merge))
 
     q = cfg.quantize
     opts = QuantizeOptions(
@@ -212,6 +224,32 @@ def build_stages(cfg: Config) -> list[Stage]:
 
 
 IMATRIX = "imatrix.gguf"
+
+
+CHECK = "check.json"
+
+
+def _check_stage(cfg: Config, base: Path, adapters: list[tuple[Path, float]]) -> Stage:
+    """The check stage (loraq check): deployment paths, support, and each adapted tensor's delta
+    against the requested types' predicted quantization noise, written to check.json (no model
+    file). `base` is what the user gave: a GGUF, or the HF folder read in place."""
+    from ..check import check_config
+
+    out = cfg.workdir_path / CHECK
+
+    def run() -> None:
+        doc = check_config(cfg).to_json()
+        doc.pop("seconds", None)  # the workdir holds no times: reruns give identical bytes
+        with atomic_output(out) as tmp:
+            tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    q = cfg.quantize
+    settings = {"types": q.types, "scales": [s for _, s in adapters], **{k: v for k, v in q.model_dump().items() if k in CHECK_KEYS}}
+    inputs = {"base": base, **{_aname(i, adapters): p for i, (p, _) in enumerate(adapters)}}
+    return Stage("check", "check", settings, inputs, [out], run)
+
+
+CHECK_KEYS = ("output_tensor_type", "token_embedding_type", "tensor_types", "pure", "leave_output_tensor")
 
 
 def _imatrix_stage(cfg: Config, merged: Path, stages: list[Stage]) -> Path:
@@ -349,6 +387,11 @@ def _compare_stages(
         for j, k in enumerate(peft_idx):
             deployed[k] = (convert.outputs[j], adapters[k][1])
     cands = [Candidate("base", "base", "F16", base)] if with_base else []
+    if any(s.name == "merge-original" for s in before):  # QLoRA: the two merged files themselves, scored side by side
+        for s in before:
+            if s.name in ("merge", "merge-original"):
+                how = "original" if s.name == "merge-original" else str(s.settings["base_precision"]).removesuffix("_roundtrip")
+                cands.append(Candidate(f"merged-{cfg.merge.outtype}-{how}", "merged", cfg.merge.outtype.upper(), s.outputs[0]))
     for s in before:
         t = str(s.settings.get("type"))
         imat, target = bool(s.settings.get("imatrix")), _target_text(s.settings.get("target"))
