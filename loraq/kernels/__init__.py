@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import BadArguments
 from ..ggml_types import GGMLType, ggml_type
 from ..gguf_io import GGUFFile, TensorInfo
-from . import fp, iquants, kquants, legacy, ternary
+from . import fp, iqgrid, iquants, kquants, legacy, ternary
 
 CHUNK = 1 << 18  # elements per chunk: 1 MiB float32 temporaries stay cache-friendly and reuse the
 # heap instead of fresh mmap pages (4x faster than 4 MiB chunks)
@@ -63,6 +63,9 @@ KERNELS: dict[str, tuple[Kernel, Kernel | None]] = {
     "q6_K": (Kernel(kquants.q6_K), Kernel(kquants.q6_K)),
     "iq4_nl": (Kernel(iquants.iq4_nl), Kernel(iquants.iq4_nl)),
     "iq4_xs": (Kernel(iquants.iq4_xs), Kernel(iquants.iq4_xs)),
+    "iq2_xxs": (Kernel(iqgrid.iq2_xxs), Kernel(iqgrid.iq2_xxs)),
+    "iq2_xs": (Kernel(iqgrid.iq2_xs), Kernel(iqgrid.iq2_xs)),
+    "iq3_xxs": (Kernel(iqgrid.iq3_xxs), Kernel(iqgrid.iq3_xxs)),
     "tq1_0": (Kernel(ternary.tq1_0), None),
     "tq2_0": (Kernel(ternary.tq2_0), None),
 }

@@ -1,0 +1,612 @@
+"""Lattice-codebook types that need a grid search: iq2_xxs, iq2_xs, iq3_xxs (docs/llama-cpp.md §5).
+
+Byte-identical to ggml's `quantize_iq2_xxs` / `quantize_iq2_xs` / `quantize_iq3_xxs`
+(quantize_row_*_impl). The codebooks are part of the file format and come from gguf-py at run
+time (`gguf.quants.IQ2_XXS.grid` ...); the lookup map and neighbour lists are rebuilt here as
+iq2xs_init_impl / iq3xs_init_impl build them.
+
+Block layouts (little endian, `half` = IEEE fp16), per 256-element super-block:
+  iq2_xxs (66 B): half d; u32 q2[16]. Per 32-element sub-block ib: q2[2ib] holds four 8-bit grid
+      indices (one per group of 8), q2[2ib+1] four 7-bit sign masks at bits 7k and the 4-bit
+      scale l at bit 28.                                       x = d*(0.5+l)/4 * grid * sign
+  iq2_xs (74 B):  half d; u16 qs[32]; u8 scales[8]. qs[2ib+k] = 9-bit grid index | signs << 9 for
+      16-element sub-block ib; scales[ib/2] holds l of even ib in the low nibble.
+  iq3_xxs (98 B): half d; u8 grid[64] (one per group of 4); u32 ss[8] = four 7-bit sign masks
+      (one per group of 8) | l << 28.                          x = d*(0.5+l)/2 * grid * sign
+The 8th sign of a group of 8 is implied by even parity: when an odd number of x are negative,
+the one with the smallest w*x² is flipped to positive before the search (the "sign parity
+trick"); the grid holds magnitudes 2l+1 only.
+
+Per sub-block: weights w = qw*sqrt(σ² + x²) (σ² = Σx²/256, twice that for iq3_xxs) with an
+imatrix, else x²; a grid of candidate scales (13, 19, 31 of them); for each, every group is
+rounded to the nearest lattice point l = nearest_int((x/s - 1)/2) clamped, and when that point is
+not in the codebook the neighbour list of that point (every codebook entry within the 2 (or 1, 3)
+smallest distances) is searched for the least w-weighted error; the scale with the largest
+(Σwqx)²/Σwq² wins, the off-grid groups are re-rounded with it and the scale refit once. The
+super-block scale is max/31 and each sub-block keeps a 4-bit l = nearest_int((s/d - 1)/2).
+
+The search is sequential and branchy, so it is written as scalar loops compiled by numba when
+available (as jit.py: float32 in C's order of operations, no fastmath, error_model numpy); the
+same functions run as plain Python without numba (slow, same bytes)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import cache
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .fp import to_f16
+
+F32 = np.float32
+QK_K = 256
+
+try:  # the helpers must be callable from compiled code; without numba they stay Python
+    if os.environ.get("LORAQ_NO_JIT"):
+        raise ImportError("disabled by LORAQ_NO_JIT")
+    from numba import njit as _njit
+    from numba.extending import register_jitable as _inline
+except ImportError:  # pragma: no cover - numba is a dependency of the fast path only
+    _njit = None
+
+    def _inline(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return fn
+
+
+# ---------------------------------------------------------------- codebooks
+
+
+class Grid(NamedTuple):
+    """A codebook as iq2xs_init_impl / iq3xs_init_impl lay it out.
+
+    pos (G, n) int8: the lattice magnitudes 2l+1 of each entry; kmap (M,) int32: the entry index
+    of a packed point u = Σ l_i << (b*i), or -(1 + offset into neigh) when u is off the grid;
+    neigh uint16: at each offset a count followed by that many entry indices, sorted by (distance,
+    index) as ggml's qsort leaves them."""
+
+    pos: np.ndarray
+    kmap: np.ndarray
+    neigh: np.ndarray
+
+
+_GRIDS = {  # type -> (gguf-py class name, bits per element of the packed point, nwant)
+    "iq2_xxs": ("IQ2_XXS", 2, 2),
+    "iq2_xs": ("IQ2_XS", 2, 2),
+    "iq3_xxs": ("IQ3_XXS", 3, 2),
+}
+
+
+@cache
+def grid(qtype: str) -> Grid:
+    import gguf.quants as gq
+
+    cls_name, bits, nwant = _GRIDS[qtype]
+    cls = getattr(gq, cls_name)
+    cls.init_grid()
+    values = np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape)  # dequantized magnitudes
+    levels = np.searchsorted(np.asarray(cls.grid_map, dtype=np.float32), values)  # l per element
+    n_entries, n = levels.shape
+    pos = (2 * levels + 1).astype(np.int8)
+    shifts = np.arange(n) * bits
+    codes = (levels.astype(np.int64) << shifts).sum(axis=1)
+    size = 4096 if bits == 3 else 43692  # kmap_size in ggml: every index of a packed point
+    kmap = np.full(size, -1, dtype=np.int32)
+    kmap[codes] = np.arange(n_entries, dtype=np.int32)
+    # neighbour lists only for the points a search can reach: every level <= the largest in use
+    top = levels.max()
+    u = np.arange(size)
+    lv = (u[:, None] >> shifts) & ((1 << bits) - 1)
+    need = np.nonzero((kmap < 0) & (lv <= top).all(axis=1))[0]
+    p = 2 * lv[need] + 1
+    d2 = ((p[:, None, :] - pos[None, :, :].astype(np.int64)) ** 2).sum(axis=2)  # (len(need), G)
+    order = np.argsort(d2, axis=1, kind="stable")  # by distance, then index: qsort's total order
+    sd = np.take_along_axis(d2, order, axis=1)
+    # distinct distances seen so far; keep entries while fewer than nwant+1 distinct ones
+    rank = np.concatenate([np.zeros((len(need), 1), np.int64), np.cumsum(sd[:, 1:] > sd[:, :-1], axis=1)], axis=1)
+    keep = rank < nwant
+    counts = keep.sum(axis=1)
+    neigh = np.empty(int(counts.sum() + len(need)), dtype=np.uint16)
+    off = 0
+    for i, c, o in zip(need, counts, order):
+        kmap[i] = -(off + 1)
+        neigh[off] = c
+        neigh[off + 1 : off + 1 + c] = o[:c]
+        off += 1 + c
+    return Grid(pos, kmap, neigh)
+
+
+# ---------------------------------------------------------------- shared pieces (C helpers)
+
+
+@_inline
+def _nint(v):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """nearest_int: rint while |v| < 2^22, else ggml's bit trick (what it gives for NaN, inf and
+    huge values, before the callers clamp it)."""
+    if v >= -4194303.0 and v <= 4194303.0:
+        return int(np.rint(v))
+    b = np.empty(1, np.float32)
+    b[0] = v + np.float32(12582912.0)
+    return int((b.view(np.int32)[0] & 0x7FFFFF) - 0x400000)
+
+
+@_inline
+def _neighbour(pos, neigh, start, xval, w, o, n, scale, L):  # type: ignore[no-untyped-def]  # pragma: no cover
+    """iq2_find_best_neighbour / iq3_find_best_neighbour: the entry of the list at `start` with the
+    least Σ w*(scale*q - x)² (first of equals); writes its levels into L[o:o+n]."""
+    cnt = int(neigh[start])
+    best = np.float32(3.4028234663852886e38)
+    gi = -1
+    for j in range(1, cnt + 1):
+        g = int(neigh[start + j])
+        d2 = np.float32(0.0)
+        for i in range(n):
+            diff = scale * np.float32(pos[g, i]) - xval[o + i]
+            d2 += w[o + i] * diff * diff
+        if d2 < best:
+            best = d2
+            gi = g
+    if gi < 0:  # every distance NaN: ggml aborts here; keep the first neighbour
+        gi = int(neigh[start + 1])
+    for i in range(n):
+        L[o + i] = (pos[gi, i] - 1) // 2
+    return gi
+
+
+@_inline
+def _qp_scale(nmax, x, w, L):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """make_qp_quants(n, nmax, x, L, w)'s returned scale. L is uint8 in C: a negative level
+    (x < 0, possible after the parity flip) is stored wrapped and read back as 256+l."""
+    n = x.shape[0]
+    fmax = np.float32(nmax)
+    mx = np.float32(0.0)
+    for i in range(n):
+        if not (mx > x[i]):
+            mx = x[i]
+    if mx < np.float32(1e-15):
+        return np.float32(0.0)
+    iscale = fmax / mx
+    for i in range(n):
+        L[i] = _nint(iscale * x[i]) & 255
+    scale = np.float32(1.0) / iscale
+    best_mse = np.float32(0.0)
+    for i in range(n):
+        diff = x[i] - scale * np.float32(L[i])
+        best_mse += w[i] * diff * diff
+    for s in range(-4, 5):
+        if s == 0:
+            continue
+        iscale_is = (np.float32(0.1) * np.float32(s) + fmax) / mx
+        scale_is = np.float32(1.0) / iscale_is
+        mse = np.float32(0.0)
+        for i in range(n):
+            l = min(nmax, _nint(iscale_is * x[i]))
+            diff = x[i] - scale_is * np.float32(l)
+            mse += w[i] * diff * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_is
+    sumlx = np.float32(0.0)
+    suml2 = np.float32(0.0)
+    for i in range(n):
+        l = min(nmax, _nint(iscale * x[i]))
+        L[i] = l & 255
+        fl = np.float32(l)
+        sumlx += w[i] * x[i] * fl
+        suml2 += w[i] * fl * fl
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            li = np.float32(L[i])
+            slx = sumlx - w[i] * x[i] * li
+            sl2 = suml2 - w[i] * li * li
+            if slx > 0 and sl2 > 0:
+                new_l = min(nmax, _nint(x[i] * sl2 / slx))
+                if new_l != L[i]:
+                    fl = np.float32(new_l)
+                    slx += w[i] * x[i] * fl
+                    sl2 += w[i] * fl * fl
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l & 255
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if changed == 0:
+            break
+    return sumlx / suml2 if suml2 > 0 else np.float32(0.0)
+
+
+@_inline
+def _weights_signs(x, qw, has_qw, o, n, sigma2, weight, waux, xval, signs):  # type: ignore[no-untyped-def]  # pragma: no cover
+    """The weights of sub-block x[o:o+n] and the parity trick on its groups of 8: xval = |x| with
+    the cheapest element of an odd-negative group kept negative; signs = 7-bit masks."""
+    for i in range(n):
+        xi = x[o + i]
+        if has_qw:
+            weight[i] = qw[o + i] * np.sqrt(sigma2 + xi * xi)
+        else:
+            weight[i] = xi * xi
+        waux[i] = np.sqrt(weight[i])
+    for k in range(n // 8):
+        nflip = 0
+        s = 0
+        for i in range(8):
+            xi = x[o + 8 * k + i]
+            if xi >= 0:
+                xval[8 * k + i] = xi
+            else:
+                xval[8 * k + i] = -xi
+                nflip += 1
+                s |= 1 << i
+        if nflip % 2:
+            imin = 0
+            xi = x[o + 8 * k]
+            mn = weight[8 * k] * xi * xi
+            for i in range(1, 8):
+                xi = x[o + 8 * k + i]
+                ax = weight[8 * k + i] * xi * xi
+                if ax < mn:
+                    mn = ax
+                    imin = i
+            xval[8 * k + imin] = -xval[8 * k + imin]
+            s ^= 1 << imin
+        signs[k] = s & 127
+
+
+@_inline
+def _round_groups(xval, waux, idv, scale, kmaxq, n, bits, pos, kmap, neigh, L, on_grid):  # type: ignore[no-untyped-def]  # pragma: no cover
+    """Every group of n (with on_grid[k] False, or all when on_grid is all False) to its nearest
+    lattice point at id, off-grid points to their best neighbour at `scale`; writes L and returns
+    nothing. on_grid[k] is set to whether the rounded point was in the codebook."""
+    ng = xval.shape[0] // n
+    for k in range(ng):
+        u = 0
+        for i in range(n):
+            l = _nint(np.float32(0.5) * (idv * xval[n * k + i] - np.float32(1.0)))
+            l = max(0, min(kmaxq - 1, l))
+            L[n * k + i] = l
+            u |= l << (bits * i)
+        gi = kmap[u]
+        on_grid[k] = gi >= 0
+        if gi < 0:
+            _neighbour(pos, neigh, -gi - 1, xval, waux, n * k, n, scale, L)
+
+
+@_inline
+def _sums(weight, xval, L):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    sumqx = np.float32(0.0)
+    sumq2 = np.float32(0.0)
+    for i in range(xval.shape[0]):
+        w = weight[i]
+        q = np.float32(2 * L[i] + 1)
+        sumqx += w * xval[i] * q
+        sumq2 += w * q * q
+    return sumqx, sumq2
+
+
+@_inline
+def _code(L, o, n, bits, kmap):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    u = 0
+    for i in range(n):
+        u |= L[o + i] << (bits * i)
+    return kmap[u]
+
+
+# ---------------------------------------------------------------- kernels (scalar, per super-block)
+
+
+def _iq2_xxs(x, qw, has_qw, pos, kmap, neigh, d_out, q_out):  # type: ignore[no-untyped-def]  # pragma: no cover
+    """quantize_row_iq2_xxs_impl over super-blocks x (m, 256): d_out (m,) float32 (before fp16),
+    q_out (m, 16) uint32 = q2."""
+    weight = np.empty(32, np.float32)
+    waux = np.empty(32, np.float32)
+    xval = np.empty(32, np.float32)
+    L = np.zeros(32, np.int64)
+    Laux = np.zeros(32, np.int64)
+    Lqp = np.zeros(32, np.int64)
+    signs = np.zeros(4, np.int64)
+    on_grid = np.zeros(4, np.bool_)
+    scales = np.zeros(8, np.float32)
+    for b in range(x.shape[0]):
+        xb = x[b]
+        qb = qw[b]
+        for j in range(16):
+            q_out[b, j] = 0
+        d_out[b] = np.float32(0.0)
+        max_scale = np.float32(0.0)
+        sumx2 = np.float32(0.0)
+        for i in range(QK_K):
+            sumx2 += xb[i] * xb[i]
+        sigma2 = sumx2 / np.float32(QK_K)
+        for ib in range(8):
+            _weights_signs(xb, qb, has_qw, 32 * ib, 32, sigma2, weight, waux, xval, signs)
+            mx = xval[0]
+            for i in range(1, 32):
+                if not (mx > xval[i]):
+                    mx = xval[i]
+            scales[ib] = np.float32(0.0)
+            if mx < np.float32(1e-15):
+                continue
+            scale = _qp_scale(4, xval, weight, Lqp)
+            eff_max = scale * np.float32(3.0)
+            if eff_max <= 0:
+                continue
+            best = np.float32(0.0)
+            for s in range(-6, 7):
+                idv = (np.float32(5.0) + np.float32(s) * np.float32(0.1)) / eff_max
+                _round_groups(xval, waux, idv, np.float32(1.0) / idv, 3, 8, 2, pos, kmap, neigh, Laux, on_grid)
+                sumqx, sumq2 = _sums(weight, xval, Laux)
+                if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    L[:] = Laux
+            if scale > 0:
+                _round_groups(xval, waux, np.float32(1.0) / scale, scale, 3, 8, 2, pos, kmap, neigh, L, on_grid)
+                sumqx, sumq2 = _sums(weight, xval, L)
+                if sumq2 > 0:
+                    scale = sumqx / sumq2
+            if scale < 0:  # "should never happen" in ggml: flip the scale and the signs
+                scale = -scale
+                for k in range(4):
+                    signs[k] = ~signs[k] & 127
+            for k in range(4):
+                gi = _code(L, 8 * k, 8, 2, kmap)
+                q_out[b, 2 * ib] |= np.uint32(gi) << np.uint32(8 * k)
+                q_out[b, 2 * ib + 1] |= np.uint32(signs[k]) << np.uint32(7 * k)
+            scales[ib] = scale
+            if not (max_scale > scale):
+                max_scale = scale
+        if max_scale == 0:
+            for j in range(16):
+                q_out[b, j] = 0
+            continue
+        d = max_scale / np.float32(31.0)
+        d_out[b] = d
+        idv = np.float32(1.0) / d
+        for ib in range(8):
+            l = max(0, min(15, _nint(np.float32(0.5) * (idv * scales[ib] - np.float32(1.0)))))
+            q_out[b, 2 * ib + 1] |= np.uint32(l) << np.uint32(28)
+
+
+def _iq2_xs(x, qw, has_qw, pos, kmap, neigh, d_out, q_out, sc_out):  # type: ignore[no-untyped-def]  # pragma: no cover
+    """quantize_row_iq2_xs_impl over super-blocks x (m, 256): d_out (m,), q_out (m, 32) uint16,
+    sc_out (m, 8) uint8."""
+    weight = np.empty(16, np.float32)
+    waux = np.empty(16, np.float32)
+    xval = np.empty(16, np.float32)
+    L = np.zeros(16, np.int64)
+    Laux = np.zeros(16, np.int64)
+    signs = np.zeros(2, np.int64)
+    on_grid = np.zeros(2, np.bool_)
+    on_aux = np.zeros(2, np.bool_)
+    scales = np.zeros(16, np.float32)
+    for b in range(x.shape[0]):
+        xb = x[b]
+        qb = qw[b]
+        for j in range(32):
+            q_out[b, j] = 0
+        for j in range(8):
+            sc_out[b, j] = 0
+        d_out[b] = np.float32(0.0)
+        max_scale = np.float32(0.0)
+        sumx2 = np.float32(0.0)
+        for i in range(QK_K):
+            sumx2 += xb[i] * xb[i]
+        sigma2 = sumx2 / np.float32(QK_K)
+        for ib in range(16):
+            _weights_signs(xb, qb, has_qw, 16 * ib, 16, sigma2, weight, waux, xval, signs)
+            mx = xval[0]
+            for i in range(1, 16):
+                if not (mx > xval[i]):
+                    mx = xval[i]
+            L[:] = 0
+            scales[ib] = np.float32(0.0)
+            if mx < np.float32(1e-15):
+                continue
+            best = np.float32(0.0)
+            scale = mx / np.float32(5.0)
+            on_grid[:] = True
+            for s in range(-9, 10):
+                idv = (np.float32(5.0) + np.float32(s) * np.float32(0.1)) / mx
+                _round_groups(xval, waux, idv, np.float32(1.0) / idv, 3, 8, 2, pos, kmap, neigh, Laux, on_aux)
+                sumqx, sumq2 = _sums(weight, xval, Laux)
+                if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    L[:] = Laux
+                    on_grid[:] = on_aux
+            if not (on_grid[0] and on_grid[1]) and scale > 0:
+                idv = np.float32(1.0) / scale
+                for k in range(2):
+                    if on_grid[k]:
+                        continue
+                    u = 0
+                    for i in range(8):
+                        l = max(0, min(2, _nint(np.float32(0.5) * (idv * xval[8 * k + i] - np.float32(1.0)))))
+                        u |= l << (2 * i)
+                        L[8 * k + i] = l
+                    gi = kmap[u]
+                    if gi < 0:
+                        _neighbour(pos, neigh, -gi - 1, xval, waux, 8 * k, 8, scale, L)
+                sumqx, sumq2 = _sums(weight, xval, L)
+                if sumq2 > 0:
+                    scale = sumqx / sumq2
+            if scale < 0:
+                scale = -scale
+                for k in range(2):
+                    signs[k] = ~signs[k] & 127
+            for k in range(2):
+                gi = _code(L, 8 * k, 8, 2, kmap)
+                q_out[b, 2 * ib + k] = np.uint16(gi | (signs[k] << 9))
+            scales[ib] = scale
+            if not (max_scale > scale):
+                max_scale = scale
+        if max_scale == 0:
+            for j in range(32):
+                q_out[b, j] = 0
+            continue
+        d = max_scale / np.float32(31.0)
+        d_out[b] = d
+        idv = np.float32(1.0) / d
+        for ib in range(16):
+            l = max(0, min(15, _nint(np.float32(0.5) * (idv * scales[ib] - np.float32(1.0)))))
+            if ib % 2 == 0:
+                sc_out[b, ib // 2] = l
+            else:
+                sc_out[b, ib // 2] |= l << 4
+
+
+def _iq3_xxs(x, qw, has_qw, pos, kmap, neigh, d_out, g_out, ss_out):  # type: ignore[no-untyped-def]  # pragma: no cover
+    """quantize_row_iq3_xxs_impl(256, ...) over super-blocks x (m, 256): d_out (m,) the stored d
+    before fp16 (with the 1.0125 fudge), g_out (m, 64) uint8 grid indices, ss_out (m, 8) uint32."""
+    weight = np.empty(32, np.float32)
+    waux = np.empty(32, np.float32)
+    xval = np.empty(32, np.float32)
+    L = np.zeros(32, np.int64)
+    Laux = np.zeros(32, np.int64)
+    signs = np.zeros(4, np.int64)
+    on_grid = np.zeros(8, np.bool_)
+    on_aux = np.zeros(8, np.bool_)
+    scales = np.zeros(8, np.float32)
+    for b in range(x.shape[0]):
+        xb = x[b]
+        qb = qw[b]
+        for j in range(64):
+            g_out[b, j] = 0
+        for j in range(8):
+            ss_out[b, j] = 0
+        d_out[b] = np.float32(0.0)
+        max_scale = np.float32(0.0)
+        sumx2 = np.float32(0.0)
+        for i in range(QK_K):
+            sumx2 += xb[i] * xb[i]
+        sigma2 = np.float32(2.0) * sumx2 / np.float32(QK_K)
+        for ib in range(8):
+            _weights_signs(xb, qb, has_qw, 32 * ib, 32, sigma2, weight, waux, xval, signs)
+            mx = xval[0]
+            for i in range(1, 32):
+                if not (mx > xval[i]):
+                    mx = xval[i]
+            L[:] = 0
+            scales[ib] = np.float32(0.0)
+            if mx < np.float32(1e-8):
+                continue
+            best = np.float32(0.0)
+            scale = mx / np.float32(15.0)
+            on_grid[:] = True
+            for s in range(-15, 16):
+                idv = (np.float32(15.0) + np.float32(s) * np.float32(0.2)) / mx
+                _round_groups(xval, waux, idv, np.float32(1.0) / idv, 8, 4, 3, pos, kmap, neigh, Laux, on_aux)
+                sumqx, sumq2 = _sums(weight, xval, Laux)
+                if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    L[:] = Laux
+                    on_grid[:] = on_aux
+            n_off = 0
+            for k in range(8):
+                if not on_grid[k]:
+                    n_off += 1
+            if n_off > 0 and scale > 0:
+                idv = np.float32(1.0) / scale
+                for k in range(8):
+                    if on_grid[k]:
+                        continue
+                    u = 0
+                    for i in range(4):
+                        l = max(0, min(7, _nint(np.float32(0.5) * (idv * xval[4 * k + i] - np.float32(1.0)))))
+                        u |= l << (3 * i)
+                    gi = kmap[u]
+                    if gi < 0:
+                        gi = _neighbour(pos, neigh, -gi - 1, xval, waux, 4 * k, 4, scale, L)
+                    for i in range(4):
+                        L[4 * k + i] = (pos[gi, i] - 1) // 2
+                sumqx, sumq2 = _sums(weight, xval, L)
+                if sumq2 > 0:
+                    scale = sumqx / sumq2
+            if scale < 0:
+                scale = -scale
+                for k in range(4):
+                    signs[k] = ~signs[k] & 127
+            for k in range(8):
+                g_out[b, 8 * ib + k] = _code(L, 4 * k, 4, 3, kmap)
+            ss_out[b, ib] = np.uint32(signs[0] | (signs[1] << 7) | (signs[2] << 14) | (signs[3] << 21))
+            scales[ib] = scale
+            if not (max_scale > scale):
+                max_scale = scale
+        if max_scale == 0:
+            for j in range(64):
+                g_out[b, j] = 0
+            for j in range(8):
+                ss_out[b, j] = 0
+            continue
+        d = max_scale / np.float32(31.0)
+        d_out[b] = d * np.float32(1.0125)
+        idv = np.float32(1.0) / d
+        for ib in range(8):
+            l = max(0, min(15, _nint(np.float32(0.5) * (idv * scales[ib] - np.float32(1.0)))))
+            ss_out[b, ib] |= np.uint32(l) << np.uint32(28)
+
+
+_KERNELS: dict[str, Callable[..., Any]] = {}
+
+
+def _kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
+    name = fn.__name__
+    if name not in _KERNELS:
+        _KERNELS[name] = fn if _njit is None else _njit(cache=True, nogil=True, error_model="numpy")(fn)
+    return _KERNELS[name]
+
+
+def _prep(xs: np.ndarray, qws: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    x = np.ascontiguousarray(xs, dtype=F32)
+    if qws is None:
+        return x, x, False
+    return x, np.ascontiguousarray(qws, dtype=F32), True
+
+
+def iq2_xxs(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
+    """(ns, 256) super-blocks (+ their imatrix slices) -> (ns, 66) bytes."""
+    x, qw, has = _prep(xs, qws)
+    g = grid("iq2_xxs")
+    ns = x.shape[0]
+    d = np.empty(ns, F32)
+    q = np.empty((ns, 16), np.uint32)
+    _kernel(_iq2_xxs)(x, qw, has, g.pos, g.kmap, g.neigh, d, q)
+    out = np.empty((ns, 66), np.uint8)
+    out[:, 0:2] = to_f16(d).astype("<u2").view(np.uint8).reshape(ns, 2)
+    out[:, 2:] = q.astype("<u4").view(np.uint8).reshape(ns, 64)
+    return out
+
+
+def iq2_xs(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
+    """(ns, 256) super-blocks (+ their imatrix slices) -> (ns, 74) bytes."""
+    x, qw, has = _prep(xs, qws)
+    g = grid("iq2_xs")
+    ns = x.shape[0]
+    d = np.empty(ns, F32)
+    q = np.empty((ns, 32), np.uint16)
+    sc = np.empty((ns, 8), np.uint8)
+    _kernel(_iq2_xs)(x, qw, has, g.pos, g.kmap, g.neigh, d, q, sc)
+    out = np.empty((ns, 74), np.uint8)
+    out[:, 0:2] = to_f16(d).astype("<u2").view(np.uint8).reshape(ns, 2)
+    out[:, 2:66] = q.astype("<u2").view(np.uint8).reshape(ns, 64)
+    out[:, 66:] = sc
+    return out
+
+
+def iq3_xxs(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
+    """(ns, 256) super-blocks (+ their imatrix slices) -> (ns, 98) bytes."""
+    x, qw, has = _prep(xs, qws)
+    g = grid("iq3_xxs")
+    ns = x.shape[0]
+    d = np.empty(ns, F32)
+    gi = np.empty((ns, 64), np.uint8)
+    ss = np.empty((ns, 8), np.uint32)
+    _kernel(_iq3_xxs)(x, qw, has, g.pos, g.kmap, g.neigh, d, gi, ss)
+    out = np.empty((ns, 98), np.uint8)
+    out[:, 0:2] = to_f16(d).astype("<u2").view(np.uint8).reshape(ns, 2)
+    out[:, 2:66] = gi
+    out[:, 66:] = ss.astype("<u4").view(np.uint8).reshape(ns, 32)
+    return out
