@@ -43,16 +43,23 @@ from .fp import to_f16
 F32 = np.float32
 QK_K = 256
 
-try:  # the helpers must be callable from compiled code; without numba they stay Python
-    if os.environ.get("LORAQ_NO_JIT"):
-        raise ImportError("disabled by LORAQ_NO_JIT")
-    from numba import njit as _njit
-    from numba.extending import register_jitable as _inline
-except ImportError:  # pragma: no cover - numba is a dependency of the fast path only
-    _njit = None
 
-    def _inline(fn: Callable[..., Any]) -> Callable[..., Any]:
-        return fn
+def _identity(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return fn
+
+
+# The helpers must be callable from compiled code (register_jitable); without numba (or with
+# LORAQ_NO_JIT) everything stays Python. This module is imported on first use of its types.
+_njit: Any = None
+_inline: Any = _identity
+if not os.environ.get("LORAQ_NO_JIT"):
+    try:
+        import numba
+        import numba.extending
+    except ImportError:  # pragma: no cover - numba is a dependency of the fast path only
+        pass
+    else:
+        _njit, _inline = numba.njit, numba.extending.register_jitable
 
 
 # ---------------------------------------------------------------- codebooks
@@ -121,7 +128,7 @@ def grid(qtype: str) -> Grid:
 
 
 @_inline
-def _nint(v):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+def _nint(v):  # pragma: no cover - compiled
     """nearest_int: rint while |v| < 2^22, else ggml's bit trick (what it gives for NaN, inf and
     huge values, before the callers clamp it)."""
     if v >= -4194303.0 and v <= 4194303.0:
@@ -132,7 +139,7 @@ def _nint(v):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
 
 
 @_inline
-def _neighbour(pos, neigh, start, xval, w, o, n, scale, L):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _neighbour(pos, neigh, start, xval, w, o, n, scale, L):  # pragma: no cover - compiled
     """iq2_find_best_neighbour / iq3_find_best_neighbour: the entry of the list at `start` with the
     least Σ w*(scale*q - x)² (first of equals); writes its levels into L[o:o+n]."""
     cnt = int(neigh[start])
@@ -155,7 +162,7 @@ def _neighbour(pos, neigh, start, xval, w, o, n, scale, L):  # type: ignore[no-u
 
 
 @_inline
-def _qp_scale(nmax, x, w, L):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+def _qp_scale(nmax, x, w, L):  # pragma: no cover - compiled
     """make_qp_quants(n, nmax, x, L, w)'s returned scale. L is uint8 in C: a negative level
     (x < 0, possible after the parity flip) is stored wrapped and read back as 256+l."""
     n = x.shape[0]
@@ -218,7 +225,7 @@ def _qp_scale(nmax, x, w, L):  # type: ignore[no-untyped-def]  # pragma: no cove
 
 
 @_inline
-def _weights_signs(x, qw, has_qw, o, n, sigma2, weight, waux, xval, signs):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _weights_signs(x, qw, has_qw, o, n, sigma2, weight, waux, xval, signs):  # pragma: no cover - compiled
     """The weights of sub-block x[o:o+n] and the parity trick on its groups of 8: xval = |x| with
     the cheapest element of an odd-negative group kept negative; signs = 7-bit masks."""
     for i in range(n):
@@ -255,7 +262,7 @@ def _weights_signs(x, qw, has_qw, o, n, sigma2, weight, waux, xval, signs):  # t
 
 
 @_inline
-def _round_groups(xval, waux, idv, scale, kmaxq, n, bits, pos, kmap, neigh, L, on_grid):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _round_groups(xval, waux, idv, scale, kmaxq, n, bits, pos, kmap, neigh, L, on_grid):  # pragma: no cover - compiled
     """Every group of n (with on_grid[k] False, or all when on_grid is all False) to its nearest
     lattice point at id, off-grid points to their best neighbour at `scale`; writes L and returns
     nothing. on_grid[k] is set to whether the rounded point was in the codebook."""
@@ -274,7 +281,7 @@ def _round_groups(xval, waux, idv, scale, kmaxq, n, bits, pos, kmap, neigh, L, o
 
 
 @_inline
-def _sums(weight, xval, L):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+def _sums(weight, xval, L):  # pragma: no cover - compiled
     sumqx = np.float32(0.0)
     sumq2 = np.float32(0.0)
     for i in range(xval.shape[0]):
@@ -286,7 +293,7 @@ def _sums(weight, xval, L):  # type: ignore[no-untyped-def]  # pragma: no cover 
 
 
 @_inline
-def _code(L, o, n, bits, kmap):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+def _code(L, o, n, bits, kmap):  # pragma: no cover - compiled
     u = 0
     for i in range(n):
         u |= L[o + i] << (bits * i)
@@ -296,7 +303,7 @@ def _code(L, o, n, bits, kmap):  # type: ignore[no-untyped-def]  # pragma: no co
 # ---------------------------------------------------------------- kernels (scalar, per super-block)
 
 
-def _iq2_xxs(x, qw, has_qw, pos, kmap, neigh, d_out, q_out):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _iq2_xxs(x, qw, has_qw, pos, kmap, neigh, d_out, q_out):  # pragma: no cover - compiled
     """quantize_row_iq2_xxs_impl over super-blocks x (m, 256): d_out (m,) float32 (before fp16),
     q_out (m, 16) uint32 = q2."""
     weight = np.empty(32, np.float32)
@@ -369,7 +376,7 @@ def _iq2_xxs(x, qw, has_qw, pos, kmap, neigh, d_out, q_out):  # type: ignore[no-
             q_out[b, 2 * ib + 1] |= np.uint32(l) << np.uint32(28)
 
 
-def _iq2_xs(x, qw, has_qw, pos, kmap, neigh, d_out, q_out, sc_out):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _iq2_xs(x, qw, has_qw, pos, kmap, neigh, d_out, q_out, sc_out):  # pragma: no cover - compiled
     """quantize_row_iq2_xs_impl over super-blocks x (m, 256): d_out (m,), q_out (m, 32) uint16,
     sc_out (m, 8) uint8."""
     weight = np.empty(16, np.float32)
@@ -457,7 +464,7 @@ def _iq2_xs(x, qw, has_qw, pos, kmap, neigh, d_out, q_out, sc_out):  # type: ign
                 sc_out[b, ib // 2] |= l << 4
 
 
-def _iq3_xxs(x, qw, has_qw, pos, kmap, neigh, d_out, g_out, ss_out):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _iq3_xxs(x, qw, has_qw, pos, kmap, neigh, d_out, g_out, ss_out):  # pragma: no cover - compiled
     """quantize_row_iq3_xxs_impl(256, ...) over super-blocks x (m, 256): d_out (m,) the stored d
     before fp16 (with the 1.0125 fudge), g_out (m, 64) uint8 grid indices, ss_out (m, 8) uint32."""
     weight = np.empty(32, np.float32)

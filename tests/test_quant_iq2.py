@@ -1,0 +1,210 @@
+"""Oracle tests for loraq's grid-codebook quantizers: iq2_xxs, iq2_xs, iq3_xxs.
+
+The oracle is libgguf (ggml's own `ggml_quantize_chunk`); every block must be byte-identical.
+iq3_xxs runs with and without an imatrix (ggml: weights x² without one). ggml asserts an imatrix
+for iq2_xxs and iq2_xs (llama-quantize never quantizes to them without one); loraq refuses too,
+with a one-line error, rather than copying libgguf's stand-in (the rows' own column mean of x²).
+The whole-file test checks the IQ2_XXS / IQ2_XS ftype rules against llama.cpp's
+`llama_model_quantize` given the same imatrix."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+
+libgguf = pytest.importorskip("libgguf")
+
+from loraq.errors import BadArguments  # noqa: E402
+from loraq.kernels import iqgrid, quantize, read_f32  # noqa: E402
+from oracle import F32, assert_layouts, assert_same, oracle, random_imatrix  # noqa: E402
+
+TYPES = ["iq2_xxs", "iq2_xs", "iq3_xxs"]
+PLAIN = {"iq3_xxs"}  # also defined without an imatrix
+_rim = partial(random_imatrix, dead=slice(64, 96))
+
+
+def imatrix_cases(qtype: str, k: int, seed: int) -> list[np.ndarray | None]:
+    ims: list[np.ndarray | None] = [_rim(k, seed), _rim(k, seed + 1, zeros=True)]
+    return ([None] if qtype in PLAIN else []) + ims
+
+
+# ------------------------------------------------------------------ random and real rows
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_random_normal(qtype):
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((12, 1024)).astype(F32)
+    rows *= np.logspace(-6, 4, 12, dtype=F32)[:, None]  # very different row scales
+    rows[5, 256:512] = 0  # a zero super-block inside a row
+    rows[6, 32:64] = 0  # a zero sub-block inside a non-zero super-block
+    rows[7, 512:768] *= F32(1e-3)  # a quiet super-block next to loud ones
+    rows[8] = rng.standard_t(2, 1024).astype(F32)  # heavy tails: outlier-driven scales
+    for im in imatrix_cases(qtype, 1024, 8):
+        assert_same(rows, qtype, im, "random normal")
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_odd_shapes(qtype):
+    """One super-block, and rows long enough to span several chunks."""
+    rng = np.random.default_rng(9)
+    small = rng.standard_normal((1, 256)).astype(F32)
+    long = rng.standard_normal((2, 300_032)).astype(F32)  # 1172 super-blocks per row
+    for rows, what in [(small, "1 block"), (long, "2 long rows")]:
+        for im in imatrix_cases(qtype, rows.shape[1], 3)[:2]:
+            assert_same(rows, qtype, im, what)
+
+
+@pytest.fixture(scope="module")
+def real_rows(smollm2_q4_1) -> dict[str, np.ndarray]:
+    from loraq.gguf_io import open_gguf
+
+    f = open_gguf(smollm2_q4_1)
+    return {
+        "ffn_down.0": read_f32(f, f.tensor("blk.0.ffn_down.weight")),  # 576 x 1536
+        "ffn_down.20": read_f32(f, f.tensor("blk.20.ffn_down.weight"))[:192],
+    }
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("qtype", TYPES)
+def test_real_weights(qtype, real_rows):
+    for i, (name, rows) in enumerate(real_rows.items()):
+        # an activation-like imatrix, and the rows' own mean x² (what a real imatrix resembles)
+        ims = imatrix_cases(qtype, rows.shape[1], 100 + i) + [np.mean(rows * rows, axis=0, dtype=F32)]
+        for im in ims:
+            assert_same(rows, qtype, im, name)
+
+
+# ------------------------------------------------------------------ adversarial blocks
+
+
+def _superblocks() -> list[np.ndarray]:
+    """256-element blocks built to hit the branches of the search."""
+    rng = np.random.default_rng(11)
+    b = []
+    z = np.zeros(256, F32)
+    b.append(z.copy())  # all zero: d = 0 and no bytes at all
+    nz = z.copy()
+    nz[::7] = -0.0
+    b.append(nz)  # signed zeros: -0.0 >= 0, no flips
+    part = rng.standard_normal(256).astype(F32)
+    part[64:96] = 0
+    part[160:192] = 1e-16  # below GROUP_MAX_EPS (and the 1e-8 of iq3_xxs)
+    part[192:224] = 5e-9  # between the two epsilons
+    b.append(part)  # dead sub-blocks inside a live super-block
+    b.append(np.full(256, 0.37, F32))  # constant: every group on one lattice point
+    b.append(np.full(256, -1234.5, F32))  # constant negative: even parity, 8 flips per group
+    one_neg = np.full(256, 2.0, F32)
+    one_neg[::8] = -2.0  # odd parity in every group, all w*x² equal: the first element is flipped
+    b.append(one_neg)
+    out = (rng.standard_normal(256) * 1e-3).astype(F32)
+    out[17] = 1e4
+    b.append(out)  # one huge outlier: all other groups collapse to the smallest point
+    out2 = out.copy()
+    out2[200] = -3e5  # past fp16 range once divided by 31? no: d = max/31 stays finite
+    b.append(out2)
+    b.append(np.where(np.arange(256) % 2, 65504, -65504).astype(F32))  # ±max f16, alternating
+    b.append(np.where(np.arange(256) % 3, 1.0, -1.0).astype(F32))  # mixed parities
+    b.append((rng.standard_normal(256) * 1e-40).astype(F32))  # subnormal (below the epsilons)
+    b.append((rng.standard_normal(256) * 1e-7).astype(F32))  # just above iq3_xxs' epsilon
+    b.append((rng.standard_normal(256) * 3e-15).astype(F32))  # around GROUP_MAX_EPS
+    # lattice points themselves at unit scale: the rounding (x/s - 1)/2 lands on .5 ties
+    b.append(np.resize(np.array([1, 3, 5, 7, 9, 11, 13, 15, 2, 4, 6, 8], F32), 256))
+    b.append(np.resize(np.array([1, 3, 5, 1, 3, 5, 1, 1, 3, 3, 5, 5, 1, 5, 3], F32), 256))
+    # points off every codebook: many groups need the neighbour search
+    far = np.resize(np.array([5, 5, 5, 5, 5, 5, 5, 5, 1, 5, 1, 5, 1, 5, 1, 5], F32), 256)
+    b.append(far * (1 + rng.random(256).astype(F32) * F32(0.01)))
+    sparse = z.copy()
+    sparse[rng.choice(256, 12, replace=False)] = rng.standard_normal(12).astype(F32) * 10
+    b.append(sparse)  # mostly zero groups with a single live element
+    heavy = rng.standard_t(1.5, 256).astype(F32)
+    b.append(heavy)
+    b.append(-heavy)
+    return b
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_adversarial_blocks(qtype):
+    assert_layouts(_superblocks(), qtype, lambda k: imatrix_cases(qtype, k, 5))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_imatrix_edge_values(qtype):
+    """All-zero imatrix (every sumq2 = 0), tiny and huge importances, importance zero exactly on the
+    outliers, and sub-blocks whose importance is zero."""
+    rng = np.random.default_rng(21)
+    rows = rng.standard_normal((8, 512)).astype(F32)
+    rows[:, ::37] *= 50
+    cases = [
+        np.zeros(512, F32),
+        np.full(512, 1e-30, F32),
+        np.full(512, 1e30, F32),
+        np.where(np.arange(512) % 37 == 0, 0, 1).astype(F32),
+        np.where(np.arange(512) % 37 == 0, 1e6, 1e-6).astype(F32),
+        np.where((np.arange(512) // 16) % 3 == 0, 0, 1).astype(F32),
+    ]
+    for i, im in enumerate(cases):
+        assert_same(rows, qtype, im, f"imatrix case {i}")
+
+
+@pytest.mark.parametrize("qtype", ["iq2_xxs", "iq2_xs"])
+def test_refuses_without_an_imatrix(qtype):
+    rows = np.ones((1, 256), F32)
+    with pytest.raises(BadArguments, match="needs an importance matrix"):
+        quantize(rows, qtype)
+
+
+def test_libgguf_without_an_imatrix_uses_the_column_mean():
+    """What libgguf does where ggml asserts (so loraq's refusal is a choice, not a gap): it is
+    loraq's output given the rows' column mean of x² as the imatrix."""
+    rows = np.random.default_rng(2).standard_normal((4, 512)).astype(F32)
+    for q in ("iq2_xxs", "iq2_xs"):
+        want = oracle(rows, q, None).reshape(-1)
+        got = quantize(rows, q, np.mean(rows * rows, axis=0, dtype=F32)).reshape(-1)
+        assert np.array_equal(got, want), q
+
+
+# ------------------------------------------------------------------ codebook tables
+
+
+def test_neighbour_lists_are_ggml_shaped():
+    """Independent of the quantizer: every reachable off-grid point has a non-empty list of codebook
+    entries, sorted by (distance, index), covering exactly its 2 nearest distances."""
+    for q, bits, top in (("iq2_xxs", 2, 2), ("iq2_xs", 2, 2), ("iq3_xxs", 3, 7)):
+        g = iqgrid.grid(q)
+        n = g.pos.shape[1]
+        rng = np.random.default_rng(0)
+        for u in rng.integers(0, 1 << (bits * n), 300):
+            lv = (u >> (np.arange(n) * bits)) & ((1 << bits) - 1)
+            if (lv > top).any() or g.kmap[u] >= 0:
+                continue
+            start = -int(g.kmap[u]) - 1
+            cnt = int(g.neigh[start])
+            idx = g.neigh[start + 1 : start + 1 + cnt].astype(int)
+            d2 = ((g.pos.astype(int) - (2 * lv + 1)) ** 2).sum(axis=1)
+            dist = sorted(set(d2.tolist()))[:2]
+            want = sorted((d, j) for j, d in enumerate(d2.tolist()) if d in dist)
+            assert [(int(d2[j]), j) for j in idx] == want
+
+
+# ------------------------------------------------------------------ whole files
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("ftype", ["IQ2_XXS", "IQ2_XS"])
+def test_file_equals_llama_model_quantize(synth256, tmp_path, ftype):
+    """The ftype's rules (R1, R4: q5_K output, q2_K attn_v and first ffn_down) and kernels
+    together, against llama.cpp given the same imatrix."""
+    pytest.importorskip("llama_cpp")
+    from loraq.quantize.imatrix_file import quant_weights, quantize_kvs, read_imatrix, write_imatrix_gguf
+    from test_quantize_imatrix import _llama_model_quantize, _loraq, _sha, realistic_imatrix
+
+    imat = write_imatrix_gguf(tmp_path / "synth.imatrix.gguf", realistic_imatrix(synth256))
+    data = read_imatrix(imat, require_metadata=True)
+    ours, theirs = tmp_path / "loraq.gguf", tmp_path / "llama.gguf"
+    _loraq([synth256, ours, ftype, "--imatrix", imat])
+    _llama_model_quantize(synth256, theirs, ftype, quant_weights(data), quantize_kvs(str(imat), data))
+    assert _sha(ours) == _sha(theirs)
