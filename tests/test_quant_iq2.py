@@ -1,7 +1,8 @@
-"""Oracle tests for loraq's grid-codebook quantizers: iq2_xxs, iq2_xs, iq3_xxs.
+"""Oracle tests for loraq's grid-codebook quantizers: iq2_xxs, iq2_xs, iq3_xxs, iq2_s, iq3_s.
 
 The oracle is libgguf (ggml's own `ggml_quantize_chunk`); every block must be byte-identical.
-iq3_xxs runs with and without an imatrix (ggml: weights x² without one). ggml asserts an imatrix
+iq3_xxs, iq2_s and iq3_s run with and without an imatrix (ggml: weights x², σ²/4 + x² for
+iq2_s, without one). ggml asserts an imatrix
 for iq2_xxs and iq2_xs (llama-quantize never quantizes to them without one); loraq refuses too,
 with a one-line error, rather than copying libgguf's stand-in (the rows' own column mean of x²).
 The whole-file test checks the IQ2_XXS / IQ2_XS ftype rules against llama.cpp's
@@ -20,8 +21,8 @@ from loraq.errors import BadArguments  # noqa: E402
 from loraq.kernels import iqgrid, quantize, read_f32  # noqa: E402
 from oracle import F32, assert_layouts, assert_same, oracle, random_imatrix  # noqa: E402
 
-TYPES = ["iq2_xxs", "iq2_xs", "iq3_xxs"]
-PLAIN = {"iq3_xxs"}  # also defined without an imatrix
+TYPES = ["iq2_xxs", "iq2_xs", "iq3_xxs", "iq2_s", "iq3_s"]
+PLAIN = {"iq3_xxs", "iq2_s", "iq3_s"}  # also defined without an imatrix
 _rim = partial(random_imatrix, dead=slice(64, 96))
 
 
@@ -172,8 +173,9 @@ def test_libgguf_without_an_imatrix_uses_the_column_mean():
 
 def test_neighbour_lists_are_ggml_shaped():
     """Independent of the quantizer: every reachable off-grid point has a non-empty list of codebook
-    entries, sorted by (distance, index), covering exactly its 2 nearest distances."""
-    for q, bits, top in (("iq2_xxs", 2, 2), ("iq2_xs", 2, 2), ("iq3_xxs", 3, 7)):
+    entries, sorted by (distance, index), covering exactly its nwant nearest distances (2; 1 for
+    iq2_s's 1024 entries, 3 for iq3_s)."""
+    for q, bits, top, nwant in (("iq2_xxs", 2, 2, 2), ("iq2_xs", 2, 2, 2), ("iq3_xxs", 3, 7, 2), ("iq2_s", 2, 2, 1), ("iq3_s", 3, 7, 3)):
         g = iqgrid.grid(q)
         n = g.pos.shape[1]
         rng = np.random.default_rng(0)
@@ -185,7 +187,7 @@ def test_neighbour_lists_are_ggml_shaped():
             cnt = int(g.neigh[start])
             idx = g.neigh[start + 1 : start + 1 + cnt].astype(int)
             d2 = ((g.pos.astype(int) - (2 * lv + 1)) ** 2).sum(axis=1)
-            dist = sorted(set(d2.tolist()))[:2]
+            dist = sorted(set(d2.tolist()))[:nwant]
             want = sorted((d, j) for j, d in enumerate(d2.tolist()) if d in dist)
             assert [(int(d2[j]), j) for j in idx] == want
 

@@ -82,6 +82,8 @@ _GRIDS = {  # type -> (gguf-py class name, bits per element of the packed point,
     "iq2_xxs": ("IQ2_XXS", 2, 2),
     "iq2_xs": ("IQ2_XS", 2, 2),
     "iq3_xxs": ("IQ3_XXS", 3, 2),
+    "iq2_s": ("IQ2_S", 2, 1),
+    "iq3_s": ("IQ3_S", 3, 3),
 }
 
 
@@ -225,13 +227,16 @@ def _qp_scale(nmax, x, w, L):  # pragma: no cover - compiled
 
 
 @_inline
-def _weights_signs(x, qw, has_qw, o, n, sigma2, weight, waux, xval, signs):  # pragma: no cover - compiled
-    """The weights of sub-block x[o:o+n] and the parity trick on its groups of 8: xval = |x| with
-    the cheapest element of an odd-negative group kept negative; signs = 7-bit masks."""
+def _weights_signs(x, qw, has_qw, o, n, sigma2, weight, waux, xval, signs, parity=True, floor=False):  # pragma: no cover - compiled
+    """The weights of sub-block x[o:o+n] (without an imatrix x², or σ²/4 + x² with `floor`) and
+    its groups of 8: xval = |x|, signs = 8-bit masks; with `parity`, the cheapest element of an
+    odd-negative group stays negative and the masks keep 7 bits."""
     for i in range(n):
         xi = x[o + i]
         if has_qw:
             weight[i] = qw[o + i] * np.sqrt(sigma2 + xi * xi)
+        elif floor:
+            weight[i] = np.float32(0.25) * sigma2 + xi * xi
         else:
             weight[i] = xi * xi
         waux[i] = np.sqrt(weight[i])
@@ -246,7 +251,7 @@ def _weights_signs(x, qw, has_qw, o, n, sigma2, weight, waux, xval, signs):  # p
                 xval[8 * k + i] = -xi
                 nflip += 1
                 s |= 1 << i
-        if nflip % 2:
+        if parity and nflip % 2:
             imin = 0
             xi = x[o + 8 * k]
             mn = weight[8 * k] * xi * xi
@@ -258,7 +263,7 @@ def _weights_signs(x, qw, has_qw, o, n, sigma2, weight, waux, xval, signs):  # p
                     imin = i
             xval[8 * k + imin] = -xval[8 * k + imin]
             s ^= 1 << imin
-        signs[k] = s & 127
+        signs[k] = s & 127 if parity else s
 
 
 @_inline
@@ -556,6 +561,180 @@ def _iq3_xxs(x, qw, has_qw, pos, kmap, neigh, d_out, g_out, ss_out):  # pragma: 
             ss_out[b, ib] |= np.uint32(l) << np.uint32(28)
 
 
+def _iq2_s(x, qw, has_qw, pos, kmap, neigh, d_out, q_out):  # pragma: no cover - compiled
+    """quantize_row_iq2_s_impl over super-blocks x (m, 256): d_out (m,) the stored d before fp16
+    (with the 0.9875 fudge), q_out (m, 80) = qs[64] (grid low bytes, then full 8-bit signs),
+    qh[8] (2 high index bits per group), scales[8]. No parity trick here."""
+    weight = np.empty(16, np.float32)
+    waux = np.empty(16, np.float32)
+    xval = np.empty(16, np.float32)
+    L = np.zeros(16, np.int64)
+    Laux = np.zeros(16, np.int64)
+    signs = np.zeros(2, np.int64)
+    on_grid = np.zeros(2, np.bool_)
+    on_aux = np.zeros(2, np.bool_)
+    scales = np.zeros(16, np.float32)
+    for b in range(x.shape[0]):
+        xb = x[b]
+        qb = qw[b]
+        for j in range(80):
+            q_out[b, j] = 0
+        d_out[b] = np.float32(0.0)
+        max_scale = np.float32(0.0)
+        sumx2 = np.float32(0.0)
+        for i in range(QK_K):
+            sumx2 += xb[i] * xb[i]
+        sigma2 = np.float32(2.0) * sumx2 / np.float32(QK_K)
+        for ib in range(16):
+            _weights_signs(xb, qb, has_qw, 16 * ib, 16, sigma2, weight, waux, xval, signs, False, True)
+            mx = xval[0]
+            for i in range(1, 16):
+                if not (mx > xval[i]):
+                    mx = xval[i]
+            L[:] = 0
+            scales[ib] = np.float32(0.0)
+            if mx < np.float32(1e-8):
+                continue
+            best = np.float32(0.0)
+            scale = mx / np.float32(5.0)
+            on_grid[:] = True
+            for s in range(-9, 10):
+                idv = (np.float32(5.0) + np.float32(s) * np.float32(0.1)) / mx
+                _round_groups(xval, waux, idv, np.float32(1.0) / idv, 3, 8, 2, pos, kmap, neigh, Laux, on_aux)
+                sumqx, sumq2 = _sums(weight, xval, Laux)
+                if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    L[:] = Laux
+                    on_grid[:] = on_aux
+            if not (on_grid[0] and on_grid[1]) and scale > 0:
+                idv = np.float32(1.0) / scale
+                for k in range(2):
+                    if on_grid[k]:
+                        continue
+                    u = 0
+                    for i in range(8):
+                        l = max(0, min(2, _nint(np.float32(0.5) * (idv * xval[8 * k + i] - np.float32(1.0)))))
+                        u |= l << (2 * i)
+                        L[8 * k + i] = l
+                    gi = kmap[u]
+                    if gi < 0:
+                        _neighbour(pos, neigh, -gi - 1, xval, waux, 8 * k, 8, scale, L)
+                sumqx, sumq2 = _sums(weight, xval, L)
+                if sumq2 > 0:
+                    scale = sumqx / sumq2
+            if scale < 0:
+                scale = -scale
+                for k in range(2):
+                    signs[k] = ~signs[k] & 255
+            for k in range(2):
+                gi = _code(L, 8 * k, 8, 2, kmap)
+                i8 = 2 * ib + k
+                q_out[b, i8] = gi & 255
+                q_out[b, 64 + i8 // 4] |= (gi >> 8) << (2 * (i8 % 4))
+                q_out[b, 32 + i8] = signs[k]
+            scales[ib] = scale
+            if not (max_scale > scale):
+                max_scale = scale
+        if max_scale == 0:  # the grid bytes written so far stay (ggml only skips d and scales)
+            continue
+        d = max_scale / np.float32(31.0)
+        d_out[b] = d * np.float32(0.9875)
+        idv = np.float32(1.0) / d
+        for ib in range(16):
+            l = max(0, min(15, _nint(np.float32(0.5) * (idv * scales[ib] - np.float32(1.0)))))
+            if ib % 2 == 0:
+                q_out[b, 72 + ib // 2] = l
+            else:
+                q_out[b, 72 + ib // 2] |= l << 4
+
+
+def _iq3_s(x, qw, has_qw, pos, kmap, neigh, d_out, q_out):  # pragma: no cover - compiled
+    """quantize_row_iq3_s_impl(32, ...) over super-blocks x (m, 256): d_out (m,) the stored d
+    before fp16 (with the 1.033 fudge), q_out (m, 108) = qs[64] (grid low bytes), qh[8] (the 9th
+    index bit per group), signs[32] (8-bit masks), scales[4] (two 4-bit l each). ggml advances
+    its qs and signs pointers only past live sub-blocks: after a dead (all-zero) one, the later
+    sub-blocks' bytes sit earlier, and qh keeps the true positions. Kept as is."""
+    weight = np.empty(32, np.float32)
+    waux = np.empty(32, np.float32)
+    xval = np.empty(32, np.float32)
+    L = np.zeros(32, np.int64)
+    Laux = np.zeros(32, np.int64)
+    signs = np.zeros(4, np.int64)
+    on_grid = np.zeros(8, np.bool_)
+    on_aux = np.zeros(8, np.bool_)
+    scales = np.zeros(8, np.float32)
+    for b in range(x.shape[0]):
+        xb = x[b]
+        qb = qw[b]
+        for j in range(108):
+            q_out[b, j] = 0
+        d_out[b] = np.float32(0.0)
+        max_scale = np.float32(0.0)
+        sumx2 = np.float32(0.0)
+        for i in range(QK_K):
+            sumx2 += xb[i] * xb[i]
+        sigma2 = np.float32(2.0) * sumx2 / np.float32(QK_K)
+        qs_off = 0
+        sg_off = 72
+        for ib in range(8):
+            _weights_signs(xb, qb, has_qw, 32 * ib, 32, sigma2, weight, waux, xval, signs, False, False)
+            mx = xval[0]
+            for i in range(1, 32):
+                if not (mx > xval[i]):
+                    mx = xval[i]
+            L[:] = 0
+            scales[ib] = np.float32(0.0)
+            if mx == 0:
+                continue
+            best = np.float32(0.0)
+            scale = mx / np.float32(15.0)
+            on_grid[:] = False
+            for s in range(-9, 10):
+                idv = (np.float32(15.0) + np.float32(s) * np.float32(0.2)) / mx
+                _round_groups(xval, waux, idv, np.float32(1.0) / idv, 8, 4, 3, pos, kmap, neigh, Laux, on_aux)
+                sumqx, sumq2 = _sums(weight, xval, Laux)
+                if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    L[:] = Laux
+                    on_grid[:] = on_aux
+            n_off = 0
+            for k in range(8):
+                if not on_grid[k]:
+                    n_off += 1
+            if n_off > 0 and scale > 0:  # every group is re-rounded, on the grid or not
+                _round_groups(xval, waux, np.float32(1.0) / scale, scale, 8, 4, 3, pos, kmap, neigh, L, on_aux)
+                sumqx, sumq2 = _sums(weight, xval, L)
+                if sumq2 > 0:
+                    scale = sumqx / sumq2
+            if scale < 0:
+                scale = -scale
+                for k in range(4):
+                    signs[k] = ~signs[k] & 255
+            for k in range(8):
+                gi = _code(L, 4 * k, 4, 3, kmap)
+                q_out[b, qs_off + k] = gi & 255
+                j = ib * 8 + k
+                q_out[b, 64 + j // 8] |= (gi >> 8) << (j % 8)
+            qs_off += 8
+            for k in range(4):
+                q_out[b, sg_off + k] = signs[k]
+            sg_off += 4
+            scales[ib] = scale
+            if not (max_scale > scale):
+                max_scale = scale
+        if max_scale == 0:
+            continue
+        d = max_scale / np.float32(31.0)
+        d_out[b] = d * np.float32(1.033)
+        idv = np.float32(1.0) / d
+        for ib in range(0, 8, 2):
+            l1 = max(0, min(15, _nint(np.float32(0.5) * (idv * scales[ib] - np.float32(1.0)))))
+            l2 = max(0, min(15, _nint(np.float32(0.5) * (idv * scales[ib + 1] - np.float32(1.0)))))
+            q_out[b, 104 + ib // 2] = l1 | (l2 << 4)
+
+
 _KERNELS: dict[str, Callable[..., Any]] = {}
 
 
@@ -617,3 +796,27 @@ def iq3_xxs(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
     out[:, 2:66] = gi
     out[:, 66:] = ss.astype("<u4").view(np.uint8).reshape(ns, 32)
     return out
+
+
+def _bytes_kernel(name: str, kern: Callable[..., Any], width: int, xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
+    """Kernels that write every byte after d themselves: (ns, 256) -> (ns, 2 + width)."""
+    x, qw, has = _prep(xs, qws)
+    g = grid(name)
+    ns = x.shape[0]
+    d = np.empty(ns, F32)
+    q = np.empty((ns, width), np.uint8)
+    _kernel(kern)(x, qw, has, g.pos, g.kmap, g.neigh, d, q)
+    out = np.empty((ns, 2 + width), np.uint8)
+    out[:, 0:2] = to_f16(d).astype("<u2").view(np.uint8).reshape(ns, 2)
+    out[:, 2:] = q
+    return out
+
+
+def iq2_s(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
+    """(ns, 256) super-blocks (+ their imatrix slices) -> (ns, 82) bytes."""
+    return _bytes_kernel("iq2_s", _iq2_s, 80, xs, qws)
+
+
+def iq3_s(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
+    """(ns, 256) super-blocks (+ their imatrix slices) -> (ns, 110) bytes."""
+    return _bytes_kernel("iq3_s", _iq3_s, 108, xs, qws)
