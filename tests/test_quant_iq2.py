@@ -195,18 +195,48 @@ def test_neighbour_lists_are_ggml_shaped():
 # ------------------------------------------------------------------ whole files
 
 
-@pytest.mark.interop
-@pytest.mark.parametrize("ftype", ["IQ2_XXS", "IQ2_XS"])
-def test_file_equals_llama_model_quantize(synth256, tmp_path, ftype):
-    """The ftype's rules (R1, R4: q5_K output, q2_K attn_v and first ffn_down) and kernels
-    together, against llama.cpp given the same imatrix."""
-    pytest.importorskip("llama_cpp")
-    from loraq.quantize.imatrix_file import quant_weights, quantize_kvs, read_imatrix, write_imatrix_gguf
-    from test_quantize_imatrix import _llama_model_quantize, _loraq, _sha, realistic_imatrix
+@pytest.fixture(scope="module")
+def synth_imatrix(synth256, tmp_path_factory):
+    from loraq.quantize.imatrix_file import write_imatrix_gguf
+    from test_quantize_imatrix import realistic_imatrix
 
-    imat = write_imatrix_gguf(tmp_path / "synth.imatrix.gguf", realistic_imatrix(synth256))
-    data = read_imatrix(imat, require_metadata=True)
+    return write_imatrix_gguf(tmp_path_factory.mktemp("iq-imat") / "synth.imatrix.gguf", realistic_imatrix(synth256))
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("ftype", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M"])
+def test_file_equals_llama_model_quantize(synth256, synth_imatrix, tmp_path, ftype):
+    """The ftype's rules (R1, R3, R4 and the IQ3 lines of R5-R12) and kernels together, against
+    llama.cpp given the same imatrix. synth256 has n_gqa = 2 and tied embeddings."""
+    pytest.importorskip("llama_cpp")
+    from loraq.quantize.imatrix_file import quant_weights, quantize_kvs, read_imatrix
+    from test_quantize_imatrix import _llama_model_quantize, _loraq, _sha
+
+    data = read_imatrix(synth_imatrix, require_metadata=True)
     ours, theirs = tmp_path / "loraq.gguf", tmp_path / "llama.gguf"
-    _loraq([synth256, ours, ftype, "--imatrix", imat])
-    _llama_model_quantize(synth256, theirs, ftype, quant_weights(data), quantize_kvs(str(imat), data))
+    _loraq([synth256, ours, ftype, "--imatrix", synth_imatrix])
+    _llama_model_quantize(synth256, theirs, ftype, quant_weights(data), quantize_kvs(str(synth_imatrix), data))
+    assert _sha(ours) == _sha(theirs)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("ftype", ["IQ3_S", "IQ3_M", "IQ3_XS"])
+def test_file_without_imatrix_equals_llama(synth256, tmp_path, ftype, capsys):
+    """IQ3_S and IQ3_M need no imatrix (iq3_s, q4_K...). IQ3_XS does (attn_k/attn_q are iq3_xxs):
+    both refuse it."""
+    from conftest import llama_quantize
+    from loraq.cli import run_cli
+    from loraq.ggml_types import file_type
+    from loraq.quantize.rules import NEEDS_IMATRIX_FTYPES
+    from test_quantize_imatrix import _loraq, _sha
+
+    ours, theirs = tmp_path / "loraq.gguf", tmp_path / "llama.gguf"
+    if ftype in NEEDS_IMATRIX_FTYPES:
+        assert run_cli(["quantize", str(synth256), str(ours), ftype]) == 2
+        assert "needs an importance matrix" in capsys.readouterr().err and not ours.exists()
+        with pytest.raises(AssertionError, match="llama_model_quantize failed"):
+            llama_quantize(synth256, theirs, file_type(ftype).id)
+        return
+    _loraq([synth256, ours, ftype])
+    llama_quantize(synth256, theirs, file_type(ftype).id)
     assert _sha(ours) == _sha(theirs)

@@ -48,7 +48,8 @@ _RWKV = tuple(
 # Target types that need an importance matrix (tensor_requires_imatrix).
 _NEEDS_IMATRIX = {"iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m", "iq1_s"}
 # The ftypes llama-quantize refuses to write without one (their mixes use the types above, or q2_K as Q2_K_S)
-NEEDS_IMATRIX_FTYPES = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S", "Q2_K_S"})
+# (IQ3_XS: its attn_k/attn_q and middle ffn_gate/ffn_up are iq3_xxs)
+NEEDS_IMATRIX_FTYPES = frozenset({"IQ3_XXS", "IQ3_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_M", "IQ1_S", "Q2_K_S"})
 # Shape fallback (tensor_type_fallback) when ne[0] is not a multiple of the block size.
 _FALLBACK = {
     **{t: "iq4_nl" for t in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs")},
