@@ -18,6 +18,8 @@ CASES = [("iq4_nl", False), ("iq4_nl", True), ("iq4_xs", False), ("iq4_xs", True
 CASES += [("iq2_xxs", True)]  # iq2_xxs, iq2_xs: ggml asserts an imatrix
 CASES += [("iq2_xs", True)]
 CASES += [("iq3_xxs", False), ("iq3_xxs", True)]
+CASES += [("iq2_s", False), ("iq2_s", True)]
+CASES += [("iq3_s", False), ("iq3_s", True)]
 
 
 def load_rows(n_weights: int) -> np.ndarray:

@@ -36,8 +36,10 @@ if TYPE_CHECKING:
 CANDIDATES = (
     "iq2_xxs",
     "iq2_xs",
+    "iq2_s",
     "q2_K",
     "iq3_xxs",
+    "iq3_s",
     "q3_K",
     "iq4_xs",
     "iq4_nl",
@@ -60,8 +62,8 @@ class Option:
     loss: float
 
 
-# ggml (iq2_*) or llama-quantize (iq3_xxs) refuse these without the tensor's own importance vector
-_OWN_IMATRIX = frozenset({"iq2_xxs", "iq2_xs", "iq3_xxs"})
+# ggml (iq2_xxs, iq2_xs) or llama-quantize (iq2_s, iq3_xxs) refuse these without the tensor's own importance vector
+_OWN_IMATRIX = frozenset({"iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs"})
 
 
 def candidates(ne0: int, has_imatrix: bool, allowed: Sequence[str] = CANDIDATES, own_imatrix: bool | None = None) -> list[GGMLType]:
