@@ -1,9 +1,9 @@
-"""Oracle tests for loraq's grid-codebook quantizers: iq2_xxs, iq2_xs, iq3_xxs, iq2_s, iq3_s.
+"""Oracle tests for loraq's grid-codebook quantizers: iq2_xxs, iq2_xs, iq3_xxs, iq2_s, iq3_s, iq1_s.
 
 The oracle is libgguf (ggml's own `ggml_quantize_chunk`); every block must be byte-identical.
 iq3_xxs, iq2_s and iq3_s run with and without an imatrix (ggml: weights x², σ²/4 + x² for
 iq2_s, without one). ggml asserts an imatrix
-for iq2_xxs and iq2_xs (llama-quantize never quantizes to them without one); loraq refuses too,
+for iq2_xxs, iq2_xs and iq1_s (llama-quantize never quantizes to them without one); loraq refuses too,
 with a one-line error, rather than copying libgguf's stand-in (the rows' own column mean of x²).
 The whole-file test checks the IQ2_XXS / IQ2_XS ftype rules against llama.cpp's
 `llama_model_quantize` given the same imatrix."""
@@ -21,7 +21,7 @@ from loraq.errors import BadArguments  # noqa: E402
 from loraq.kernels import iqgrid, quantize, read_f32  # noqa: E402
 from oracle import F32, assert_layouts, assert_same, oracle, random_imatrix  # noqa: E402
 
-TYPES = ["iq2_xxs", "iq2_xs", "iq3_xxs", "iq2_s", "iq3_s"]
+TYPES = ["iq2_xxs", "iq2_xs", "iq3_xxs", "iq2_s", "iq3_s", "iq1_s"]
 PLAIN = {"iq3_xxs", "iq2_s", "iq3_s"}  # also defined without an imatrix
 _rim = partial(random_imatrix, dead=slice(64, 96))
 
@@ -121,6 +121,9 @@ def _superblocks() -> list[np.ndarray]:
     sparse = z.copy()
     sparse[rng.choice(256, 12, replace=False)] = rng.standard_normal(12).astype(F32) * 10
     b.append(sparse)  # mostly zero groups with a single live element
+    # ties for iq1_s's sort of x: repeated values, signed zeros among them
+    b.append(np.resize(np.array([0.5, -0.5, 0.5, 0.0, -0.0, 1.0, -1.0, 0.5], F32), 256))
+    b.append(np.round(rng.standard_normal(256) * 2).astype(F32))
     heavy = rng.standard_t(1.5, 256).astype(F32)
     b.append(heavy)
     b.append(-heavy)
@@ -151,7 +154,7 @@ def test_imatrix_edge_values(qtype):
         assert_same(rows, qtype, im, f"imatrix case {i}")
 
 
-@pytest.mark.parametrize("qtype", ["iq2_xxs", "iq2_xs"])
+@pytest.mark.parametrize("qtype", ["iq2_xxs", "iq2_xs", "iq1_s"])
 def test_refuses_without_an_imatrix(qtype):
     rows = np.ones((1, 256), F32)
     with pytest.raises(BadArguments, match="needs an importance matrix"):
@@ -162,7 +165,7 @@ def test_libgguf_without_an_imatrix_uses_the_column_mean():
     """What libgguf does where ggml asserts (so loraq's refusal is a choice, not a gap): it is
     loraq's output given the rows' column mean of x² as the imatrix."""
     rows = np.random.default_rng(2).standard_normal((4, 512)).astype(F32)
-    for q in ("iq2_xxs", "iq2_xs"):
+    for q in ("iq2_xxs", "iq2_xs", "iq1_s"):
         want = oracle(rows, q, None).reshape(-1)
         got = quantize(rows, q, np.mean(rows * rows, axis=0, dtype=F32)).reshape(-1)
         assert np.array_equal(got, want), q
@@ -174,8 +177,9 @@ def test_libgguf_without_an_imatrix_uses_the_column_mean():
 def test_neighbour_lists_are_ggml_shaped():
     """Independent of the quantizer: every reachable off-grid point has a non-empty list of codebook
     entries, sorted by (distance, index), covering exactly its nwant nearest distances (2; 1 for
-    iq2_s's 1024 entries, 3 for iq3_s)."""
-    for q, bits, top, nwant in (("iq2_xxs", 2, 2, 2), ("iq2_xs", 2, 2, 2), ("iq3_xxs", 3, 7, 2), ("iq2_s", 2, 2, 1), ("iq3_s", 3, 7, 3)):
+    iq2_s's 1024 entries, 3 for iq3_s and iq1_s)."""
+    cases = [("iq2_xxs", 2, 2, 2), ("iq2_xs", 2, 2, 2), ("iq3_xxs", 3, 7, 2), ("iq2_s", 2, 2, 1), ("iq3_s", 3, 7, 3), ("iq1_s", 2, 2, 3)]
+    for q, bits, top, nwant in cases:
         g = iqgrid.grid(q)
         n = g.pos.shape[1]
         rng = np.random.default_rng(0)
@@ -204,7 +208,7 @@ def synth_imatrix(synth256, tmp_path_factory):
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("ftype", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M"])
+@pytest.mark.parametrize("ftype", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ1_S"])
 def test_file_equals_llama_model_quantize(synth256, synth_imatrix, tmp_path, ftype):
     """The ftype's rules (R1, R3, R4 and the IQ3 lines of R5-R12) and kernels together, against
     llama.cpp given the same imatrix. synth256 has n_gqa = 2 and tied embeddings."""

@@ -84,6 +84,7 @@ _GRIDS = {  # type -> (gguf-py class name, bits per element of the packed point,
     "iq3_xxs": ("IQ3_XXS", 3, 2),
     "iq2_s": ("IQ2_S", 2, 1),
     "iq3_s": ("IQ3_S", 3, 3),
+    "iq1_s": ("IQ1_S", 2, 3),
 }
 
 
@@ -735,6 +736,177 @@ def _iq3_s(x, qw, has_qw, pos, kmap, neigh, d_out, q_out):  # pragma: no cover -
             q_out[b, 104 + ib // 2] = l1 | (l2 << 4)
 
 
+@_inline
+def _sort_pairs(v, idx, n):  # pragma: no cover - compiled
+    """Sort v[:n] ascending, carrying idx: a stable insertion sort. ggml sorts with qsort, which
+    need not be stable; glibc's is a merge sort for arrays this small, and ties keep their order."""
+    for j in range(1, n):
+        key = v[j]
+        ki = idx[j]
+        k = j - 1
+        while k >= 0 and v[k] > key:
+            v[k + 1] = v[k]
+            idx[k + 1] = idx[k]
+            k -= 1
+        v[k + 1] = key
+        idx[k + 1] = ki
+
+
+@_inline
+def _iq1_neighbour(pos, neigh, start, xb, w, o, scale, xx, L):  # pragma: no cover - compiled
+    """iq1_find_best_neighbour2: least Σ w*(scale*xx[l] - x)² over the list (first of equals)."""
+    cnt = int(neigh[start])
+    best = np.float32(3.4028234663852886e38)
+    gi = -1
+    for j in range(1, cnt + 1):
+        g = int(neigh[start + j])
+        d2 = np.float32(0.0)
+        for i in range(8):
+            q = xx[(pos[g, i] - 1) // 2]
+            diff = scale * q - xb[o + i]
+            d2 += w[o + i] * diff * diff
+        if d2 < best:
+            best = d2
+            gi = g
+    if gi < 0:  # every distance NaN: ggml's fallback reads out of bounds, then asserts
+        gi = int(neigh[start + 1])
+    for i in range(8):
+        L[o + i] = (pos[gi, i] - 1) // 2
+    return gi
+
+
+def _iq1_s(x, qw, has_qw, pos, kmap, neigh, d_out, q_out):  # pragma: no cover - compiled
+    """quantize_row_iq1_s_impl over super-blocks x (m, 256) with an imatrix: d_out (m,) the stored
+    d before fp16 (with the 1.125 fudge), q_out (m, 48) = qs[32] (grid low bytes), qh u16[8]
+    (3 high index bits per group of 8, the 3-bit scale at bit 12, the -δ shift at bit 15).
+
+    Each 32-element sub-block takes the values {-1, 0, 1} + δ or - δ (δ = 1/8): x sorted, the two
+    split points searched exhaustively with prefix sums of w*x and w."""
+    x_p = np.array([-0.875, 0.125, 1.125], np.float32)
+    x_m = np.array([-1.125, -0.125, 0.875], np.float32)
+    weight = np.empty(32, np.float32)
+    sumx = np.empty(33, np.float32)
+    sumw = np.empty(33, np.float32)
+    vals = np.empty(32, np.float32)
+    idx = np.empty(32, np.int64)
+    L = np.zeros(32, np.int64)
+    index = np.zeros(4, np.int64)
+    scales = np.zeros(8, np.float32)
+    shifts = np.zeros(8, np.int64)
+    for b in range(x.shape[0]):
+        xb = x[b]
+        qb = qw[b]
+        for j in range(48):
+            q_out[b, j] = 0
+        d_out[b] = np.float32(0.0)
+        max_scale = np.float32(0.0)
+        sumx2 = np.float32(0.0)
+        for i in range(QK_K):
+            sumx2 += xb[i] * xb[i]
+        sigma2 = np.float32(2.0) * sumx2 / np.float32(QK_K)
+        for ib in range(8):
+            o = 32 * ib
+            for i in range(32):
+                xi = xb[o + i]
+                weight[i] = qb[o + i] * np.sqrt(sigma2 + xi * xi)
+            mx = abs(xb[o])
+            for i in range(1, 32):
+                a = abs(xb[o + i])
+                if not (mx > a):
+                    mx = a
+            scales[ib] = np.float32(0.0)
+            shifts[ib] = 1
+            if mx < np.float32(1e-12):
+                continue
+            for j in range(32):
+                vals[j] = xb[o + j]
+                idx[j] = j
+            _sort_pairs(vals, idx, 32)
+            sumx[0] = np.float32(0.0)
+            sumw[0] = np.float32(0.0)
+            for j in range(32):
+                i = idx[j]
+                sumx[j + 1] = sumx[j] + weight[i] * xb[o + i]
+                sumw[j + 1] = sumw[j] + weight[i]
+            best = np.float32(-3.4028234663852886e38)
+            scale = mx
+            b1 = -1
+            b2 = -1
+            shift = 0
+            for i1 in range(33):
+                for i2 in range(i1, 33):
+                    s0 = sumx[i1] - sumx[0]
+                    s1 = sumx[i2] - sumx[i1]
+                    s2 = sumx[32] - sumx[i2]
+                    w0 = sumw[i1] - sumw[0]
+                    w1 = sumw[i2] - sumw[i1]
+                    w2 = sumw[32] - sumw[i2]
+                    sumqx = s0 * x_p[0] + s1 * x_p[1] + s2 * x_p[2]
+                    sumq2 = w0 * x_p[0] * x_p[0] + w1 * x_p[1] * x_p[1] + w2 * x_p[2] * x_p[2]
+                    if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                        scale = sumqx / sumq2
+                        best = scale * sumqx
+                        b1 = i1
+                        b2 = i2
+                        shift = 1
+                    sumqx = s0 * x_m[0] + s1 * x_m[1] + s2 * x_m[2]
+                    sumq2 = w0 * x_m[0] * x_m[0] + w1 * x_m[1] * x_m[1] + w2 * x_m[2] * x_m[2]
+                    if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                        scale = sumqx / sumq2
+                        best = scale * sumqx
+                        b1 = i1
+                        b2 = i2
+                        shift = -1
+            if b1 < 0 or b2 < 0 or shift == 0:
+                continue
+            for j in range(32):
+                L[idx[j]] = 0 if j < b1 else (1 if j < b2 else 2)
+            if scale < 0:
+                for j in range(32):
+                    L[j] = 2 - L[j]
+                scale = -scale
+                shift = -shift
+            xx = x_p if shift == 1 else x_m
+            all_on = True
+            for k in range(4):
+                gi = _code(L, 8 * k, 8, 2, kmap)
+                if gi < 0:
+                    all_on = False
+                    gi = _iq1_neighbour(pos, neigh, -gi - 1, xb[o:], weight, 8 * k, scale, xx, L)
+                index[k] = gi
+            if not all_on:
+                sumqx = np.float32(0.0)
+                sumq2 = np.float32(0.0)
+                for k in range(4):
+                    for j in range(8):
+                        w = weight[8 * k + j]
+                        q = xx[(pos[index[k], j] - 1) // 2]
+                        sumqx += w * q * xb[o + 8 * k + j]
+                        sumq2 += w * q * q
+                if sumqx > 0 and sumq2 > 0:
+                    scale = sumqx / sumq2
+            h = 0
+            for k in range(4):
+                q_out[b, 4 * ib + k] = index[k] & 255
+                h |= (index[k] >> 8) << (3 * k)
+            q_out[b, 32 + 2 * ib] = h & 255
+            q_out[b, 33 + 2 * ib] = h >> 8
+            scales[ib] = scale
+            shifts[ib] = shift
+            if not (max_scale > scale):
+                max_scale = scale
+        if max_scale == 0:
+            continue
+        d = max_scale / np.float32(15.0)
+        d_out[b] = d * np.float32(1.125)
+        idv = np.float32(1.0) / d
+        for ib in range(8):
+            l = max(0, min(7, _nint(np.float32(0.5) * (idv * scales[ib] - np.float32(1.0)))))
+            if shifts[ib] == -1:
+                l |= 8
+            q_out[b, 33 + 2 * ib] |= l << 4
+
+
 _KERNELS: dict[str, Callable[..., Any]] = {}
 
 
@@ -820,3 +992,10 @@ def iq2_s(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
 def iq3_s(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
     """(ns, 256) super-blocks (+ their imatrix slices) -> (ns, 110) bytes."""
     return _bytes_kernel("iq3_s", _iq3_s, 108, xs, qws)
+
+
+def iq1_s(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
+    """(ns, 256) super-blocks + their imatrix slices (required) -> (ns, 50) bytes."""
+    if qws is None:
+        raise ValueError("iq1_s needs an importance matrix")
+    return _bytes_kernel("iq1_s", _iq1_s, 48, xs, qws)
