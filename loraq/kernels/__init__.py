@@ -77,6 +77,7 @@ KERNELS: dict[str, tuple[Kernel, Kernel | None]] = {
     "iq2_s": (Kernel(partial(_grid, "iq2_s")), Kernel(partial(_grid, "iq2_s"))),
     "iq3_s": (Kernel(partial(_grid, "iq3_s")), Kernel(partial(_grid, "iq3_s"))),
     "iq1_s": (Kernel(partial(_grid, "iq1_s")), Kernel(partial(_grid, "iq1_s"))),
+    "iq1_m": (Kernel(partial(_grid, "iq1_m")), Kernel(partial(_grid, "iq1_m"))),
     "tq1_0": (Kernel(ternary.tq1_0), None),
     "tq2_0": (Kernel(ternary.tq2_0), None),
 }

@@ -85,6 +85,7 @@ _GRIDS = {  # type -> (gguf-py class name, bits per element of the packed point,
     "iq2_s": ("IQ2_S", 2, 1),
     "iq3_s": ("IQ3_S", 3, 3),
     "iq1_s": ("IQ1_S", 2, 3),
+    "iq1_m": ("IQ1_M", 2, 3),
 }
 
 
@@ -907,6 +908,173 @@ def _iq1_s(x, qw, has_qw, pos, kmap, neigh, d_out, q_out):  # pragma: no cover -
             q_out[b, 33 + 2 * ib] |= l << 4
 
 
+def _iq1_m(x, qw, has_qw, pos, kmap, neigh, has_d, d_out, q_out, sc_out):  # pragma: no cover - compiled
+    """quantize_row_iq1_m_impl over super-blocks x (m, 256): q_out (m, 48) = qs[32] (grid low
+    bytes), qh[16] (per 16-element sub-block: 3 high index bits of each group of 8 in the
+    nibbles, the -δ shift of group 0 at 0x08 and of group 1 at 0x80); sc_out (m, 4) uint16 the
+    3-bit sub-block scales (four per u16). The super-block scale is refit at the end over all
+    sub-blocks and its fp16 bits go into the top nibbles of sc (the caller does that, for the
+    blocks with has_d): d_out is that d before fp16, with the 1.1125 fudge.
+
+    As iq1_s, but each group of 8 picks its own shift: the split search scores the four sign
+    combinations from prefix sums kept per half."""
+    x_p = np.array([-0.875, 0.125, 1.125], np.float32)
+    x_m = np.array([-1.125, -0.125, 0.875], np.float32)
+    masks = np.array([0x00, 0x80, 0x08, 0x88], np.int64)
+    p2 = x_p[2]
+    m2 = x_m[2]
+    cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1]
+    cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2]
+    cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1]
+    cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2]
+    weight = np.empty(16, np.float32)
+    px = np.empty((2, 17), np.float32)
+    pw = np.empty((2, 17), np.float32)
+    vals = np.empty(16, np.float32)
+    idx = np.empty(16, np.int64)
+    L = np.zeros(16, np.int64)
+    index = np.zeros(2, np.int64)
+    scales = np.zeros(16, np.float32)
+    shifts = np.zeros(16, np.int64)
+    sqx = np.empty(4, np.float32)
+    sq2 = np.empty(4, np.float32)
+    for b in range(x.shape[0]):
+        xb = x[b]
+        qb = qw[b]
+        for j in range(48):
+            q_out[b, j] = 0
+        for j in range(4):
+            sc_out[b, j] = 0
+        has_d[b] = False
+        d_out[b] = np.float32(0.0)
+        max_scale = np.float32(0.0)
+        sumx2 = np.float32(0.0)
+        for i in range(QK_K):
+            sumx2 += xb[i] * xb[i]
+        sigma2 = np.float32(2.0) * sumx2 / np.float32(QK_K)
+        for ib in range(16):
+            o = 16 * ib
+            for i in range(16):
+                xi = xb[o + i]
+                weight[i] = qb[o + i] * np.sqrt(sigma2 + xi * xi) if has_qw else xi * xi
+            mx = abs(xb[o])
+            for i in range(1, 16):
+                a = abs(xb[o + i])
+                if not (mx > a):
+                    mx = a
+            scales[ib] = np.float32(0.0)
+            shifts[ib] = 0
+            if mx < np.float32(1e-7):
+                continue
+            for j in range(16):
+                vals[j] = xb[o + j]
+                idx[j] = j
+            _sort_pairs(vals, idx, 16)
+            px[0, 0] = px[1, 0] = pw[0, 0] = pw[1, 0] = np.float32(0.0)
+            for j in range(16):
+                i = idx[j]
+                h = 0 if i < 8 else 1
+                px[h, j + 1] = px[h, j] + weight[i] * xb[o + i]
+                px[1 - h, j + 1] = px[1 - h, j]
+                pw[h, j + 1] = pw[h, j] + weight[i]
+                pw[1 - h, j + 1] = pw[1 - h, j]
+            best = np.float32(-3.4028234663852886e38)
+            scale = mx
+            b1 = -1
+            b2 = -1
+            bk = -1
+            for i1 in range(17):
+                for i2 in range(i1, 17):
+                    sx0 = px[0, i1] + px[0, i2]
+                    sx1 = px[1, i1] + px[1, i2]
+                    qxp0 = px[0, 16] * p2 - sx0
+                    qxp1 = px[1, 16] * p2 - sx1
+                    qxm0 = px[0, 16] * m2 - sx0
+                    qxm1 = px[1, 16] * m2 - sx1
+                    q2p0 = pw[0, 16] * p2 * p2 + pw[0, i1] * cp1 + pw[0, i2] * cp2
+                    q2p1 = pw[1, 16] * p2 * p2 + pw[1, i1] * cp1 + pw[1, i2] * cp2
+                    q2m0 = pw[0, 16] * m2 * m2 + pw[0, i1] * cm1 + pw[0, i2] * cm2
+                    q2m1 = pw[1, 16] * m2 * m2 + pw[1, i1] * cm1 + pw[1, i2] * cm2
+                    sqx[0] = qxp0 + qxp1
+                    sqx[1] = qxp0 + qxm1
+                    sqx[2] = qxm0 + qxp1
+                    sqx[3] = qxm0 + qxm1
+                    sq2[0] = q2p0 + q2p1
+                    sq2[1] = q2p0 + q2m1
+                    sq2[2] = q2m0 + q2p1
+                    sq2[3] = q2m0 + q2m1
+                    for k in range(4):
+                        if sq2[k] > 0 and sqx[k] * sqx[k] > best * sq2[k]:
+                            scale = sqx[k] / sq2[k]
+                            best = scale * sqx[k]
+                            b1 = i1
+                            b2 = i2
+                            bk = k
+            if b1 < 0 or b2 < 0 or bk < 0:
+                continue
+            for j in range(16):
+                L[idx[j]] = 0 if j < b1 else (1 if j < b2 else 2)
+            if scale < 0:
+                for j in range(16):
+                    L[j] = 2 - L[j]
+                scale = -scale
+                bk = 3 - bk
+            all_on = True
+            for k in range(2):
+                xx = (x_p if bk < 2 else x_m) if k == 0 else (x_p if bk % 2 == 0 else x_m)
+                gi = _code(L, 8 * k, 8, 2, kmap)
+                if gi < 0:
+                    all_on = False
+                    gi = _iq1_neighbour(pos, neigh, -gi - 1, xb[o:], weight, 8 * k, scale, xx, L)
+                index[k] = gi
+            if not all_on:
+                sumqx = np.float32(0.0)
+                sumq2 = np.float32(0.0)
+                for k in range(2):
+                    xx = (x_p if bk < 2 else x_m) if k == 0 else (x_p if bk % 2 == 0 else x_m)
+                    for j in range(8):
+                        w = weight[8 * k + j]
+                        q = xx[(pos[index[k], j] - 1) // 2]
+                        sumqx += w * q * xb[o + 8 * k + j]
+                        sumq2 += w * q * q
+                if sumqx > 0 and sumq2 > 0:
+                    scale = sumqx / sumq2
+            q_out[b, 2 * ib] = index[0] & 255
+            q_out[b, 2 * ib + 1] = index[1] & 255
+            q_out[b, 32 + ib] = (index[0] >> 8) | ((index[1] >> 8) << 4)
+            scales[ib] = scale
+            shifts[ib] = bk
+            if not (max_scale > scale):
+                max_scale = scale
+        if max_scale == 0:
+            continue
+        d = max_scale / np.float32(15.0)
+        idv = np.float32(1.0) / d
+        sumqx = np.float32(0.0)
+        sumq2 = np.float32(0.0)
+        for ib in range(16):  # dead sub-blocks too: grid entry 0, shift +, l = 0
+            l = max(0, min(7, _nint(np.float32(0.5) * (idv * scales[ib] - np.float32(1.0)))))
+            sc_out[b, ib // 4] |= l << (3 * (ib % 4))
+            q_out[b, 32 + ib] |= masks[shifts[ib]]
+            o = 16 * ib
+            for i in range(16):
+                xi = xb[o + i]
+                weight[i] = qb[o + i] * np.sqrt(sigma2 + xi * xi) if has_qw else xi * xi
+            qh = int(q_out[b, 32 + ib])
+            for k in range(2):
+                xx = (x_p if shifts[ib] < 2 else x_m) if k == 0 else (x_p if shifts[ib] % 2 == 0 else x_m)
+                g = int(q_out[b, 2 * ib + k]) + ((qh << (8 - 4 * k)) & 0x700)
+                for j in range(8):
+                    w = weight[8 * k + j]
+                    q = xx[(pos[g, j] - 1) // 2] * np.float32(2 * l + 1)
+                    sumqx += w * q * xb[o + 8 * k + j]
+                    sumq2 += w * q * q
+        if sumq2 > 0:
+            d = sumqx / sumq2
+        has_d[b] = True
+        d_out[b] = d * np.float32(1.1125)
+
+
 _KERNELS: dict[str, Callable[..., Any]] = {}
 
 
@@ -999,3 +1167,23 @@ def iq1_s(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
     if qws is None:
         raise ValueError("iq1_s needs an importance matrix")
     return _bytes_kernel("iq1_s", _iq1_s, 48, xs, qws)
+
+
+def iq1_m(xs: np.ndarray, qws: np.ndarray | None) -> np.ndarray:
+    """(ns, 256) super-blocks (+ their imatrix slices) -> (ns, 56) bytes: qs, qh, scales; the fp16
+    d spread over the top nibble of each of the four scale u16s."""
+    x, qw, has = _prep(xs, qws)
+    g = grid("iq1_m")
+    ns = x.shape[0]
+    has_d = np.empty(ns, np.bool_)
+    d = np.empty(ns, F32)
+    q = np.empty((ns, 48), np.uint8)
+    sc = np.empty((ns, 4), np.uint16)
+    _kernel(_iq1_m)(x, qw, has, g.pos, g.kmap, g.neigh, has_d, d, q, sc)
+    u = np.where(has_d, to_f16(d), 0).astype(np.uint16)
+    nib = [(u & 0x000F) << 12, (u & 0x00F0) << 8, (u & 0x0F00) << 4, u & 0xF000]
+    sc |= np.stack(nib, axis=1).astype(np.uint16)
+    out = np.empty((ns, 56), np.uint8)
+    out[:, :48] = q
+    out[:, 48:] = sc.astype("<u2").view(np.uint8).reshape(ns, 8)
+    return out
