@@ -20,6 +20,8 @@ CASES += [("iq2_xs", True)]
 CASES += [("iq3_xxs", False), ("iq3_xxs", True)]
 CASES += [("iq2_s", False), ("iq2_s", True)]
 CASES += [("iq3_s", False), ("iq3_s", True)]
+CASES += [("iq1_s", True)]  # ggml asserts an imatrix
+CASES += [("iq1_m", False), ("iq1_m", True)]  # libgguf's older ggml rounds iq1_m apart: DIFFER is expected
 
 
 def load_rows(n_weights: int) -> np.ndarray:

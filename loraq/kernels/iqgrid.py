@@ -1,8 +1,9 @@
-"""Lattice-codebook types that need a grid search: iq2_xxs, iq2_xs, iq3_xxs (docs/llama-cpp.md §5).
+"""Lattice-codebook types that need a grid search: iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s, iq1_s,
+iq1_m (docs/llama-cpp.md §5).
 
-Byte-identical to ggml's `quantize_iq2_xxs` / `quantize_iq2_xs` / `quantize_iq3_xxs`
-(quantize_row_*_impl). The codebooks are part of the file format and come from gguf-py at run
-time (`gguf.quants.IQ2_XXS.grid` ...); the lookup map and neighbour lists are rebuilt here as
+Byte-identical to ggml's `quantize_iq2_xxs` ... `quantize_iq1_m` (quantize_row_*_impl) as
+llama.cpp 0.3.36 ships them. The codebooks are part of the file format and come from gguf-py at
+run time (`gguf.quants.IQ2_XXS.grid` ...); the lookup map and neighbour lists are rebuilt here as
 iq2xs_init_impl / iq3xs_init_impl build them.
 
 Block layouts (little endian, `half` = IEEE fp16), per 256-element super-block:
@@ -11,19 +12,26 @@ Block layouts (little endian, `half` = IEEE fp16), per 256-element super-block:
       scale l at bit 28.                                       x = d*(0.5+l)/4 * grid * sign
   iq2_xs (74 B):  half d; u16 qs[32]; u8 scales[8]. qs[2ib+k] = 9-bit grid index | signs << 9 for
       16-element sub-block ib; scales[ib/2] holds l of even ib in the low nibble.
+  iq2_s (82 B):   half d; u8 qs[64] (32 grid low bytes, then 32 full 8-bit sign masks); u8 qh[8]
+      (2 high index bits per group); u8 scales[8].
   iq3_xxs (98 B): half d; u8 grid[64] (one per group of 4); u32 ss[8] = four 7-bit sign masks
       (one per group of 8) | l << 28.                          x = d*(0.5+l)/2 * grid * sign
-The 8th sign of a group of 8 is implied by even parity: when an odd number of x are negative,
-the one with the smallest w*x² is flipped to positive before the search (the "sign parity
-trick"); the grid holds magnitudes 2l+1 only.
+  iq3_s (110 B):  half d; u8 qs[64]; u8 qh[8] (9th index bit); u8 signs[32]; u8 scales[4].
+  iq1_s (50 B):   half d; u8 qs[32]; u16 qh[8] (3 high index bits per group, 3-bit l, shift bit).
+  iq1_m (56 B):   u8 qs[32]; u8 qh[16]; u16 scales[4] (3-bit l's, the fp16 d in the top nibbles).
+In iq2_xxs, iq2_xs and iq3_xxs the 8th sign of a group of 8 is implied by even parity: when an
+odd number of x are negative, the one with the smallest w*x² is flipped to positive before the
+search (the "sign parity trick"); the grids hold magnitudes 2l+1 only.
 
-Per sub-block: weights w = qw*sqrt(σ² + x²) (σ² = Σx²/256, twice that for iq3_xxs) with an
-imatrix, else x²; a grid of candidate scales (13, 19, 31 of them); for each, every group is
-rounded to the nearest lattice point l = nearest_int((x/s - 1)/2) clamped, and when that point is
-not in the codebook the neighbour list of that point (every codebook entry within the 2 (or 1, 3)
-smallest distances) is searched for the least w-weighted error; the scale with the largest
-(Σwqx)²/Σwq² wins, the off-grid groups are re-rounded with it and the scale refit once. The
-super-block scale is max/31 and each sub-block keeps a 4-bit l = nearest_int((s/d - 1)/2).
+iq2/iq3, per sub-block: weights w = qw*sqrt(σ² + x²) (σ² = Σx²/256, twice that for the others)
+with an imatrix, else x² (σ²/4 + x² for iq2_s); a grid of candidate scales; for each, every
+group is rounded to the nearest lattice point l = nearest_int((x/s - 1)/2) clamped, and when
+that point is not in the codebook the neighbour list of that point (every codebook entry within
+the 2 (1 for iq2_s, 3 for iq3_s) smallest distances) is searched for the least w-weighted error;
+the scale with the largest (Σwqx)²/Σwq² wins, the off-grid groups are re-rounded with it and the
+scale refit once. The super-block scale is max/31 and each sub-block keeps a 4-bit
+l = nearest_int((s/d - 1)/2). iq1_s/iq1_m instead search the two split points of the sorted
+sub-block exhaustively over the values {-1, 0, 1} ± 1/8 (see their kernels).
 
 The search is sequential and branchy, so it is written as scalar loops compiled by numba when
 available (as jit.py: float32 in C's order of operations, no fastmath, error_model numpy); the

@@ -32,8 +32,10 @@ if TYPE_CHECKING:
     from .driver import QuantizeOptions
 
 # The types a mix may use: every block format llama.cpp runs on the CPU that loraq writes,
-# from 2.06 to 8.5 bits per weight. Types that need an importance matrix join only with one.
+# from 1.56 to 8.5 bits per weight. Types that need an importance matrix join only with one.
 CANDIDATES = (
+    "iq1_s",
+    "iq1_m",
     "iq2_xxs",
     "iq2_xs",
     "iq2_s",
@@ -62,8 +64,8 @@ class Option:
     loss: float
 
 
-# ggml (iq2_xxs, iq2_xs) or llama-quantize (iq2_s, iq3_xxs) refuse these without the tensor's own importance vector
-_OWN_IMATRIX = frozenset({"iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs"})
+# ggml (iq1_s, iq2_xxs, iq2_xs) or llama-quantize (iq1_m, iq2_s, iq3_xxs) refuse these without the tensor's own importance vector
+_OWN_IMATRIX = frozenset({"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs"})
 
 
 def candidates(ne0: int, has_imatrix: bool, allowed: Sequence[str] = CANDIDATES, own_imatrix: bool | None = None) -> list[GGMLType]:
