@@ -296,20 +296,48 @@ def synth_imatrix(synth256, tmp_path_factory):
     return write_imatrix_gguf(tmp_path_factory.mktemp("iq-imat") / "synth.imatrix.gguf", realistic_imatrix(synth256))
 
 
+def _same_file_as_llama(model, imat, ftype, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("llama_cpp")
+    from loraq.quantize.imatrix_file import quant_weights, quantize_kvs, read_imatrix
+    from test_quantize_imatrix import _llama_model_quantize, _loraq, _sha
+
+    data = read_imatrix(imat, require_metadata=True)
+    ours, theirs = tmp_path / "loraq.gguf", tmp_path / "llama.gguf"
+    _loraq([model, ours, ftype, "--imatrix", imat])
+    _llama_model_quantize(model, theirs, ftype, quant_weights(data), quantize_kvs(str(imat), data))
+    assert _sha(ours) == _sha(theirs)
+
+
 @pytest.mark.interop
 @pytest.mark.parametrize("ftype", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ1_S", "IQ1_M"])
 def test_file_equals_llama_model_quantize(synth256, synth_imatrix, tmp_path, ftype):
     """The ftype's rules (R1, R3, R4 and the IQ3 lines of R5-R12) and kernels together, against
     llama.cpp given the same imatrix. synth256 has n_gqa = 2 and tied embeddings."""
-    pytest.importorskip("llama_cpp")
-    from loraq.quantize.imatrix_file import quant_weights, quantize_kvs, read_imatrix
-    from test_quantize_imatrix import _llama_model_quantize, _loraq, _sha
+    _same_file_as_llama(synth256, synth_imatrix, ftype, tmp_path)
 
-    data = read_imatrix(synth_imatrix, require_metadata=True)
-    ours, theirs = tmp_path / "loraq.gguf", tmp_path / "llama.gguf"
-    _loraq([synth256, ours, ftype, "--imatrix", synth_imatrix])
-    _llama_model_quantize(synth256, theirs, ftype, quant_weights(data), quantize_kvs(str(synth_imatrix), data))
-    assert _sha(ours) == _sha(theirs)
+
+@pytest.fixture(scope="module")
+def odd_models(smollm2_q4_1, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """A GQA model with n_gqa = 4 and an 8-expert MoE with untied embeddings (the n_gqa / n_expert
+    lines of the rules, R3's token_embd), each with its imatrix (per expert for the MoE)."""
+    from loraq.quantize.imatrix_file import write_imatrix_gguf
+    from scripts import make_synthetic_model as mk
+    from test_quantize_imatrix import realistic_imatrix
+
+    d = tmp_path_factory.mktemp("iq-models")
+    gqa = mk.make_model(d / "gqa4.gguf", smollm2_q4_1, n_embd=256, n_ff=512, n_layer=8, n_head=8, n_head_kv=2, seed=3)
+    moe = mk.make_model(
+        d / "moe8.gguf", smollm2_q4_1, n_embd=256, n_ff=256, n_layer=4, n_head=4, n_head_kv=4, n_expert=8, tied=False, seed=4
+    )
+    return {name: (m, write_imatrix_gguf(d / f"{name}.imatrix.gguf", realistic_imatrix(m))) for name, m in (("gqa4", gqa), ("moe8", moe))}
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("model", ["gqa4", "moe8"])
+@pytest.mark.parametrize("ftype", ["IQ2_XXS", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_M", "IQ1_M"])
+def test_other_shapes_equal_llama_model_quantize(odd_models, tmp_path, model, ftype):
+    m, imat = odd_models[model]
+    _same_file_as_llama(m, imat, ftype, tmp_path)
 
 
 @pytest.mark.interop
