@@ -361,3 +361,16 @@ def test_file_without_imatrix_equals_llama(synth256, tmp_path, ftype, capsys):
     _loraq([synth256, ours, ftype])
     llama_quantize(synth256, theirs, file_type(ftype).id)
     assert _sha(ours) == _sha(theirs)
+
+
+@pytest.mark.interop
+@pytest.mark.real
+@pytest.mark.parametrize("ftype", ["IQ2_XXS", "IQ3_XXS"])
+def test_smollm2_equals_llama_model_quantize(smollm2_f16, tmp_path, ftype):
+    """The real model: 576-wide tensors take the shape fallback (iq4_nl), ffn_down (1536) the IQ
+    types."""
+    from loraq.quantize.imatrix_file import write_imatrix_gguf
+    from test_quantize_imatrix import realistic_imatrix
+
+    imat = write_imatrix_gguf(tmp_path / "smol.imatrix.gguf", realistic_imatrix(smollm2_f16, seed=2, chunks=7, chunk_size=256))
+    _same_file_as_llama(smollm2_f16, imat, ftype, tmp_path)
