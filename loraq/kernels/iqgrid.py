@@ -40,6 +40,7 @@ same functions run as plain Python without numba (slow, same bytes)."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from functools import cache
 from typing import Any, NamedTuple
@@ -97,8 +98,16 @@ _GRIDS = {  # type -> (gguf-py class name, bits per element of the packed point,
 }
 
 
-@cache
 def grid(qtype: str) -> Grid:
+    with _GRID_LOCK:
+        return _grid(qtype)
+
+
+_GRID_LOCK = threading.Lock()
+
+
+@cache
+def _grid(qtype: str) -> Grid:
     import gguf.quants as gq
 
     cls_name, bits, nwant = _GRIDS[qtype]
@@ -1084,13 +1093,15 @@ def _iq1_m(x, qw, has_qw, pos, kmap, neigh, has_d, d_out, q_out, sc_out):  # pra
 
 
 _KERNELS: dict[str, Callable[..., Any]] = {}
+_LOCK = threading.Lock()  # the driver's threads ask at once: build each table and kernel once
 
 
 def _kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
     name = fn.__name__
-    if name not in _KERNELS:
-        _KERNELS[name] = fn if _njit is None else _njit(cache=True, nogil=True, error_model="numpy")(fn)
-    return _KERNELS[name]
+    with _LOCK:
+        if name not in _KERNELS:
+            _KERNELS[name] = fn if _njit is None else _njit(cache=True, nogil=True, error_model="numpy")(fn)
+        return _KERNELS[name]
 
 
 def _prep(xs: np.ndarray, qws: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, bool]:
