@@ -94,13 +94,12 @@ _GRIDS = {  # type -> (gguf-py class name, bits per element of the packed point,
     "iq2_s": ("IQ2_S", 2, 1),
     "iq3_s": ("IQ3_S", 3, 3),
     "iq1_s": ("IQ1_S", 2, 3),
-    "iq1_m": ("IQ1_M", 2, 3),
 }
 
 
 def grid(qtype: str) -> Grid:
-    with _GRID_LOCK:
-        return _grid(qtype)
+    with _GRID_LOCK:  # iq1_m uses iq1_s's tables (one iq2_data slot in ggml)
+        return _grid("iq1_s" if qtype == "iq1_m" else qtype)
 
 
 _GRID_LOCK = threading.Lock()
@@ -127,21 +126,25 @@ def _grid(qtype: str) -> Grid:
     u = np.arange(size)
     lv = (u[:, None] >> shifts) & ((1 << bits) - 1)
     need = np.nonzero((kmap < 0) & (lv <= top).all(axis=1))[0]
-    p = 2 * lv[need] + 1
-    d2 = ((p[:, None, :] - pos[None, :, :].astype(np.int64)) ** 2).sum(axis=2)  # (len(need), G)
-    order = np.argsort(d2, axis=1, kind="stable")  # by distance, then index: qsort's total order
-    sd = np.take_along_axis(d2, order, axis=1)
-    # distinct distances seen so far; keep entries while fewer than nwant+1 distinct ones
-    rank = np.concatenate([np.zeros((len(need), 1), np.int64), np.cumsum(sd[:, 1:] > sd[:, :-1], axis=1)], axis=1)
-    keep = rank < nwant
-    counts = keep.sum(axis=1)
-    neigh = np.empty(int(counts.sum() + len(need)), dtype=np.uint16)
+    g = pos.astype(np.int64)
+    gg = (g * g).sum(axis=1)
+    lists = []
+    for c0 in range(0, len(need), 512):  # in slices: (points, entries) distance tables stay small
+        p = 2 * lv[need[c0 : c0 + 512]] + 1
+        d2 = (p * p).sum(axis=1)[:, None] - 2 * (p @ g.T) + gg[None, :]  # exact small integers
+        order = np.argsort(d2, axis=1, kind="stable")  # by distance, then index: qsort's total order
+        sd = np.take_along_axis(d2, order, axis=1)
+        # the rank of each distance among the distinct ones; keep the nwant smallest
+        rank = np.concatenate([np.zeros((len(p), 1), np.int64), np.cumsum(sd[:, 1:] > sd[:, :-1], axis=1)], axis=1)
+        counts = (rank < nwant).sum(axis=1)
+        lists += [o[:c] for o, c in zip(order, counts)]
+    neigh = np.empty(sum(len(x) + 1 for x in lists), dtype=np.uint16)
     off = 0
-    for i, c, o in zip(need, counts, order):
+    for i, lst in zip(need, lists):
         kmap[i] = -(off + 1)
-        neigh[off] = c
-        neigh[off + 1 : off + 1 + c] = o[:c]
-        off += 1 + c
+        neigh[off] = len(lst)
+        neigh[off + 1 : off + 1 + len(lst)] = lst
+        off += 1 + len(lst)
     return Grid(pos, kmap, neigh)
 
 
