@@ -74,8 +74,8 @@ def _ftype(name: str, default: str, description: str) -> FileType:
     return FileType(name, LlamaFileType["ALL_F32" if name == "F32" else "MOSTLY_" + name].value, default, description)
 
 
-# (name, default ggml type, llama_ftype_name), for the ftypes loraq implements and the K/IQ ones
-# whose rules are already known (their quantizers arrive with the K-quant issue).
+# (name, default ggml type, llama_ftype_name) for every ftype whose rules loraq knows; an ftype
+# whose mix needs a type loraq cannot write yet (kernels.can_quantize) fails per tensor, naming it.
 _FTYPES = [
     _ftype("F32", "f32", "all F32"),
     _ftype("F16", "f16", "F16"),
@@ -95,6 +95,16 @@ _FTYPES = [
     _ftype("Q5_K_S", "q5_K", "Q5_K - Small"),
     _ftype("Q5_K_M", "q5_K", "Q5_K - Medium"),
     _ftype("Q6_K", "q6_K", "Q6_K"),
+    _ftype("IQ2_XXS", "iq2_xxs", "IQ2_XXS - 2.0625 bpw"),
+    _ftype("IQ2_XS", "iq2_xs", "IQ2_XS - 2.3125 bpw"),
+    _ftype("IQ2_S", "iq2_xs", "IQ2_S - 2.5 bpw"),
+    _ftype("IQ2_M", "iq2_s", "IQ2_M - 2.7 bpw"),
+    _ftype("IQ1_S", "iq1_s", "IQ1_S - 1.5625 bpw"),
+    _ftype("IQ1_M", "iq1_m", "IQ1_M - 1.75 bpw"),
+    _ftype("IQ3_XXS", "iq3_xxs", "IQ3_XXS - 3.0625 bpw"),
+    _ftype("IQ3_XS", "iq3_s", "IQ3_XS - 3.3 bpw"),
+    _ftype("IQ3_S", "iq3_s", "IQ3_S - 3.4375 bpw"),
+    _ftype("IQ3_M", "iq3_s", "IQ3_S mix - 3.66 bpw"),
     _ftype("IQ4_NL", "iq4_nl", "IQ4_NL - 4.5 bpw"),
     _ftype("IQ4_XS", "iq4_xs", "IQ4_XS - 4.25 bpw"),
     _ftype("TQ1_0", "tq1_0", "TQ1_0 - 1.69 bpw ternary"),

@@ -1,4 +1,4 @@
-"""Throughput of loraq's iq4_nl, iq4_xs, tq1_0 and tq2_0 quantizers against libgguf (native ggml).
+"""Throughput of loraq's iq4_nl, iq4_xs, tq1_0, tq2_0 and grid-codebook (iq2_xxs ...) quantizers against libgguf (native ggml).
 
 Quantizes the same real rows (SmolLM2 ffn_down tensors, 1536 wide, about 3.5M weights) with one
 call each, checks that loraq and libgguf agree byte for byte, and prints Mweights/s and the
@@ -15,6 +15,13 @@ import numpy as np
 from scripts.benchlib import best_time, smollm2
 
 CASES = [("iq4_nl", False), ("iq4_nl", True), ("iq4_xs", False), ("iq4_xs", True), ("tq1_0", False), ("tq2_0", False)]
+CASES += [("iq2_xxs", True)]  # iq2_xxs, iq2_xs: ggml asserts an imatrix
+CASES += [("iq2_xs", True)]
+CASES += [("iq3_xxs", False), ("iq3_xxs", True)]
+CASES += [("iq2_s", False), ("iq2_s", True)]
+CASES += [("iq3_s", False), ("iq3_s", True)]
+CASES += [("iq1_s", True)]  # ggml asserts an imatrix
+CASES += [("iq1_m", False), ("iq1_m", True)]  # libgguf's older ggml rounds iq1_m apart: DIFFER is expected
 
 
 def load_rows(n_weights: int) -> np.ndarray:

@@ -40,6 +40,14 @@ def _imat_k(sub: int, nmax: int, factor2: bool, nq: int, last: Callable[[Any], n
     return Kernel(partial(kquants.imat_search, sub=sub, nmax=nmax, factor2=factor2), partial(kquants.imat_scales, nq=nq), last)
 
 
+def _grid(name: str, xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
+    """The grid-codebook kernels (iqgrid), imported on first use: they load numba."""
+    from . import iqgrid
+
+    fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray] = getattr(iqgrid, name)
+    return fn(xb, qwb)
+
+
 # ggml type name -> (kernel without an imatrix, kernel with one; None: the type ignores it)
 KERNELS: dict[str, tuple[Kernel, Kernel | None]] = {
     "f32": (Kernel(fp.f32), None),
@@ -63,9 +71,21 @@ KERNELS: dict[str, tuple[Kernel, Kernel | None]] = {
     "q6_K": (Kernel(kquants.q6_K), Kernel(kquants.q6_K)),
     "iq4_nl": (Kernel(iquants.iq4_nl), Kernel(iquants.iq4_nl)),
     "iq4_xs": (Kernel(iquants.iq4_xs), Kernel(iquants.iq4_xs)),
+    "iq2_xxs": (Kernel(partial(_grid, "iq2_xxs")), Kernel(partial(_grid, "iq2_xxs"))),
+    "iq2_xs": (Kernel(partial(_grid, "iq2_xs")), Kernel(partial(_grid, "iq2_xs"))),
+    "iq3_xxs": (Kernel(partial(_grid, "iq3_xxs")), Kernel(partial(_grid, "iq3_xxs"))),
+    "iq2_s": (Kernel(partial(_grid, "iq2_s")), Kernel(partial(_grid, "iq2_s"))),
+    "iq3_s": (Kernel(partial(_grid, "iq3_s")), Kernel(partial(_grid, "iq3_s"))),
+    "iq1_s": (Kernel(partial(_grid, "iq1_s")), Kernel(partial(_grid, "iq1_s"))),
+    "iq1_m": (Kernel(partial(_grid, "iq1_m")), Kernel(partial(_grid, "iq1_m"))),
     "tq1_0": (Kernel(ternary.tq1_0), None),
     "tq2_0": (Kernel(ternary.tq2_0), None),
 }
+
+
+# Types ggml quantizes only with an importance matrix (ggml_quantize_requires_imatrix: it asserts
+# one; libgguf substitutes the tensor's own column mean of x², which no llama.cpp tool does)
+NEEDS_IMATRIX = frozenset({"iq2_xxs", "iq2_xs", "iq1_s"})
 
 
 def can_quantize(qtype: GGMLType | str) -> bool:
@@ -79,6 +99,8 @@ def quantize(rows: np.ndarray, qtype: GGMLType | str, imatrix: np.ndarray | None
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if rows.ndim != 2 or rows.shape[1] % t.block:
         raise ValueError(f"{t.name} needs 2-D rows whose length is a multiple of {t.block}, got {rows.shape}")
+    if imatrix is None and t.name in NEEDS_IMATRIX:
+        raise BadArguments(f"{t.name} needs an importance matrix (ggml refuses to quantize it without one)")
     if imatrix is not None:  # kernels receive a contiguous float32 vector of one weight per column
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
         if imatrix.shape[0] != rows.shape[1]:

@@ -32,8 +32,28 @@ if TYPE_CHECKING:
     from .driver import QuantizeOptions
 
 # The types a mix may use: every block format llama.cpp runs on the CPU that loraq writes,
-# from 2.6 to 8.5 bits per weight. Types that need an importance matrix join only with one.
-CANDIDATES = ("q2_K", "q3_K", "iq4_xs", "iq4_nl", "q4_0", "q4_1", "q4_K", "q5_0", "q5_1", "q5_K", "q6_K", "q8_0")
+# from 1.56 to 8.5 bits per weight. Types that need an importance matrix join only with one.
+CANDIDATES = (
+    "iq1_s",
+    "iq1_m",
+    "iq2_xxs",
+    "iq2_xs",
+    "iq2_s",
+    "q2_K",
+    "iq3_xxs",
+    "iq3_s",
+    "q3_K",
+    "iq4_xs",
+    "iq4_nl",
+    "q4_0",
+    "q4_1",
+    "q4_K",
+    "q5_0",
+    "q5_1",
+    "q5_K",
+    "q6_K",
+    "q8_0",
+)
 SAMPLE_ROWS = 128  # rows per tensor quantized to predict a type's loss: the error is a per-row sum
 
 
@@ -44,11 +64,19 @@ class Option:
     loss: float
 
 
-def candidates(ne0: int, has_imatrix: bool, allowed: Sequence[str] = CANDIDATES) -> list[GGMLType]:
-    """The allowed types whose blocks tile a row of ne0 elements."""
+# ggml (iq1_s, iq2_xxs, iq2_xs) or llama-quantize (iq1_m, iq2_s, iq3_xxs) refuse these without the tensor's own importance vector
+_OWN_IMATRIX = frozenset({"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs"})
+
+
+def candidates(ne0: int, has_imatrix: bool, allowed: Sequence[str] = CANDIDATES, own_imatrix: bool | None = None) -> list[GGMLType]:
+    """The allowed types whose blocks tile a row of ne0 elements. `own_imatrix`: the tensor has
+    its own ne0 weights in the imatrix (default: has_imatrix)."""
+    own = has_imatrix if own_imatrix is None else own_imatrix
     out = []
     for name in allowed:
         t = ggml_type(name)
+        if name in _OWN_IMATRIX and not own:
+            continue
         if ne0 % t.block == 0 and can_quantize(t) and (has_imatrix or name != "q2_K"):
             out.append(t)
     return out
@@ -207,7 +235,8 @@ def plan_options(
     out = {}
     for k, name in enumerate(names):
         w = None if imatrix is None else imatrix.get(name)
-        types = candidates(ne0[name], w is not None or imatrix is not None, allowed)
+        own = w is not None and np.size(w) == ne0[name]  # per-expert slices: tensor_options drops them
+        types = candidates(ne0[name], w is not None or imatrix is not None, allowed, own)
         s = 1.0 if sensitivity is None else sensitivity.get(name, 1.0)
         out[name] = tensor_options(g, name, types, None if w is None else np.asarray(w, dtype=np.float32), s)
         if progress:

@@ -48,7 +48,8 @@ _RWKV = tuple(
 # Target types that need an importance matrix (tensor_requires_imatrix).
 _NEEDS_IMATRIX = {"iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m", "iq1_s"}
 # The ftypes llama-quantize refuses to write without one (their mixes use the types above, or q2_K as Q2_K_S)
-NEEDS_IMATRIX_FTYPES = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S", "Q2_K_S"})
+# (IQ3_XS: its attn_k/attn_q and middle ffn_gate/ffn_up are iq3_xxs)
+NEEDS_IMATRIX_FTYPES = frozenset({"IQ3_XXS", "IQ3_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_M", "IQ1_S", "Q2_K_S"})
 # Shape fallback (tensor_type_fallback) when ne[0] is not a multiple of the block size.
 _FALLBACK = {
     **{t: "iq4_nl" for t in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs")},
@@ -58,6 +59,8 @@ _FALLBACK = {
     "q6_K": "q8_0",
 }
 _IQ_LOW = {"IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
+# R4: these ftypes have their own branch, ahead of (and instead of) the per-category rules
+_IQ_VERY_LOW = {"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
 
 
 def T(name: str) -> GGMLType:
@@ -199,15 +202,25 @@ class TypePlanner:
                 return T("q6_K"), f"{what} rule: q6_K"
             return t, ""
         if cat == "token_embd":
+            if f in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+                return T("q2_K"), "untied token_embd rule"
+            if f in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+                return T("iq3_s"), "untied token_embd rule"
             if f in ("TQ1_0", "TQ2_0"):
                 return T("q4_K"), "untied token_embd rule"
             return t, ""
+        if f in _IQ_VERY_LOW:
+            return self._very_low(cat, t)
         if cat == "attn_v":
             i, n = self.i_attention_wv, fx.n_attention_wv
             new = t
             if f == "Q2_K":
                 new = T("q4_K") if fx.n_gqa >= 4 else T("q3_K")
             elif f == "Q2_K_S" and fx.n_gqa >= 4:
+                new = T("q4_K")
+            elif f == "IQ3_XXS":
+                new = T("q4_K") if fx.n_gqa >= 4 else (T("iq3_s") if not o.has_imatrix else T("iq3_xxs"))
+            elif (f in ("IQ3_XS", "IQ3_S") and fx.n_gqa >= 4) or f == "IQ3_M":
                 new = T("q4_K")
             elif f == "Q3_K_M":
                 new = T("q5_K") if i < 2 else T("q4_K")
@@ -223,12 +236,11 @@ class TypePlanner:
                 new = T("q8_0")
             self.i_attention_wv += 1
             return new, (f"attn_v rule (#{i} of {n})" if new != t else "")
-        if cat == "attn_k":
-            if fx.n_expert == 8:
+        if cat in ("attn_k", "attn_q"):
+            if cat == "attn_k" and fx.n_expert == 8:
                 return T("q8_0"), "attn_k rule (8 experts)"
-            return t, ""
-        if cat == "attn_q":
-            return t, ""
+            to = {"IQ3_XS": "iq3_xxs", "IQ3_XXS": "iq2_s"}.get(f)
+            return (T(to), f"{cat} rule") if to else (t, "")
         if cat == "ffn_down":
             i = self._ffn_layer(name, "i_ffn_down")
             n = fx.n_layer
@@ -238,8 +250,12 @@ class TypePlanner:
             elif f == "Q2_K_S":
                 if i < n // 8:
                     new = T("q4_K")
+            elif f == "IQ3_XXS" and not o.has_imatrix:
+                new = T("q4_K") if i < n // 8 else T("q3_K")
             elif f == "Q3_K_M":
                 new = T("q5_K") if i < n // 16 else (T("q4_K") if (not fx.falcon or use_more_bits(i, n)) else T("q3_K"))
+            elif f == "IQ3_M" and (i < n // 8 or (fx.n_expert == 8 and use_more_bits(i, n))):
+                new = T("q4_K")
             elif f == "Q3_K_L":
                 new = T("q4_K") if fx.falcon else T("q5_K")
             elif f == "Q4_K_M":
@@ -269,7 +285,38 @@ class TypePlanner:
                 return T("q4_K"), "attn_output rule (falcon)"
             return t, ""
         if cat in ("ffn_gate", "ffn_up"):
-            self._ffn_layer(name, f"i_{cat}")
+            i = self._ffn_layer(name, f"i_{cat}")
+            n = fx.n_layer
+            if f == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+                return T("iq3_xxs"), f"{cat} rule (layer {i} of {n})"
+        return t, ""
+
+    def _very_low(self, cat: str, t: GGMLType) -> tuple[GGMLType, str]:
+        """R4, for IQ2_XXS/IQ2_XS/IQ1_S/IQ2_S/IQ2_M/IQ1_M. ffn_down counts with the plain counter,
+        MoE or not, and ffn_gate/ffn_up are not counted."""
+        f, fx = self.ftype.name, self.facts
+        s_or_m = f in ("IQ2_S", "IQ2_M")
+        if cat == "attn_v":
+            i = self.i_attention_wv
+            self.i_attention_wv += 1
+            if fx.n_gqa >= 4 or fx.n_expert >= 4:
+                return T("q4_K"), f"attn_v rule (#{i})"
+            return (T("iq3_s") if s_or_m else T("q2_K")), f"attn_v rule (#{i})"
+        if cat == "attn_k" and fx.n_expert == 8:
+            return T("q4_K"), "attn_k rule (8 experts)"
+        if cat == "ffn_down":
+            i = self.i_ffn_down
+            self.i_ffn_down += 1
+            if i < fx.n_layer // 8:
+                return (T("iq3_s") if s_or_m else T("q2_K")), f"ffn_down rule (#{i} of {fx.n_layer})"
+            return t, ""
+        if cat == "attn_output":
+            if fx.n_expert == 8:
+                return T("q5_K"), "attn_output rule (8 experts)"
+            if f in ("IQ1_S", "IQ1_M"):
+                return T("iq2_xxs"), "attn_output rule"
+            if s_or_m:
+                return T("iq3_s"), "attn_output rule"
         return t, ""
 
     def _ffn_layer(self, name: str, counter: str) -> int:
