@@ -409,9 +409,93 @@ def q4_0(xb: np.ndarray) -> np.ndarray | None:
     return _legacy(_q4_0_rows, xb, 18)
 
 
+def _f16_round(v):  # pragma: no cover - compiled
+    """float32 v -> the float32 value of its fp16 (round to nearest even), for finite v below
+    65520: 11 significant bits on the bit pattern, or a 2^-24 step below 2^-14 (engine.round_f16)."""
+    a = abs(v)
+    if a < np.float32(6.1035156e-05):
+        return np.float32(np.rint(v * np.float32(16777216.0))) * np.float32(5.9604645e-08)
+    bits = np.empty(1, np.float32)
+    ib = bits.view(np.uint32)
+    bits[0] = v
+    u = ib[0]
+    ib[0] = (u + (np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1)))) & np.uint32(0xFFFFE000)
+    return bits[0]
+
+
+def _q8_0_act(x, xi, out):  # pragma: no cover - compiled
+    """Activations x (rows, k) through ggml's quantize_row_q8_0 and back (engine.round_activations
+    'q8_0'): per 32-block id = 127/amax, rint(x·id)·fp16(amax/127). False, out unfinished, when a
+    block holds inf/NaN or amax/127 is no finite fp16 (the numpy version answers)."""
+    n, k = x.shape
+    nb = k // 32
+    m = np.empty(nb, np.int32)
+    inv = np.empty(nb, np.float32)
+    d = np.empty(nb, np.float32)
+    for r in range(n):
+        for b in range(nb):
+            mb = np.int32(0)
+            for j in range(32):
+                a = xi[r, b * 32 + j] & np.int32(0x7FFFFFFF)
+                mb = a if a > mb else mb
+            m[b] = mb
+        amax = m.view(np.float32)
+        for b in range(nb):
+            if m[b] >= np.int32(0x7F800000):
+                return False
+            a = amax[b]
+            dd = a / np.float32(127.0)
+            if dd >= np.float32(65520.0):
+                return False
+            d[b] = _f16_round(dd)
+            inv[b] = np.float32(127.0) / a if a != np.float32(0.0) else np.float32(0.0)
+        for b in range(nb):
+            s = inv[b]
+            dv = d[b]
+            for j in range(32):
+                out[r, b * 32 + j] = np.rint(x[r, b * 32 + j] * s) * dv
+    return True
+
+
+def q8_0_activations(x: np.ndarray) -> np.ndarray | None:
+    """engine.round_activations(x, 'q8_0') compiled, for (rows, k) float32 with k % 32 == 0; None
+    without numba or where the numpy version must answer."""
+    kern = compiled(_q8_0_act)
+    if kern is None:
+        return None
+    x = np.ascontiguousarray(x, F32)
+    out = np.empty_like(x)
+    return out if kern(x, x.view(np.int32), out) else None
+
+
+def _q8_0_deq(b, d, out):  # pragma: no cover - compiled
+    """q8_0 blocks b (nb, 34) with their scales d (nb,) float32 -> out (nb, 32) = d·q."""
+    for i in range(b.shape[0]):
+        s = d[i]
+        for j in range(32):
+            out[i, j] = s * np.float32(np.int8(b[i, 2 + j]))
+
+
+def q8_0_dequantize(blocks: np.ndarray) -> np.ndarray | None:
+    """q8_0 blocks (nb, 34) uint8 -> (nb, 32) float32 as dequantize_row_q8_0; None without numba."""
+    kern = compiled(_q8_0_deq)
+    if kern is None:
+        return None
+    blocks = np.ascontiguousarray(blocks)
+    d = blocks[:, :2].copy().view(np.float16).astype(F32).reshape(-1)
+    out = np.empty((blocks.shape[0], 32), F32)
+    kern(blocks, d, out)
+    return out
+
+
 _COMPILED: dict[str, Callable[..., Any] | None] = {}
 _LOCK = threading.Lock()
-_HELPERS = ("_nearest_clamped", "_absmax_bits", "_inverse")  # called from compiled kernels: compiled (once) before any of them
+_HELPERS = (
+    "_nearest_clamped",
+    "_absmax_bits",
+    "_inverse",
+    "_f16_round",
+)  # called from compiled kernels: compiled (once) before any of them
 
 
 def available() -> bool:

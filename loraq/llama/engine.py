@@ -61,7 +61,7 @@ import numpy as np
 from ..errors import BadArguments, BadInput
 from ..ggml_types import GGMLType
 from ..gguf_io import GGUFFile, TensorInfo, open_gguf
-from ..kernels import dequantize
+from ..kernels import dequantize, jit
 from ..merge.lora_file import load_adapter
 from .dequant import dequantize_tensor
 
@@ -130,6 +130,9 @@ def round_activations(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "q8_0":  # quantize_row_q8_0 (AVX): id = 127/amax, round to nearest even, d stored as F16
         if k % 32:
             return x
+        fast = jit.q8_0_activations(x)  # the same arithmetic in one pass (~4x), when numba is there
+        if fast is not None:
+            return fast
         b = x.reshape(n, k // 32, 32)
         t = np.abs(b)  # the one full-size temporary: |x|, then x·id, then the result
         amax = t.max(axis=2, keepdims=True)
