@@ -28,6 +28,7 @@ import importlib
 import json
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -191,7 +192,13 @@ def bench_merge(base: Path, adapter: Path, tmp: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # 3. Quantizing a large file: loraq vs llama.cpp
 # ------------------------------------------------------------------------------------------------
-def bench_large(model: Path, tmp: Path) -> None:
+def _secs(results: list[dict]) -> str:
+    return ", ".join(f"{r['seconds']:.2f}" for r in results)
+
+
+def bench_large(model: Path, tmp: Path, rounds: int = 1, types: tuple[str, ...] = ("Q8_0", "Q4_0", "Q4_K_M"), scaling: bool = True) -> None:
+    """Each type quantized by loraq then llama.cpp, `rounds` times interleaved (medians printed:
+    the machine's other load slows both sides alike); then loraq's thread scaling."""
     try:
         import llama_cpp  # noqa: F401
     except Exception as exc:
@@ -208,45 +215,52 @@ def bench_large(model: Path, tmp: Path) -> None:
     l_setup = "from pathlib import Path\nfrom loraq.quantize.driver import QuantizeOptions, quantize_model"
     c_setup = "import ctypes\nimport llama_cpp\nllama_cpp.llama_backend_init()"
     l_idle = child(l_setup, "pass")
-    # The first K-type quantize after an install or an edit compiles numba's kernels into its
+    # The first quantize after an install or an edit compiles numba's kernels (K types, q8_0/q4_0, the fp16 cast) into its
     # on-disk cache (~5 s, once); warm it outside the timed runs, as any earlier run would have.
     child(
         l_setup,
-        "import numpy as np\nfrom loraq.kernels import quantize\nfor t in ('q4_K', 'q6_K'): quantize(np.ones((1, 256), np.float32), t)",
+        "import numpy as np\nfrom loraq.kernels import jit, quantize\njit.f16_to_f32(np.ones(8, np.uint16))\n"
+        "for t in ('q4_K', 'q6_K', 'q8_0', 'q4_0'): quantize(np.ones((1, 256), np.float32), t)",
     )
     c_idle = child(c_setup, "pass") if not llama_ok else None
     print(
         f"child RSS after imports only: loraq {mib(l_idle['maxrss_kib'])}" + (f", llama.cpp {mib(c_idle['maxrss_kib'])}" if c_idle else "")
     )
     print(f"{'type':6} {'loraq s':>8} {'llama s':>8} {'time l/c':>9}   {'loraq RSS':>11} {'llama RSS':>11} {'RSS l/c':>8}   output")
-    for t in ("Q8_0", "Q4_0", "Q4_K_M"):
+    for t in types:
         ours, theirs = tmp / f"loraq-{t}.gguf", tmp / f"llama-{t}.gguf"
-        lr = child(l_setup, f"quantize_model(Path({str(model)!r}), Path({str(ours)!r}), {t!r}, QuantizeOptions(threads=2))")
-        # loraq quantizes in 2 threads (numba installed) or 2 worker processes: count the parent
-        # plus 2x the largest worker process, if any
-        lr["maxrss_kib"] += 2 * lr.get("workers_kib", 0)
-        if llama_ok:
-            print(
-                f"{t:6} {lr['seconds']:8.2f} {'-':>8} {'-':>9}   {mib(lr['maxrss_kib']):>11} {'-':>11} {'-':>8}   {ours.stat().st_size / 1e6:.0f} MB"
+        lrs, crs, same = [], [], True
+        for _ in range(rounds):
+            lr = child(l_setup, f"quantize_model(Path({str(model)!r}), Path({str(ours)!r}), {t!r}, QuantizeOptions(threads=2))")
+            # loraq quantizes in 2 threads (numba installed) or 2 worker processes: count the parent
+            # plus 2x the largest worker process, if any
+            lr["maxrss_kib"] += 2 * lr.get("workers_kib", 0)
+            lrs.append(lr)
+            if llama_ok:
+                continue
+            body = (
+                "p = llama_cpp.llama_model_quantize_default_params()\n"
+                f"p.ftype = {file_type(t).id}\np.nthread = 2\n"
+                f"rc = llama_cpp.llama_model_quantize({str(model).encode()!r}, {str(theirs).encode()!r}, ctypes.byref(p))\n"
+                "assert rc == 0, rc"
             )
-            ours.unlink()
-            continue
-        body = (
-            "p = llama_cpp.llama_model_quantize_default_params()\n"
-            f"p.ftype = {file_type(t).id}\np.nthread = 2\n"
-            f"rc = llama_cpp.llama_model_quantize({str(model).encode()!r}, {str(theirs).encode()!r}, ctypes.byref(p))\n"
-            "assert rc == 0, rc"
-        )
-        cr = child(c_setup, body)
-        same = "byte-identical" if sha256(ours) == sha256(theirs) else "DIFFER"
+            crs.append(child(c_setup, body))
+            same = same and sha256(ours) == sha256(theirs)
+            theirs.unlink()
         size = ours.stat().st_size
         ours.unlink()
-        theirs.unlink()
+        ls, lm = statistics.median(r["seconds"] for r in lrs), max(r["maxrss_kib"] for r in lrs)
+        if llama_ok:
+            print(f"{t:6} {ls:8.2f} {'-':>8} {'-':>9}   {mib(lm):>11} {'-':>11} {'-':>8}   {size / 1e6:.0f} MB")
+            continue
+        cs, cm = statistics.median(r["seconds"] for r in crs), max(r["maxrss_kib"] for r in crs)
         print(
-            f"{t:6} {lr['seconds']:8.2f} {cr['seconds']:8.2f} {lr['seconds'] / cr['seconds']:9.2f}   "
-            f"{mib(lr['maxrss_kib']):>11} {mib(cr['maxrss_kib']):>11} {lr['maxrss_kib'] / cr['maxrss_kib']:8.2f}   "
-            f"{size / 1e6:.0f} MB, {same}"
+            f"{t:6} {ls:8.2f} {cs:8.2f} {ls / cs:9.2f}   {mib(lm):>11} {mib(cm):>11} {lm / cm:8.2f}   "
+            f"{size / 1e6:.0f} MB, {'byte-identical' if same else 'DIFFER'}"
+            + (f"   (rounds, s: loraq {_secs(lrs)}; llama {_secs(crs)})" if rounds > 1 else "")
         )
+    if not scaling:
+        return
     # Thread scaling: the same K-type model quantized with 1 and with 2 threads.
     one = tmp / "loraq-1t.gguf"
     r1 = child(l_setup, f"quantize_model(Path({str(model)!r}), Path({str(one)!r}), 'Q4_K_M', QuantizeOptions(threads=1))")

@@ -10,6 +10,9 @@ build_reference / score_variant with the same threads. Printed: each pass's toke
 engines, then each variant's KLD mean and PPL from both and their difference (the interop test's
 bounds: |ΔKLD| < 0.002, PPL within 1 %). A last line scores merged-Q4_K_M with llama.cpp's repacked
 CPU kernels (use_extra_bufts, llama-perplexity's default), which the engine leaves off for parity.
+With --floor, the per-position agreement behind those differences: KLD(llama.cpp ‖ numpy) of the
+logits of the base Q4_K_M with and without the runtime LoRA, and the numpy engine against itself
+with its input embeddings moved by one ulp (the noise floor of a Q8_K-rounded model).
 
 No timing is asserted (docs/design.md rule 5)."""
 
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--floor", action="store_true", help="also the per-position logit agreement (base Q4_K_M ± LoRA, 1-ulp floor)")
     args = ap.parse_args()
     try:
         import llama_cpp  # noqa: F401
@@ -113,6 +117,43 @@ def main() -> None:
             f"\n{c.name} on llama.cpp with repacked kernels: {dt:.2f} s, {n_tok / dt:.0f} tok/s; "
             f"KLD {r.kld_mean:.5f} (vs {stats['llama.cpp'][c.name][0]:.5f} without repacking), PPL {r.ppl:.4f}"
         )
+
+        if args.floor:
+            floor(tmp / "base-Q4_K_M.gguf", lora, rf.tokens.reshape(rf.n_chunk, rf.n_ctx)[:2].copy(), threads)
+
+
+def floor(model: Path, lora: Path, toks, threads: int) -> None:
+    """Per-position KLD between the engines' logits on `toks`, and the numpy engine's own 1-ulp floor."""
+    import numpy as np
+
+    from loraq.compare.stage import scored
+    from loraq.llama.engine import Engine
+    from loraq.llama.llama_cpp_engine import LlamaCppEngine
+
+    rows = scored(toks.shape[1])
+
+    def logits(eng) -> np.ndarray:
+        out: dict[int, np.ndarray] = {}
+        eng.run(toks, lambda i, lg: out.__setitem__(i, np.asarray(lg, np.float64)), rows=rows)
+        return np.stack([out[i] for i in range(len(toks))])
+
+    def kld(p: np.ndarray, q: np.ndarray) -> float:
+        lp = p - p.max(-1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        lq = q - q.max(-1, keepdims=True)
+        lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+        return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+    print(f"\nper-position KLD(llama.cpp ‖ numpy), {model.name}, {len(toks)} chunks:")
+    for name, ads in (("base", []), ("base + runtime LoRA", [(lora, 1.0)])):
+        with LlamaCppEngine(model, ads, threads=threads) as e:
+            want = logits(e)
+        print(f"  {name:22} {kld(want, logits(Engine(model, ads, threads=threads))):.4f}")
+    eng = Engine(model, threads=threads)
+    a = logits(eng)
+    embed = eng._embed
+    eng._embed = lambda g, t: np.nextafter(embed(g, t), np.float32(np.inf)).astype(np.float32)  # type: ignore[method-assign,assignment]
+    print(f"  numpy vs numpy, embeddings moved 1 ulp: {kld(a, logits(eng)):.4f} (the floor)")
 
 
 if __name__ == "__main__":

@@ -348,3 +348,24 @@ def test_round_f16_is_the_ieee_cast():
     with np.errstate(over="ignore"):
         want = x.astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(round_f16(x), want)
+
+
+def test_q8_0_activations_as_ggml_avx_quantize_row():
+    """round_activations 'q8_0' (compiled when numba is there) against a block-by-block float32
+    transcription of ggml's AVX quantize_row_q8_0: id = 127/amax, round half even, d = fp16(amax/127)."""
+    from loraq.llama.engine import round_activations
+
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((64, 1536)) * 10.0 ** rng.uniform(-9, 3, (64, 1))).astype(np.float32)
+    x[1, :32] = 0  # all-zero block
+    x[2, 32:64] = np.float32(2.0**-20)  # d below fp16's normal range
+    x[4, 64:96] = (np.arange(32) - 15.5).astype(np.float32) * np.float32(127 / 16.5)  # halfway cases
+    want = np.empty_like(x)
+    for r in range(x.shape[0]):
+        for b in range(0, x.shape[1], 32):
+            blk = x[r, b : b + 32]
+            amax = np.float32(np.abs(blk).max())
+            d = np.float32(np.float16(amax / np.float32(127)))
+            iv = np.float32(127) / amax if amax != 0 else np.float32(0)
+            want[r, b : b + 32] = np.rint(blk * iv).astype(np.float32) * d
+    np.testing.assert_array_equal(round_activations(x, "q8_0").view(np.uint32), want.view(np.uint32))

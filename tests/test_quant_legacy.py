@@ -155,6 +155,32 @@ def test_adversarial_blocks(qtype, with_imatrix):
     assert_layouts(_blocks(), qtype, lambda k: [random_imatrix(k, 5, zeros=True) if with_imatrix else None])
 
 
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_adversarial_blocks_one_by_one(qtype):
+    """The compiled q8_0/q4_0 kernels hand a whole call to numpy when one block needs it (an
+    overflowing 1/d): quantized alone, every other adversarial block goes through them."""
+    from loraq.kernels import jit
+
+    compiled = 0
+    for i, blk in enumerate(_blocks()):
+        rows = np.tile(blk, 2)[None, :]
+        np.testing.assert_array_equal(quantize(rows, qtype), oracle(rows, qtype), err_msg=f"block {i}")
+        compiled += getattr(jit, qtype)(blk[None, :]) is not None
+    if jit.available():
+        assert compiled >= len(_blocks()) - 3  # the subnormal-d blocks fall back
+
+
+def test_compiled_f16_cast_exhaustive():
+    """Every fp16 bit pattern (subnormals, infinities, NaN payloads) casts as numpy's IEEE cast."""
+    from loraq.kernels import jit
+
+    h = np.arange(1 << 16, dtype=np.uint16).reshape(256, 256)
+    got = jit.f16_to_f32(h)
+    if got is None:
+        pytest.skip("numba not installed")
+    np.testing.assert_array_equal(got.view(np.uint32), h.view(np.float16).astype(F32).view(np.uint32))
+
+
 @pytest.mark.parametrize("qtype", ["q4_1", "q5_1"])
 def test_range_overflow_ref(qtype):
     """max - min overflows float32: d = inf, id = 0, (x - min)*0 may be NaN -> quant 0 in C."""

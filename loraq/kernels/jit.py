@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .fp import to_f16
 from .numeric import QkxResult, QxResult
 
 F32 = np.float32
@@ -170,6 +171,22 @@ def _qkx2_search(x, w, nmax, rmin, rdelta, nstep, use_mad, L, scale_out, min_out
                 min_out[b, k] = -cur_min[k]
 
 
+def _nearest_clamped(v, exact, lo, hi, bits, ibits):  # pragma: no cover - compiled
+    """make_qx_quants' `MAX(-nmax, MIN(nmax-1, nearest_int(v)))` as float32: np.rint when v is
+    bounded (not `exact`), else ggml's bit trick through the caller's one-float scratch `bits`
+    (`ibits` its int32 view), exact for huge, inf and NaN v."""
+    if exact:
+        bits[0] = v + np.float32(12582912.0)
+        q = np.float32((ibits[0] & 0x7FFFFF) - 0x400000)
+    else:
+        q = np.rint(v)
+    if q < lo:
+        return lo
+    if q > hi:
+        return hi
+    return q
+
+
 def _qx_search(x, w, has_w, nmax, exact, L, scale_out):  # pragma: no cover - compiled
     """make_qx_quants(n, nmax, x, L, rmse_type 1, w) for T-layout blocks x (B, n, K); w the
     weights, or (has_w False) x*x. Writes L (B, n, K) uint8 in [0, 2*nmax-1] and the scale (B, K),
@@ -180,7 +197,6 @@ def _qx_search(x, w, has_w, nmax, exact, L, scale_out):  # pragma: no cover - co
     zero = np.float32(0.0)
     lo = -fn
     hi = fn - np.float32(1.0)
-    magic = np.float32(12582912.0)
     eps = np.float32(1e-15)
     amax = np.empty(K, np.float32)
     mx = np.empty(K, np.float32)
@@ -222,15 +238,7 @@ def _qx_search(x, w, has_w, nmax, exact, L, scale_out):  # pragma: no cover - co
                 for k in range(K):
                     xv = x[b, j, k]
                     v = xv * isc[k]
-                    if exact:
-                        bits[0] = v + magic
-                        q = np.float32((ibits[0] & 0x7FFFFF) - 0x400000)
-                    else:
-                        q = np.rint(v)
-                    if q < lo:
-                        q = lo
-                    elif q > hi:
-                        q = hi
+                    q = _nearest_clamped(v, exact, lo, hi, bits, ibits)
                     ww = w[b, j, k] if has_w else xv * xv
                     slx[k] += (ww * xv) * q
                     sl2[k] += (ww * q) * q
@@ -246,22 +254,248 @@ def _qx_search(x, w, has_w, nmax, exact, L, scale_out):  # pragma: no cover - co
         for j in range(n):
             for k in range(K):
                 v = x[b, j, k] * best_is[k]
-                if exact:
-                    bits[0] = v + magic
-                    q = np.float32((ibits[0] & 0x7FFFFF) - 0x400000)
-                else:
-                    q = np.rint(v)
-                if q < lo:
-                    q = lo
-                elif q > hi:
-                    q = hi
+                q = _nearest_clamped(v, exact, lo, hi, bits, ibits)
                 L[b, j, k] = np.uint8(q + fn) if amax[k] != zero else np.uint8(0)
         for k in range(K):
             scale_out[b, k] = scale[k] if amax[k] != zero else zero
 
 
+def _f16_bits_to_f32(h, out):  # pragma: no cover - compiled
+    """IEEE fp16 bits h (n,) uint16 -> float32 out (n,), exactly as numpy's cast (NaN payloads
+    kept): the exponent rebiased in the integer bits, subnormals (and zeros) as an exact float
+    product. Branches LLVM turns into selects, so it vectorizes (numpy's cast is scalar)."""
+    ob = out.view(np.uint32)
+    for i in range(h.size):
+        x = np.uint32(h[i])
+        em = x & np.uint32(0x7FFF)
+        b = (em << np.uint32(13)) + np.uint32(0x38000000)  # exponent + (127 - 15)
+        if em >= np.uint32(0x7C00):  # inf / NaN: exponent all ones
+            b += np.uint32(0x38000000)
+        ob[i] = b
+        if em < np.uint32(0x400):
+            out[i] = np.float32(em) * np.float32(5.9604645e-08)  # em * 2^-24
+        if x & np.uint32(0x8000):
+            ob[i] |= np.uint32(0x80000000)
+
+
+def _absmax_bits(xi, m):  # pragma: no cover - compiled
+    """Per block of the int32 view xi (nb, n), the bits of its largest |x| into m (nb,): for
+    non-negative floats the integer order is the float order, and an integer max vectorizes (a
+    float one does not, without fastmath). At or above 0x7F800000 a block holds inf or NaN."""
+    for b in range(xi.shape[0]):
+        mb = np.int32(0)
+        for j in range(xi.shape[1]):
+            a = xi[b, j] & np.int32(0x7FFFFFFF)
+            mb = a if a > mb else mb
+        m[b] = mb
+
+
+def _inverse(d, idv):  # pragma: no cover - compiled
+    """`id = d ? 1.0f/d : 0.0f` per block; False when one overflows (subnormal d)."""
+    ok = True
+    for b in range(d.shape[0]):
+        v = np.float32(1.0) / d[b] if d[b] != np.float32(0.0) else np.float32(0.0)
+        ok &= v - v == np.float32(0.0)
+        idv[b] = v
+    return ok
+
+
+def _q8_0_rows(x, xi, d_out, out):  # pragma: no cover - compiled
+    """quantize_row_q8_0_ref for finite blocks x (nb, 32) (xi: its int32 view): d = amax/127
+    into d_out, the roundf'ed int8 quants into out[:, 2:34]. Each phase runs over all blocks, so
+    LLVM vectorizes it. Returns False, with out unfinished, when a block needs the numpy kernel
+    (a non-finite value, or an inverse scale that overflows)."""
+    nb = x.shape[0]
+    half = np.float32(0.49999997)  # roundf as trunc(v + copysign(0.49999997f, v)), see c_roundf
+    m = np.empty(nb, np.int32)
+    _absmax_bits(xi, m)
+    for b in range(nb):
+        if m[b] >= np.int32(0x7F800000):
+            return False
+    amax = m.view(np.float32)
+    for b in range(nb):
+        d_out[b] = amax[b] / np.float32(127.0)
+    idv = amax  # reused: amax is no longer needed
+    if not _inverse(d_out, idv):
+        return False
+    for b in range(nb):
+        s = idv[b]
+        for j in range(32):
+            v = x[b, j] * s
+            out[b, 2 + j] = np.int8(np.int32(v + np.copysign(half, v)))
+    return True
+
+
+def _q4_0_rows(x, xi, d_out, out):  # pragma: no cover - compiled
+    """quantize_row_q4_0_ref for finite blocks x (nb, 32): d = max/-8 (max the signed value of
+    the first largest |x|) into d_out, the nibbles into out[:, 2:18]; x*id is rounded to float32
+    before + 8.5f (no FMA, as ggml). False as in _q8_0_rows."""
+    nb = x.shape[0]
+    bias = np.float32(8.5)
+    m = np.empty(nb, np.int32)
+    for b in range(nb):
+        # The signed value of the first largest |x| (C: `if (amax < fabsf(v))`): the largest
+        # positive and the largest negative magnitude as integer maxima of the bits (they
+        # vectorize); only a tie between +a and -a needs the first occurrence.
+        p = np.int32(0)
+        n = np.int32(0)
+        for j in range(32):
+            v = xi[b, j]
+            pv = v if v >= 0 else np.int32(0)
+            nv = v & np.int32(0x7FFFFFFF) if v < 0 else np.int32(0)
+            p = pv if pv > p else p
+            n = nv if nv > n else n
+        if p >= np.int32(0x7F800000) or n >= np.int32(0x7F800000):
+            return False
+        if p > n:
+            m[b] = p
+        elif n > p:
+            m[b] = n | np.int32(-2147483648)
+        elif p == 0:  # nothing above 0: +0.0, the C loop's initial max
+            m[b] = 0
+        else:
+            for j in range(32):
+                if xi[b, j] & np.int32(0x7FFFFFFF) == p:
+                    m[b] = xi[b, j]
+                    break
+    mx = m.view(np.float32)
+    for b in range(nb):
+        d_out[b] = mx[b] / np.float32(-8.0)
+    idv = m.view(np.float32)  # reused
+    if not _inverse(d_out, idv):
+        return False
+    for b in range(nb):
+        s = idv[b]
+        for j in range(16):
+            q0 = min(np.int32(15), np.int32(x[b, j] * s + bias))
+            q1 = min(np.int32(15), np.int32(x[b, j + 16] * s + bias))
+            out[b, 2 + j] = np.uint8(q0 | (q1 << 4))
+    return True
+
+
+def f16_to_f32(h: np.ndarray) -> np.ndarray | None:
+    """fp16 bits (any shape, uint16) -> float32 of that shape, compiled; None without numba."""
+    kern = compiled(_f16_bits_to_f32)
+    if kern is None:
+        return None
+    h = np.ascontiguousarray(h)
+    out = np.empty(h.shape, F32)
+    kern(h.reshape(-1), out.reshape(-1))
+    return out
+
+
+def _legacy(kern_fn: Callable[..., Any], xb: np.ndarray, nbytes: int) -> np.ndarray | None:
+    kern = compiled(kern_fn)
+    if kern is None:
+        return None
+    xb = np.ascontiguousarray(xb, F32)
+    nb = xb.shape[0]
+    out = np.empty((nb, nbytes), np.uint8)
+    d = np.empty(nb, F32)
+    if not kern(xb, xb.view(np.int32), d, out):
+        return None
+    out[:, :2] = to_f16(d).view(np.uint8).reshape(nb, 2)
+    return out
+
+
+def q8_0(xb: np.ndarray) -> np.ndarray | None:
+    """q8_0 blocks (nb, 34) of blocks xb (nb, 32), compiled; None where the numpy kernel must
+    answer (no numba, or a block with a non-finite value or an overflowing inverse scale)."""
+    return _legacy(_q8_0_rows, xb, 34)
+
+
+def q4_0(xb: np.ndarray) -> np.ndarray | None:
+    """q4_0 blocks (nb, 18), as q8_0."""
+    return _legacy(_q4_0_rows, xb, 18)
+
+
+def _f16_round(v):  # pragma: no cover - compiled
+    """float32 v -> the float32 value of its fp16 (round to nearest even), for finite v below
+    65520: 11 significant bits on the bit pattern, or a 2^-24 step below 2^-14 (engine.round_f16)."""
+    a = abs(v)
+    if a < np.float32(6.1035156e-05):
+        return np.float32(np.rint(v * np.float32(16777216.0))) * np.float32(5.9604645e-08)
+    bits = np.empty(1, np.float32)
+    ib = bits.view(np.uint32)
+    bits[0] = v
+    u = ib[0]
+    ib[0] = (u + (np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1)))) & np.uint32(0xFFFFE000)
+    return bits[0]
+
+
+def _q8_0_act(x, xi, out):  # pragma: no cover - compiled
+    """Activations x (rows, k) through ggml's quantize_row_q8_0 and back (engine.round_activations
+    'q8_0'): per 32-block id = 127/amax, rint(x·id)·fp16(amax/127). False, out unfinished, when a
+    block holds inf/NaN or amax/127 is no finite fp16 (the numpy version answers)."""
+    n, k = x.shape
+    nb = k // 32
+    m = np.empty(nb, np.int32)
+    inv = np.empty(nb, np.float32)
+    d = np.empty(nb, np.float32)
+    for r in range(n):
+        for b in range(nb):
+            mb = np.int32(0)
+            for j in range(32):
+                a = xi[r, b * 32 + j] & np.int32(0x7FFFFFFF)
+                mb = a if a > mb else mb
+            m[b] = mb
+        amax = m.view(np.float32)
+        for b in range(nb):
+            if m[b] >= np.int32(0x7F800000):
+                return False
+            a = amax[b]
+            dd = a / np.float32(127.0)
+            if dd >= np.float32(65520.0):
+                return False
+            d[b] = _f16_round(dd)
+            inv[b] = np.float32(127.0) / a if a != np.float32(0.0) else np.float32(0.0)
+        for b in range(nb):
+            s = inv[b]
+            dv = d[b]
+            for j in range(32):
+                out[r, b * 32 + j] = np.rint(x[r, b * 32 + j] * s) * dv
+    return True
+
+
+def q8_0_activations(x: np.ndarray) -> np.ndarray | None:
+    """engine.round_activations(x, 'q8_0') compiled, for (rows, k) float32 with k % 32 == 0; None
+    without numba or where the numpy version must answer."""
+    kern = compiled(_q8_0_act)
+    if kern is None:
+        return None
+    x = np.ascontiguousarray(x, F32)
+    out = np.empty_like(x)
+    return out if kern(x, x.view(np.int32), out) else None
+
+
+def _q8_0_deq(b, d, out):  # pragma: no cover - compiled
+    """q8_0 blocks b (nb, 34) with their scales d (nb,) float32 -> out (nb, 32) = d·q."""
+    for i in range(b.shape[0]):
+        s = d[i]
+        for j in range(32):
+            out[i, j] = s * np.float32(np.int8(b[i, 2 + j]))
+
+
+def q8_0_dequantize(blocks: np.ndarray) -> np.ndarray | None:
+    """q8_0 blocks (nb, 34) uint8 -> (nb, 32) float32 as dequantize_row_q8_0; None without numba."""
+    kern = compiled(_q8_0_deq)
+    if kern is None:
+        return None
+    blocks = np.ascontiguousarray(blocks)
+    d = blocks[:, :2].copy().view(np.float16).astype(F32).reshape(-1)
+    out = np.empty((blocks.shape[0], 32), F32)
+    kern(blocks, d, out)
+    return out
+
+
 _COMPILED: dict[str, Callable[..., Any] | None] = {}
 _LOCK = threading.Lock()
+_HELPERS = (
+    "_nearest_clamped",
+    "_absmax_bits",
+    "_inverse",
+    "_f16_round",
+)  # called from compiled kernels: compiled (once) before any of them
 
 
 def available() -> bool:
@@ -289,6 +523,10 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any] | None:
         except ImportError:
             _COMPILED[name] = None
         else:
+            g = globals()
+            for h in _HELPERS:  # numba resolves a called global at compile time: it must be a dispatcher
+                if not hasattr(g[h], "py_func"):
+                    g[h] = njit(cache=True, nogil=True, error_model="numpy")(g[h])
             _COMPILED[name] = njit(cache=True, nogil=True, error_model="numpy")(fn)
     return _COMPILED[name]
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..ggml_types import GGMLType
 from ..kernels import dequantize as _generic
+from ..kernels import jit
 
 _SLICE = 1 << 14  # blocks per slice: 4 Mi elements of K-quants, 0.5 Mi of 32-blocks
 
@@ -123,6 +124,10 @@ def dequantize_tensor(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) 
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, qtype.nbytes)
     if len(blocks) * qtype.block != n_el:
         raise ValueError(f"{blocks.size} bytes of {qtype.name} do not hold {n_el} elements")
+    if qtype.name == "q8_0":  # compiled, straight into the result (no slices, no temporaries)
+        fast = jit.q8_0_dequantize(blocks)
+        if fast is not None:
+            return fast.reshape(shape)
     out = np.empty((len(blocks), qtype.block), dtype=np.float32)
     for i in range(0, len(blocks), _SLICE):
         out[i : i + _SLICE] = fn(blocks[i : i + _SLICE])

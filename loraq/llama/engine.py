@@ -61,7 +61,7 @@ import numpy as np
 from ..errors import BadArguments, BadInput
 from ..ggml_types import GGMLType
 from ..gguf_io import GGUFFile, TensorInfo, open_gguf
-from ..kernels import dequantize
+from ..kernels import dequantize, jit
 from ..merge.lora_file import load_adapter
 from .dequant import dequantize_tensor
 
@@ -130,6 +130,9 @@ def round_activations(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "q8_0":  # quantize_row_q8_0 (AVX): id = 127/amax, round to nearest even, d stored as F16
         if k % 32:
             return x
+        fast = jit.q8_0_activations(x)  # the same arithmetic in one pass (~4x), when numba is there
+        if fast is not None:
+            return fast
         b = x.reshape(n, k // 32, 32)
         t = np.abs(b)  # the one full-size temporary: |x|, then x·id, then the result
         amax = t.max(axis=2, keepdims=True)
@@ -185,22 +188,19 @@ class _Linear:
     def __call__(self, x: np.ndarray, emulate: bool, rounded: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """`rounded` caches x's conversions by kind when several weights read the same x (q/k/v, gate/up)."""
         rounded = {} if rounded is None else rounded
+        if self.observer is not None:
+            self.observer(self.name, x)
+        y = _converted(x, self.kind, emulate, rounded) @ self.w.T
+        self.finish(x, y, emulate, rounded)
+        return y
 
-        def conv(kind: str) -> np.ndarray:
-            if not emulate or kind == "f32":
-                return x
-            if kind not in rounded:
-                rounded[kind] = round_activations(x, kind)
-            return rounded[kind]
-
+    def finish(self, x: np.ndarray, y: np.ndarray, emulate: bool, rounded: dict[str, np.ndarray]) -> None:
+        """Add the LoRAs and the bias to y = W·x, in place (y may be a view of a fused product)."""
         obs = self.observer
-        if obs is not None:
-            obs(self.name, x)
-        y = conv(self.kind) @ self.w.T
         for lo in self.loras:
             if obs is not None:  # build_lora_mm's mul_mat(a, x), whose src0 llama.cpp names "<W>.lora_a"
                 obs(self.name + ".lora_a", x)
-            ax = conv(lo.a_kind) @ lo.a.T
+            ax = _converted(x, lo.a_kind, emulate, rounded) @ lo.a.T
             if obs is not None:  # and mul_mat(b, a·x): B sees A·x before the scale
                 obs(self.name + ".lora_b", ax)
             if emulate:
@@ -208,7 +208,15 @@ class _Linear:
             y += np.float32(lo.scale) * (ax @ lo.b.T)
         if self.bias is not None:
             y += self.bias
-        return y
+
+
+def _converted(x: np.ndarray, kind: str, emulate: bool, rounded: dict[str, np.ndarray]) -> np.ndarray:
+    """x as a matmul with weights of vec_dot kind `kind` sees it, cached in `rounded`."""
+    if not emulate or kind == "f32":
+        return x
+    if kind not in rounded:
+        rounded[kind] = round_activations(x, kind)
+    return rounded[kind]
 
 
 @dataclass
@@ -223,6 +231,10 @@ class LayerWeights:
     ffn_up: _Linear
     ffn_down: _Linear
     qk_norm: tuple[np.ndarray, np.ndarray] | None  # qwen3's per-head RMSNorm weights of q and k
+    # separate q, k, v of one vec_dot kind: their weights stacked, qkv's w are views of it, and one
+    # GEMM computes all three (one 576x960 product instead of three is ~15 % faster on SmolLM2;
+    # every output element is the same dot product, so the values are identical)
+    qkv_w: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -434,7 +446,7 @@ class Engine:
 
     def _layer(self, g: GGUFFile, il: int) -> LayerWeights:
         p = f"blk.{il}."
-        return LayerWeights(
+        lw = LayerWeights(
             attn_norm=self._vector(g, p + "attn_norm.weight"),
             ffn_norm=self._vector(g, p + "ffn_norm.weight"),
             qkv=tuple(
@@ -449,6 +461,14 @@ class Engine:
                 (self._vector(g, p + "attn_q_norm.weight"), self._vector(g, p + "attn_k_norm.weight")) if self.hp.arch == "qwen3" else None
             ),
         )
+        if len(lw.qkv) == 3 and len({lin.kind for lin in lw.qkv}) == 1 and len({lin.w.shape[1] for lin in lw.qkv}) == 1:
+            lw.qkv_w = np.concatenate([lin.w for lin in lw.qkv])
+            at = 0
+            for lin in lw.qkv:
+                n = lin.w.shape[0]
+                lin.w = lw.qkv_w[at : at + n]
+                at += n
+        return lw
 
     def _output(self, g: GGUFFile) -> tuple[np.ndarray, _Linear]:
         norm = self._vector(g, "output_norm.weight")
@@ -565,6 +585,14 @@ class Engine:
         if len(lw.qkv) == 1:
             qkv = lw.qkv[0](cur, em)
             q, k, v = qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]
+        elif lw.qkv_w is not None:
+            for lin in lw.qkv:
+                if lin.observer is not None:
+                    lin.observer(lin.name, cur)
+            qkv = _converted(cur, lw.qkv[0].kind, em, rx) @ lw.qkv_w.T
+            q, k, v = qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]
+            for lin, part in zip(lw.qkv, (q, k, v)):
+                lin.finish(cur, part, em, rx)
         else:
             q, k, v = (lin(cur, em, rx) for lin in lw.qkv)
         del cur, rx

@@ -30,6 +30,7 @@ from ..gguf_io.reader import read_exact, read_into
 from ..gguf_io.writer import GGUFStreamWriter, OutTensor
 from ..kernels import can_quantize, dequantize, quantize
 from ..kernels.jit import available as jit_available
+from ..kernels.jit import f16_to_f32
 from .rules import ModelFacts, TypeOptions, TypePlanner, category, iteration_order, requires_imatrix
 
 CHUNK_ELEMENTS = 1 << 21  # rows per work item ≈ 2M weights: bounded temporaries
@@ -364,9 +365,19 @@ def _quantize_chunk(chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs:
             out.append(chunk)
             continue
         if x is None:
-            x = dequantize(chunk, src, (chunk.shape[0], ne0))
+            x = _to_f32(chunk, src, ne0)
         out.append(quantize(x, t, w))
     return out
+
+
+def _to_f32(chunk: np.ndarray, src: GGMLType, ne0: int) -> np.ndarray:
+    """Stored rows -> float32 (rows, ne0). F16, the usual input, through the compiled cast when
+    numba is there: numpy's float16 cast is scalar (~2.5 ns a value, a quarter of a Q8_0 run)."""
+    if src.name == "f16":
+        x = f16_to_f32(np.ascontiguousarray(chunk).view(np.uint16))
+        if x is not None:
+            return x.reshape(chunk.shape[0], ne0)
+    return dequantize(chunk, src, (chunk.shape[0], ne0))
 
 
 class _OutputRef(NamedTuple):
