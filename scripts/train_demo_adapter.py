@@ -1,6 +1,6 @@
 """Train the demo's LoRA: rank 16 on every projection of SmolLM2-135M, with PEFT on the CPU.
 
-    python -m scripts.train_demo_adapter HF_FOLDER CORPUS_DIR OUT [--cache DIR] [--steps 30] ...
+    python -m scripts.train_demo_adapter HF_FOLDER CORPUS_DIR OUT [--cache DIR] [--steps 20] ...
 
 HF_FOLDER is the base as a Hugging Face folder (scripts/hf_folder.py writes it from the fetched
 GGUF); CORPUS_DIR holds train.txt and heldout.txt (scripts/make_domain_corpus.py). OUT becomes a
@@ -36,7 +36,7 @@ KEY_VERSION = 1
 class Settings:
     rank: int = 16
     alpha: int = 32
-    steps: int = 30
+    steps: int = 20
     batch: int = 2
     seq_len: int = 256
     lr: float = 2e-3

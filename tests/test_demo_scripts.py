@@ -5,7 +5,8 @@ splits share no bulletin, the held-out bulletins are mostly new text (not memori
 each bulletin's gale-warning list agrees with its own area forecasts (the learnable structure),
 and the splits are long enough for the compare stage and an importance matrix. The training smoke
 test (slow, skipped without torch/peft) trains a few steps on a tiny random llama and checks the
-PEFT folder: PEFT reloads it to the loss training reported, and the cache does not retrain."""
+PEFT folder: PEFT reloads it to the loss training reported, training is repeatable to the byte,
+and the cache does not retrain."""
 
 from __future__ import annotations
 
@@ -84,12 +85,14 @@ def test_gale_warnings_agree_with_the_forecasts(tmp_path: Path) -> None:
 @pytest.mark.real
 def test_default_splits_are_long_enough(tmp_path: Path, smollm2_q4_1: Path) -> None:
     from loraq.llama.tokenizer import Tokenizer
+    from scripts.train_demo_adapter import Settings
 
     tok = Tokenizer.from_gguf(smollm2_q4_1)
     paths = mdc.write_corpus(tmp_path)
     n = {k: len(tok.encode(p.read_text(encoding="utf-8"))) for k, p in paths.items()}
     assert n["calibration"] >= 16 * 256 and n["heldout"] >= 8 * 256
-    assert n["train"] >= 30 * 2 * 256 * 2  # the default training reads under half of it (30 steps x 2 x 256)
+    d = Settings()
+    assert n["train"] >= 2 * d.steps * d.batch * d.seq_len  # the default training reads under half of the train split
 
 
 @pytest.mark.slow
@@ -126,6 +129,10 @@ def test_training_smoke(tmp_path: Path, smollm2_q4_1: Path) -> None:
     with torch.no_grad():
         losses = [float(model(input_ids=torch.tensor([c]), labels=torch.tensor([c])).loss) for c in (ids[:64], ids[64:])]
     assert math.exp(sum(losses) / 2) == pytest.approx(rep["after"]["heldout_ppl"], rel=1e-4)
+
+    # Seeded: training again writes the same adapter bytes.
+    tda.train(hf, corpus, tmp_path / "again", s, threads=1, log=lambda _: None)
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
 
     # The cache: a second run copies the cached folder (same bytes, no training); a changed corpus retrains.
     (cache_dirs,) = list(cache.glob("smollm2-demo-lora-*"))
