@@ -34,7 +34,7 @@ $(VENV)/.demo: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev,demo]'
 	touch $@
 
-$(HF)/config.json: $(SMOL) $(VENV)/.installed
+$(HF)/config.json: $(SMOL) | $(VENV)/.installed
 	rm -rf $(HF).tmp
 	$(BIN)/python -m scripts.hf_folder $(SMOL) $(HF).tmp
 	rm -rf $(HF) && mv $(HF).tmp $(HF)
