@@ -22,20 +22,37 @@ setup: $(VENV)/.installed
 $(SMOL): | $(BIN)/python
 	$(BIN)/python -m scripts.fetch_smollm2
 
-# The demo's inputs: an F16 base made from the Q4_1 SmolLM2 with loraq itself, and a PEFT adapter.
-$(DEMO)/smollm2-f16.gguf: $(SMOL) $(VENV)/.installed
-	$(BIN)/loraq quantize $(SMOL) $@ F16 --allow-requantize
+# The demo's inputs. Cached beside the model (built once per machine): SmolLM2 as a Hugging Face
+# folder, written from the fetched GGUF, and the LoRA trained on it (the script keys its cache by
+# the corpus, the base and itself, so a change retrains). In runs/demo-inputs: the domain corpus
+# (shipping bulletins; train / calibration / held-out splits), a copy of the trained adapter and a
+# link to the HF folder (configs/smollm2-demo.yaml's base).
+HF := $(CACHE)/SmolLM2-135M-Instruct-hf
+CORPUS := $(DEMO)/corpus
 
-$(DEMO)/adapter/adapter_model.safetensors: $(DEMO)/smollm2-f16.gguf scripts/make_demo_adapter.py
-	$(BIN)/python -m scripts.make_demo_adapter $(DEMO)/smollm2-f16.gguf $(DEMO)/adapter
+$(VENV)/.demo: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,demo]'
+	touch $@
 
-# Evaluation text: the GPL v3 (Debian's base-files ships it); elsewhere, Python's own license.
+$(HF)/config.json: $(SMOL) | $(VENV)/.installed
+	rm -rf $(HF).tmp
+	$(BIN)/python -m scripts.hf_folder $(SMOL) $(HF).tmp
+	rm -rf $(HF) && mv $(HF).tmp $(HF)
+
+$(CORPUS)/heldout.txt: scripts/make_domain_corpus.py | $(BIN)/python
+	$(BIN)/python -m scripts.make_domain_corpus $(CORPUS)
+
+$(DEMO)/adapter/adapter_model.safetensors: $(HF)/config.json $(CORPUS)/heldout.txt scripts/train_demo_adapter.py $(VENV)/.demo
+	$(BIN)/python -m scripts.train_demo_adapter $(HF) $(CORPUS) $(DEMO)/adapter --cache $(CACHE)
+
+# Generic evaluation text: the GPL v3 (Debian's base-files ships it); elsewhere, Python's own license.
 $(DEMO)/eval.txt: | $(BIN)/python
 	mkdir -p $(DEMO)
 	if [ -f /usr/share/common-licenses/GPL-3 ]; then cp /usr/share/common-licenses/GPL-3 $@; \
 	else $(BIN)/python -c "import sys,pathlib; print(pathlib.Path(sys.base_prefix, 'lib', 'python%d.%d' % sys.version_info[:2], 'LICENSE.txt').read_text())" > $@; fi
 
-demo: $(DEMO)/adapter/adapter_model.safetensors $(DEMO)/eval.txt
+demo: $(DEMO)/adapter/adapter_model.safetensors $(DEMO)/eval.txt $(HF)/config.json
+	ln -sfn $(HF) $(DEMO)/smollm2-hf
 	$(BIN)/loraq run configs/smollm2-demo.yaml
 
 # torch, transformers and peft build PEFT adapters (DoRA, modules_to_save, ...) in the tests, to
