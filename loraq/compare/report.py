@@ -129,7 +129,8 @@ def other_text_section(name: str, rep: Report) -> OtherTextReport:
         "text": rep["text"],
         "reference": rep["reference"],
         "adapter_effect": rep["adapter_effect"],
-        "variants": rep["variants"],
+        # ★ is the main text's choice (what deliver ships); a further text only shows the figures
+        "variants": [{**v, "preferred": None} for v in rep["variants"]],
     }
 
 

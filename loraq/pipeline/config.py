@@ -212,16 +212,22 @@ class MergedVariant:
         return f"{self.name}.gguf"
 
 
+# ftypes whose quantizers ignore an importance matrix (ggml's quantize_q8_0 takes no weights): the
+# imatrix variant would be the same bytes, so it is not built
+IMATRIX_UNUSED = frozenset({"Q8_0", "F16", "BF16", "F32"})
+
+
 def merged_variants(quantize: QuantizeConfig, mode: str) -> list[MergedVariant]:
     """Every merged variant, in build order. mode (Config.imatrix_mode): never: each type without
-    the imatrix; always: with it; auto: both (a type that cannot go without one: with it only).
+    the imatrix; always: with it; auto: both (a type that cannot go without one: with it only; a
+    type that ignores it: without only).
     Targets use the imatrix whenever the run has one."""
     out = []
     for t in quantize.types:
         needs = t in NEEDS_IMATRIX_FTYPES
-        if mode != "always" and not needs:
+        if (mode != "always" or t in IMATRIX_UNUSED) and not needs:
             out.append(MergedVariant(f"merged-{t}", t, False))
-        if mode != "never":
+        if mode != "never" and t not in IMATRIX_UNUSED:
             out.append(MergedVariant(f"merged-{t}-imatrix", t, True))
     out += [MergedVariant(x.variant_name(), x.ftype, mode != "never", x) for x in quantize.targets]
     return out
