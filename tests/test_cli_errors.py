@@ -75,7 +75,7 @@ CASES = [
     ("config-unwritable-workdir", ["run", "c-workdir.yaml", "--json"], IO, "afile"),
     ("config-nan-adapter", ["run", "c-nan.yaml", "--json"], BAD_INPUT, "nan"),
     # settings that do not work yet are refused, never accepted and ignored
-    ("config-imatrix", ["run", "c-imatrix.yaml"], BAD_ARGS, "imatrix: the imatrix stage is not available yet"),
+    ("config-imatrix", ["run", "c-imatrix.yaml"], BAD_ARGS, "quantize.imatrix: always needs an imatrix section"),
     ("quantize-imatrix-missing", ["quantize", "{f16}", "out.gguf", "Q4_K_M", "--imatrix", "nope.dat"], BAD_ARGS, "imatrix file not found"),
     ("quantize-imatrix-is-text", ["quantize", "{f16}", "out.gguf", "Q4_K_M", "--imatrix", "afile"], BAD_INPUT, "neither a gguf file"),
     (
@@ -104,7 +104,7 @@ CONFIGS = {
     "c-missing.yaml": _config(base="missing.gguf"),
     "c-workdir.yaml": _config(workdir="afile/sub"),
     "c-nan.yaml": _config(adapters="  - path: nan\n"),
-    "c-imatrix.yaml": _config() + "imatrix: {text: afile}\n",
+    "c-imatrix.yaml": _config().replace("{types: [Q8_0]}", "{types: [Q8_0], imatrix: always}"),
 }
 
 

@@ -434,7 +434,7 @@ def test_json_events_follow_the_schema(project, delivered):
     fresh = _events(out)
     assert [e["event"] for e in fresh].count("summary") == 1 and fresh[-1]["event"] == "summary"
     ran = [e["stage"] for e in fresh if e["event"] == "stage_done"]
-    assert ran[0] == "convert" and ran[-2:] == ["compare", "deliver"]
+    assert ran[:2] == ["check", "convert"] and ran[-2:] == ["compare", "deliver"]
     assert {"score:base", "score:merged-Q4_0", "score:runtime-Q4_0"} <= set(ran)  # one stage per scored variant
     assert fresh[-1]["dist"] == str(project / "work-events" / "dist")
 

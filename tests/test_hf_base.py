@@ -51,7 +51,7 @@ def reference(folder: Path, out: Path, outtype: str = "f16") -> Path:
     """convert_hf_to_gguf.py's output for `folder` (skips when the script or torch is missing)."""
     if not CONVERTER.is_file():
         pytest.skip(f"llama.cpp's converter not found at {CONVERTER} (set LORAQ_LLAMA_CPP_SRC to a llama.cpp tree)")
-    for mod in ("torch", "transformers"):
+    for mod in ("torch", "transformers", "sentencepiece"):
         if importlib.util.find_spec(mod) is None:
             pytest.skip(f"convert_hf_to_gguf.py needs {mod}, which is not installed")
     env = {**os.environ, "PYTHONPATH": str(LLAMA_CPP / "gguf-py")}

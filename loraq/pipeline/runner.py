@@ -32,7 +32,7 @@ from ..compare.report import VariantScore, load_report
 from ..compare.stage import Candidate, OtherText, assemble_report, build_reference, meta_path, read_score, score_to_file
 from ..convert import convert_adapter, convert_hf_base
 from ..convert.lora_gguf import runtime_refusal, vocab_grows
-from ..errors import BadArguments
+from ..errors import BadArguments, BadInput
 from ..llama.calibration import text_overlap
 from ..llama.engine import set_blas_threads
 from ..merge import AdapterSpec, merge_model
@@ -238,7 +238,13 @@ def _check_stage(cfg: Config, base: Path, adapters: list[tuple[Path, float]]) ->
     out = cfg.workdir_path / CHECK
 
     def run() -> None:
-        doc = check_config(cfg).to_json()
+        res = check_config(cfg)
+        # every run merges: an adapter the merge cannot read (NaN, bad shapes, ...) stops the run
+        # here, with the merge's own one-line reason, before anything is written
+        for a in res.adapters:
+            if not a.merged.ok:
+                raise BadInput(f"{a.path}: {a.merged.why}")
+        doc = res.to_json()
         doc.pop("seconds", None)  # the workdir holds no times: reruns give identical bytes
         with atomic_output(out) as tmp:
             tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
