@@ -23,7 +23,6 @@ os.environ.setdefault("LIBGGUF_NUM_THREADS", "1")
 
 import argparse
 import datetime
-import hashlib
 import importlib
 import json
 import platform
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from loraq.pipeline.checkpoint import sha256_file
 from scripts import fetch_smollm2, make_demo_adapter, make_synthetic_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,14 +66,6 @@ def version(pkg: str) -> str:
         return v(pkg)
     except PackageNotFoundError:
         return "not installed"
-
-
-def sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,7 +237,7 @@ def bench_large(model: Path, tmp: Path, rounds: int = 1, types: tuple[str, ...] 
                 "assert rc == 0, rc"
             )
             crs.append(child(c_setup, body))
-            same = same and sha256(ours) == sha256(theirs)
+            same = same and sha256_file(ours) == sha256_file(theirs)
             theirs.unlink()
         size = ours.stat().st_size
         ours.unlink()

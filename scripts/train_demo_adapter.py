@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loraq.pipeline.checkpoint import sha256_file
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KEY_VERSION = 1
 
@@ -46,22 +48,14 @@ class Settings:
     eval_chunks: int = 8
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(hf: Path, corpus: Path, s: Settings, threads: int) -> str:
     """Hash of what decides the adapter's bytes; the thread count is in it because it changes the
     order of torch's float32 sums."""
     h = hashlib.sha256(f"v{KEY_VERSION}/threads={threads}".encode())
     h.update(json.dumps(asdict(s), sort_keys=True).encode())
-    h.update(_sha256(Path(__file__)).encode())
+    h.update(sha256_file(Path(__file__)).encode())
     for p in [corpus / "train.txt", corpus / "heldout.txt", *sorted(hf.glob("*.json")), *sorted(hf.glob("*.safetensors"))]:
-        h.update(p.name.encode() + b"\0" + _sha256(p).encode())
+        h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
     return h.hexdigest()[:16]
 
 
