@@ -51,23 +51,13 @@ from ..errors import BadInput, LoraqError
 from ..ggml_types import file_type, ggml_type
 from ..merge.lora_file import VOCAB_TENSORS, LoraAdapter, load_adapter
 from ..merge.merge import _apply
-from ..quantize.driver import QuantizeOptions, plan_quantize
+from ..quantize.driver import QuantizeOptions, TypeSettings, options_from, plan_quantize
 from .noise import BaseView, fro_sq_lowrank, open_base, predict_noise, rel
 
 
-class _QuantizeSettings(Protocol):
+class _QuantizeSettings(TypeSettings, Protocol):
     @property
     def types(self) -> list[str]: ...
-    @property
-    def output_tensor_type(self) -> str | None: ...
-    @property
-    def token_embedding_type(self) -> str | None: ...
-    @property
-    def tensor_types(self) -> dict[str, str]: ...
-    @property
-    def pure(self) -> bool: ...
-    @property
-    def leave_output_tensor(self) -> bool: ...
 
 
 class _AdapterSetting(Protocol):
@@ -184,14 +174,7 @@ def _finite(x: Any) -> Any:
 def check_config(cfg: ConfigLike) -> CheckResult:
     """`loraq check` for a loaded config (see load_config): the adapters, base and quantize types it names."""
     q = cfg.quantize
-    opts = QuantizeOptions(
-        output_tensor_type=q.output_tensor_type,
-        token_embedding_type=q.token_embedding_type,
-        tensor_types=list(q.tensor_types.items()),
-        pure=q.pure,
-        leave_output_tensor=q.leave_output_tensor,
-        allow_requantize=cfg.allow_requantized_base,
-    )
+    opts = options_from(q, allow_requantize=cfg.allow_requantized_base)
     adapters = [(cfg.resolve(a.path), a.scale) for a in cfg.adapters]
     return check(cfg.resolve(cfg.base), adapters, q.types, opts, base_outtype=cfg.base_outtype)
 

@@ -36,7 +36,7 @@ from ..errors import BadArguments, BadInput
 from ..llama.calibration import text_overlap
 from ..llama.engine import set_blas_threads
 from ..merge import AdapterSpec, merge_model
-from ..quantize.driver import QuantizeOptions, quantize_many, quantize_model
+from ..quantize.driver import QuantizeOptions, options_from, quantize_many, quantize_model
 from ..quantize.imatrix_file import quant_weights, quantize_kvs, read_imatrix, write_imatrix_gguf
 from ..quantize.mix import target_mix, with_mix
 from ..quantize.rules import NEEDS_IMATRIX_FTYPES
@@ -163,14 +163,7 @@ def build_stages(cfg: Config) -> list[Stage]:
         stages.append(Stage(name, "merge", msettings, inputs, [out], do_merge))
 
     q = cfg.quantize
-    opts = QuantizeOptions(
-        output_tensor_type=q.output_tensor_type,
-        token_embedding_type=q.token_embedding_type,
-        tensor_types=list(q.tensor_types.items()),
-        pure=q.pure,
-        leave_output_tensor=q.leave_output_tensor,
-        threads=stage_threads(cfg, "quantize"),
-    )
+    opts = options_from(q, threads=stage_threads(cfg, "quantize"))
     # What changes every quantized file's bytes; imatrix use and targets are per variant.
     qsettings = {k: v for k, v in q.model_dump().items() if k not in ("types", "threads", "imatrix", "targets")}
     mode = cfg.imatrix_mode

@@ -17,7 +17,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from gguf import GGUFValueType
@@ -59,6 +59,34 @@ class QuantizeOptions:
     # llama-quantize's kv_overrides, set after the input's KVs in this order (each moved to the
     # end): the quantize.imatrix.* KVs (imatrix_file.quantize_kvs)
     kv_overrides: list[tuple[str, GGUFValueType, Any]] = field(default_factory=list)
+
+
+class TypeSettings(Protocol):
+    """The config's quantize section as the options read it (pipeline.config.QuantizeConfig)."""
+
+    @property
+    def output_tensor_type(self) -> str | None: ...
+    @property
+    def token_embedding_type(self) -> str | None: ...
+    @property
+    def tensor_types(self) -> dict[str, str]: ...
+    @property
+    def pure(self) -> bool: ...
+    @property
+    def leave_output_tensor(self) -> bool: ...
+
+
+def options_from(q: TypeSettings, threads: int = 1, allow_requantize: bool = False) -> QuantizeOptions:
+    """QuantizeOptions for a config's quantize section: the per-tensor type settings, as configured."""
+    return QuantizeOptions(
+        output_tensor_type=q.output_tensor_type,
+        token_embedding_type=q.token_embedding_type,
+        tensor_types=list(q.tensor_types.items()),
+        pure=q.pure,
+        leave_output_tensor=q.leave_output_tensor,
+        allow_requantize=allow_requantize,
+        threads=threads,
+    )
 
 
 @dataclass(frozen=True)
