@@ -40,14 +40,14 @@ KLD(base), both against base + adapter):
   comparison had said 196 of 210 tensors below Q4_K_M's noise (‖E‖² 11× ‖ΔW‖² in sum): wrong;
 * the random demo adapter (scripts/make_demo_adapter.py; GPL text, 4 × 256 tokens, effect KLD
   0.035): stable rank 1.1–1.5 of the random figure, no tensor structured. Full-energy estimate
-  −65 %, −728 %, +97 % kept at Q4_K_M, Q4_0, Q8_0; measured −55 %, −640 %, +87 %: lost at Q4_K_M
+  −65 %, −737 %, +97 % kept at Q4_K_M, Q4_0, Q8_0; measured −55 %, −640 %, +87 %: lost at Q4_K_M
   and Q4_0 (166 and 210 of 210 tensors below the noise), kept at Q8_0. The matched filter alone
   would have said kept at all three.
 
 Nothing in the base's weights tells the two apart (measured on the demo: the trained delta's
 alignment with W's own singular subspaces, with the norm gains, with the embeddings' covariance and
 with the downstream layers that read its output are all within 1–3× of a random delta's, where the
-gap in effect per unit of ‖ΔW‖²_F is ~200×; even the imatrix's per-column activation energy only
+gap in effect (KLD) per unit of ‖ΔW‖²_F is ~170× on the same generic text; even the imatrix's per-column activation energy only
 gives a 2× gain): the delta's own concentration is what does.
 
 ‖E‖²_F and ‖Uᵀ E V‖²_F are predicted from sampled rows (noise.py); ‖ΔW‖²_F of a plain LoRA comes
