@@ -47,8 +47,9 @@ KLD(base), both against base + adapter):
 Nothing in the base's weights tells the two apart (measured on the demo: the trained delta's
 alignment with W's own singular subspaces, with the norm gains, with the embeddings' covariance and
 with the downstream layers that read its output are all within 1–3× of a random delta's, where the
-gap in effect (KLD) per unit of ‖ΔW‖²_F is ~170× on the same generic text; even the imatrix's per-column activation energy only
-gives a 2× gain): the delta's own concentration is what does.
+gap in effect (KLD) per unit of ‖ΔW‖²_F is ~170× on the same generic text; even the imatrix's
+per-column activation energy only gives a 2× gain): the delta's own concentration is what does.
+So an adapter trained so long or so broadly that its spectrum looks random is judged cautiously.
 
 ‖E‖²_F and ‖Uᵀ E V‖²_F are predicted from sampled rows (noise.py); ‖ΔW‖²_F of a plain LoRA comes
 from its factors (‖B·A‖²_F = Σ (BᵀB) ∘ (A·Aᵀ)), anything else from the explicit merged tensor. Each
