@@ -581,7 +581,7 @@ def check(
             out.print(f"  note: {n}")
     rows = [tc for tc in res.tensors if all_tensors or any(tn.below for tn in tc.types)]
     if rows:
-        t = Table(title="quantization noise / adapter delta (‖Q(W)−W‖²_F / ‖ΔW‖²_F; above 1: the delta is below the noise)")
+        t = Table(title="quantization noise / adapter delta (‖UᵀEV‖² or ‖E‖², E = Q(W)−W, / ‖ΔW‖²; above 1: the delta is below the noise)")
         t.add_column("tensor")
         t.add_column("‖ΔW‖/‖W‖")
         for s in res.summaries:

@@ -3,7 +3,10 @@
 Oracles: the adapter's delta is recomputed here from the safetensors factors with the scale the
 adapter_config implies (PEFT's alpha/r or alpha/√r) or from PEFT's own merge_and_unload; the noise
 prediction (128 sampled rows) is checked against quantizing the whole tensor; the verdicts of the
-real SmolLM2 demo are recomputed from those exact figures."""
+real SmolLM2 demo are recomputed from those exact figures; the matched-filter noise ‖UᵀEV‖² is
+checked against projecting the whole tensor's error, and on a constructed base whose Q8_0 error is
+known in closed form; a structured and an unstructured delta of the same energy get opposite
+verdicts."""
 
 from __future__ import annotations
 
@@ -17,11 +20,13 @@ import yaml
 from safetensors.numpy import load_file
 
 from loraq.check import check
-from loraq.check.noise import exact_noise, predict_noise
+from loraq.check.noise import DeltaBasis, delta_basis, exact_noise, exact_subspace_noise, predict_noise
+from loraq.check.verdicts import _summary, _tensor_checks
 from loraq.cli import run_cli
 from loraq.ggml_types import ggml_type
 from loraq.gguf_io import open_gguf
 from loraq.kernels import read_f32
+from loraq.merge.lora_file import LoraAdapter, LoraPair
 from scripts.make_demo_adapter import make_adapter
 
 TYPES = ["Q4_0", "Q4_K_M", "Q8_0"]
@@ -76,7 +81,9 @@ def test_demo_deployment_and_summary(demo_result):
     by = {s.ftype: s for s in r.summaries}
     # the random demo delta is 2-4% of ‖W‖: far above Q8_0's noise, far below Q4_0's
     assert by["Q8_0"].n_below == 0 and "survive Q8_0" in by["Q8_0"].line
-    assert by["Q4_0"].n_below == 210 and by["Q4_0"].line.startswith("the delta on 210 of 210 tensors is below Q4_0's noise")
+    assert by["Q4_0"].n_below == 210 and by["Q4_0"].line.startswith("the delta on 210 of 210 tensors is below Q4_0's noise:")
+    # random factors spread their energy like iid matrices: the whole noise counts
+    assert all(t.measure == "full" for t in r.tensors) and by["Q4_0"].n_subspace == 0
     assert r.seconds < 60
 
 
@@ -190,6 +197,157 @@ def test_adapter_for_another_model_is_a_verdict(smollm2_f16, synth256, tmp_path)
     assert a.deployment == "neither"
     assert "another width" in (a.merged.why or "") and "another width" in (a.runtime.why or "")
     assert r.tensors == []
+
+
+# -- the matched filter: noise inside the delta's own subspaces -------------------------------------
+
+
+def _orth(rng, n: int, r: int) -> np.ndarray:
+    return np.linalg.qr(rng.standard_normal((n, r)))[0]
+
+
+@pytest.mark.parametrize("name,qtype", NOISE_CASES[:5])
+def test_subspace_noise_matches_whole_tensor(smollm2_f16, name, qtype):
+    """‖UᵀEV‖²_F from 128 rows against projecting every row's error (random rank-16 bases)."""
+    rng = np.random.default_rng(7)
+    with open_gguf(smollm2_f16) as g:
+        t = g.tensor(name)
+        w = read_f32(g, t).reshape(-1, t.ne[0])
+    u, v = _orth(rng, w.shape[0], 16), _orth(rng, w.shape[1], 16)
+    basis = DeltaBasis(u, v, 1.0, 10.0)
+    pred = predict_noise(w, ggml_type(qtype), basis=basis).subspace
+    exact = exact_subspace_noise(w, ggml_type(qtype), u, v)
+    full = exact_noise(w, ggml_type(qtype))
+    print(f"{name} {qtype}: predicted {pred:.4g}, exact {exact:.4g}, full {full:.4g}")
+    assert pred == pytest.approx(exact, rel=0.3)
+    # and it is the small share isotropic noise puts there: (r/n_out)(r/n_in) of the whole
+    assert exact == pytest.approx(full * 16 / w.shape[0] * 16 / w.shape[1], rel=0.3)
+
+
+def test_stable_rank_separates_random_from_concentrated():
+    rng = np.random.default_rng(0)
+    b, a = rng.standard_normal((576, 16)), rng.standard_normal((16, 1536))
+    flat = delta_basis(b, a)
+    assert not flat.structured and 0.9 < flat.stable_rank / flat.iid_stable_rank < 1.6
+    steep = delta_basis(b * 0.5 ** np.arange(16), a)  # energy halves per direction: stable rank ~1.3
+    assert steep.structured and steep.stable_rank == pytest.approx(4 / 3, rel=0.25)
+    # the bases span B's columns and A's rows
+    assert np.allclose(steep.u @ (steep.u.T @ b), b) and np.allclose(a @ steep.v @ steep.v.T, a)
+    assert delta_basis(np.zeros((8, 2)), np.ones((2, 8))).stable_rank == 0.0
+
+
+class _Base:
+    """One tensor, as the check's BaseView shows it."""
+
+    def __init__(self, name: str, w: np.ndarray):
+        self.name, self.w = name, w
+        self.g = self
+        self.tensors = [type("T", (), {"name": name})()]
+
+    def has_tensor(self, name: str) -> bool:
+        return name == self.name
+
+    def read(self, name: str) -> np.ndarray:
+        return self.w
+
+
+def _q8_exact_base(rng, n: int = 64, noisy_col: int = 5, off: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
+    """(W, E): W on Q8_0's grid (each 32-block's max is 127·d, d = 1/64, so d is exact in f16) except
+    column `noisy_col`, which sits `off`·d above a grid point with a random sign per row; so
+    E = Q8_0(W) − W is −(±off·d) in that column and 0 elsewhere, in closed form."""
+    d = 1 / 64
+    q = rng.integers(-100, 100, size=(n, n)).astype(np.float64)
+    q[:, 0] = q[:, 32] = 127
+    sign = rng.choice([-1.0, 1.0], size=n)
+    w = q * d
+    w[:, noisy_col] += sign * off * d
+    e = np.zeros((n, n))
+    e[:, noisy_col] = -sign * off * d
+    return w.astype(np.float32), e
+
+
+def _verdict(w: np.ndarray, b: np.ndarray, a: np.ndarray):
+    name = "blk.0.attn_q.weight"
+    lora = LoraAdapter(Path("x"), 0.0, {name: LoraPair(a.astype(np.float32), b.astype(np.float32), peft_scale=1.0)})
+    (tc,), skipped = _tensor_checks(_Base(name, w), [(lora, 1.0)], {"Q8_0": {name: ggml_type("q8_0")}})  # type: ignore[arg-type]
+    assert not skipped
+    return tc, _summary("Q8_0", [tc])
+
+
+def test_verdict_flips_when_the_delta_moves_onto_the_noise():
+    """ΔW = B·A with B on output rows 0-3 (energy 1, 0.05², ...: structured) and A on input columns
+    either away from the only noisy column or through it. The noise inside the subspace is then
+    exactly 0, or the 4 noisy entries of rows 0-3 (4 · (0.4 d)²); the delta's energy sits between
+    that and the whole noise (64 · (0.4 d)²), so the verdict flips with the subspace while the
+    full-energy comparison would call it below the noise both times."""
+    rng = np.random.default_rng(3)
+    w, e = _q8_exact_base(rng)
+    cell = (0.4 / 64) ** 2
+    c = np.sqrt(2 * cell)  # ‖ΔW‖² ≈ 2 cells: above 0, below 4 cells and far below 64
+    b = np.zeros((64, 4))
+    b[[0, 1, 2, 3], [0, 1, 2, 3]] = c * np.array([1, 0.05, 0.05, 0.05])
+    for cols, below, sub_want in (([10, 11, 12, 13], False, 0.0), ([5, 11, 12, 13], True, float(np.sum(e[:4] ** 2)))):
+        a = np.zeros((4, 64))
+        a[[0, 1, 2, 3], cols] = 1.0
+        tc, summ = _verdict(w, b, a)
+        (tn,) = tc.types
+        assert tc.measure == "subspace", tc.stable_rank
+        assert tn.noise_sq == pytest.approx(float(np.sum(e**2)), rel=1e-3)  # every row sampled: exact
+        assert tn.subspace_noise_sq == pytest.approx(sub_want, rel=1e-3, abs=1e-12)
+        assert tn.below is below and summ.n_below == int(below), (cols, tn.ratio)
+        assert tn.noise_sq > 10 * tc.delta_sq  # the whole noise would have said "below" both times
+        assert summ.line.endswith("survive Q8_0" if not below else "lost at Q8_0")
+    # the same energy in an unstructured (iid) delta: the whole noise counts, and it is below it
+    b = rng.standard_normal((64, 4))
+    a = rng.standard_normal((4, 64))
+    s = np.sqrt(2 * cell / np.sum((b @ a) ** 2))
+    tc, summ = _verdict(w, b * s, a)
+    assert tc.measure == "full" and tc.types[0].below and " in its own subspaces" not in summ.line
+
+
+def test_strong_low_rank_delta_is_kept_where_random_is_lost(smollm2_f16, tmp_path):
+    """One adapter, two versions with the same ‖ΔW‖²_F per tensor, 1/10 of Q4_0's whole noise:
+    iid factors (make_demo_adapter) are predicted lost; the same A with B's columns reweighted so
+    its energy falls off geometrically (a trained LoRA's shape) is predicted kept, and the
+    predicted noise in its subspaces agrees with projecting the whole tensor's error."""
+    ad = make_adapter(smollm2_f16, tmp_path / "ad", targets=["q_proj", "down_proj"], layers=[0, 5])
+    st = load_file(str(ad / "adapter_model.safetensors"))
+    with open_gguf(smollm2_f16) as g:
+        full = {}
+        for k in st:
+            if ".lora_A." in k:
+                name = _gguf_name(k)
+                w = read_f32(g, g.tensor(name)).reshape(-1, g.tensor(name).ne[0])
+                full[k] = (w, exact_noise(w, ggml_type("q4_0")))
+    from safetensors.numpy import save_file
+
+    def write(shape: np.ndarray, out: Path) -> None:
+        new = {}
+        for k, (_, noise) in full.items():
+            a, b = st[k].astype(np.float64), st[k.replace(".lora_A.", ".lora_B.")].astype(np.float64) * shape
+            s = np.sqrt(noise / 10 / np.sum((2.0 * b @ a) ** 2))  # alpha 32 / r 16 = 2
+            new[k], new[k.replace(".lora_A.", ".lora_B.")] = a.astype(np.float32), (s * b).astype(np.float32)
+        out.mkdir()
+        (out / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+        save_file(new, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    write(np.ones(16), tmp_path / "flat")
+    write(0.5 ** np.arange(16), tmp_path / "steep")
+    flat = check(smollm2_f16, [(tmp_path / "flat", 1.0)], ["Q4_0"])
+    steep = check(smollm2_f16, [(tmp_path / "steep", 1.0)], ["Q4_0"])
+    (fs,), (ss,) = flat.summaries, steep.summaries
+    assert fs.n_below == 4 and "lost at Q4_0" in fs.line and fs.kept_estimate < -5
+    assert ss.n_below == 0 and ss.line.endswith("in its own subspaces: expect the fine-tune to survive Q4_0"), ss.line
+    assert ss.kept_estimate > 0.9
+    with open_gguf(smollm2_f16) as g:
+        for tc in steep.tensors:
+            w = read_f32(g, g.tensor(tc.tensor)).reshape(-1, g.tensor(tc.tensor).ne[0])
+            k = next(k for k in full if _gguf_name(k) == tc.tensor)
+            a, b = st[k].astype(np.float64), st[k.replace(".lora_A.", ".lora_B.")].astype(np.float64)
+            u, v = np.linalg.qr(b)[0], np.linalg.qr(a.T)[0]
+            exact = exact_subspace_noise(w, ggml_type(tc.types[0].type), u, v)
+            assert tc.types[0].subspace_noise_sq == pytest.approx(exact, rel=0.5), tc.tensor
+            assert exact < tc.delta_sq  # the verdict holds on the exact figure too
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
