@@ -6,7 +6,8 @@ make_qkx3_quants). Blocks are processed in the T layout (see numeric.py). q8_0 a
 an imatrix run compiled when numba is there (jit.q8_0 / jit.q4_0: one pass in place of ~10
 numpy passes and the T-layout transposes); these numpy kernels stay the reference and take any
 call with a block the compiled ones leave to them (non-finite values, an overflowing 1/d).
-q8_0_from_f16 quantizes fp16 input without the float32 step (the driver's F16 -> Q8_0 path).
+q8_0_from_f16 and q4_0_from_f16 quantize fp16 input without the float32 step (the driver's F16
+-> Q8_0 / Q4_0 path).
 
 Block layouts (little endian, `half` = IEEE fp16):
   q8_0 (34 B): half d; i8 qs[32]                          x = d*q
@@ -18,6 +19,9 @@ qs[j] holds element j in its low nibble and element j+16 in its high nibble; bit
 little-endian u32 qh is bit 4 of element j."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +86,7 @@ def _q8_0_f16(h, out):  # pragma: no cover - compiled
         os = out[b0 * 34 : (b0 + S) * 34]
         n = hs.size // 32
         bad = np.uint32(0)
-        for i in range(n * 32):  # fp16 bits -> float32, exactly (as jit._f16_bits_to_f32)
+        for i in range(hs.size):  # fp16 bits -> float32, exactly (as jit._f16_bits_to_f32)
             v = np.uint32(hs[i])
             em = v & np.uint32(0x7FFF)
             bad |= em + np.uint32(0x400)  # bit 15 set: em >= 0x7C00, inf or NaN
@@ -126,17 +130,107 @@ def _q8_0_f16(h, out):  # pragma: no cover - compiled
     return True
 
 
+def _q4_0_f16(h, out):  # pragma: no cover - compiled
+    """quantize_row_q4_0_ref on fp16 values h (nb*32,) straight into out (nb*18,), as _q8_0_f16:
+    d = max / -8 with max the signed value of the first largest |x| (C: `if (amax < fabsf(v))`,
+    so an all-zero block keeps max = +0.0 and stores d = -0.0), id = 1/d, then
+    q = MIN(15, (int8_t)(x*id + 8.5f)) with x*id rounded to float32 first (no FMA, as ggml).
+    fp16 input keeps |d| >= 2^-27 normal and 1/d finite. False on inf or NaN."""
+    nb = h.shape[0] // 32
+    S = 128
+    x = np.empty(S * 32, np.float32)
+    xb = x.view(np.uint32)
+    tp = np.empty(16, np.float32)
+    tn = np.empty(16, np.float32)
+    d = np.empty(S, np.float32)
+    db = d.view(np.uint32)
+    bias = np.float32(8.5)
+    for b0 in range(0, nb, S):
+        hs = h[b0 * 32 : (b0 + S) * 32]
+        os = out[b0 * 18 : (b0 + S) * 18]
+        n = hs.size // 32
+        bad = np.uint32(0)
+        for i in range(hs.size):  # fp16 bits -> float32, as in _q8_0_f16
+            v = np.uint32(hs[i])
+            em = v & np.uint32(0x7FFF)
+            bad |= em + np.uint32(0x400)  # bit 15 set: em >= 0x7C00, inf or NaN
+            bits = (em << np.uint32(13)) + np.uint32(0x38000000)
+            if em >= np.uint32(0x7C00):
+                bits += np.uint32(0x38000000)
+            xb[i] = bits
+            if em < np.uint32(0x400):
+                x[i] = np.float32(em) * np.float32(5.9604645e-08)  # subnormal: em * 2^-24
+            if v & np.uint32(0x8000):
+                xb[i] |= np.uint32(0x80000000)
+        if bad & np.uint32(0x8000):
+            return False
+        for b in range(n):  # the largest and the smallest value: trees of elementwise max / min
+            xs = x[b * 32 : b * 32 + 32]
+            for j in range(16):
+                a = xs[j]
+                c = xs[j + 16]
+                tp[j] = a if a > c else c
+                tn[j] = a if a < c else c
+            for w in (8, 4, 2, 1):
+                for j in range(w):
+                    tp[j] = tp[j] if tp[j] > tp[j + w] else tp[j + w]
+                    tn[j] = tn[j] if tn[j] < tn[j + w] else tn[j + w]
+            hi = tp[0]
+            lo = -tn[0]
+            if hi > lo:
+                mx = hi
+            elif lo > hi:
+                mx = tn[0]
+            elif hi == np.float32(0.0):  # all zeros: max stays the initial +0.0
+                mx = np.float32(0.0)
+            else:  # +a and -a both there: the first of them, as the C loop meets them
+                mx = hi
+                for j in range(32):
+                    if abs(xs[j]) == hi:
+                        mx = xs[j]
+                        break
+            d[b] = mx / np.float32(-8.0)
+        for b in range(n):  # GGML_FP32_TO_FP16(d), round to nearest even (|d| < 8188), sign kept
+            u = db[b] & np.uint32(0x7FFFFFFF)
+            if u >= np.uint32(0x38800000):
+                hb = (u + np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1)) - np.uint32(0x38000000)) >> np.uint32(13)
+            else:
+                hb = np.uint32(np.rint(abs(d[b]) * np.float32(16777216.0)))
+            hb |= (db[b] >> np.uint32(16)) & np.uint32(0x8000)
+            os[b * 18] = np.uint8(hb & np.uint32(0xFF))
+            os[b * 18 + 1] = np.uint8(hb >> np.uint32(8))
+        for b in range(n):
+            s = np.float32(1.0) / d[b] if d[b] != np.float32(0.0) else np.float32(0.0)
+            xs = x[b * 32 : b * 32 + 32]
+            oq = os[b * 18 + 2 : b * 18 + 18]
+            for j in range(16):
+                # (int8_t) truncation, then MIN 15, done in float (the sum is in [0.5, 16.5])
+                q0 = np.uint8(min(np.float32(15.0), np.trunc(xs[j] * s + bias)))
+                q1 = np.uint8(min(np.float32(15.0), np.trunc(xs[j + 16] * s + bias)))
+                oq[j] = q0 | (q1 << np.uint8(4))
+    return True
+
+
+def q4_0_from_f16(h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
+    """q4_0 blocks (nb, 18) of fp16 rows h, as q8_0_from_f16."""
+    return _from_f16(_q4_0_f16, 18, h, out)
+
+
 def q8_0_from_f16(h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
     """q8_0 blocks (nb, 34) of fp16 rows h (any shape, uint16 bits, a multiple of 32 values), in
     `out` when given (nb*34 bytes); the same bytes as q8_0 on the float32 values. None when the
     compiled kernel cannot answer: numba is absent, or the input holds inf or NaN."""
-    kern = jit.compiled(_q8_0_f16)
+    return _from_f16(_q8_0_f16, 34, h, out)
+
+
+def _from_f16(kern_fn: Callable[..., Any], nbytes: int, h: np.ndarray, out: np.ndarray | None) -> np.ndarray | None:
+    kern = jit.compiled(kern_fn)
     if kern is None:
         return None
     hb = np.ascontiguousarray(h).view(np.uint16).reshape(-1)
     nb = hb.size // QK
-    blocks = np.empty(nb * 34, np.uint8) if out is None else out.reshape(-1)[: nb * 34]
-    return blocks.reshape(nb, 34) if kern(hb, blocks) else None
+    blocks = np.empty(nb * nbytes, np.uint8) if out is None else out.reshape(-1)[: nb * nbytes]
+    return blocks.reshape(nb, nbytes) if kern(hb, blocks) else None
 
 
 def _q4_0_like(t: np.ndarray, nlev: int) -> tuple[np.ndarray, np.ndarray]:

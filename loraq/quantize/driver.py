@@ -31,7 +31,7 @@ from ..gguf_io.writer import GGUFStreamWriter, OutTensor
 from ..kernels import can_quantize, dequantize, quantize
 from ..kernels.jit import available as jit_available
 from ..kernels.jit import f16_to_f32
-from ..kernels.legacy import q8_0_from_f16
+from ..kernels.legacy import q4_0_from_f16, q8_0_from_f16
 from .rules import ModelFacts, TypeOptions, TypePlanner, category, iteration_order, requires_imatrix
 
 CHUNK_ELEMENTS = 1 << 21  # rows per work item ≈ 2M weights: bounded temporaries
@@ -387,15 +387,16 @@ def _quantize_chunk(
     chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs: list[Job], buf: Callable[[int, int], np.ndarray] | None = None
 ) -> list[np.ndarray]:
     """One chunk of stored rows -> one buffer per output: its blocks, or the chunk itself where
-    the output keeps the input type (job type None). F16 -> q8_0 (the usual Q8_0 run) goes
-    straight from the fp16 bits, its finite check included; `buf(k, nbytes)`, when given, is
-    where output k's blocks may go (a worker's reused buffer)."""
+    the output keeps the input type (job type None). F16 -> q8_0 (which ignores an imatrix) and
+    F16 -> q4_0 without one go straight from the fp16 bits, their finite check included;
+    `buf(k, nbytes)`, when given, is where output k's blocks may go (a worker's reused buffer)."""
     x: np.ndarray | None = None
     checked = False
     out = []
     for k, (t, w) in enumerate(jobs):
-        if t is not None and t.name == "q8_0" and src.name == "f16":
-            q = q8_0_from_f16(chunk, None if buf is None else buf(k, chunk.shape[0] * t.row_bytes(ne0)))
+        fused = _FROM_F16.get(t.name) if t is not None and src.name == "f16" and (w is None or t.name == "q8_0") else None
+        if fused is not None and t is not None:
+            q = fused(chunk, None if buf is None else buf(k, chunk.shape[0] * t.row_bytes(ne0)))
             if q is not None:  # else no numba, or inf/NaN, which _check_finite reports
                 out.append(q)
                 continue
@@ -409,6 +410,10 @@ def _quantize_chunk(
             x = _to_f32(chunk, src, ne0)
         out.append(quantize(x, t, w))
     return out
+
+
+# Compiled kernels that quantize fp16 rows without the float32 copy (None without numba)
+_FROM_F16: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray | None]] = {"q8_0": q8_0_from_f16, "q4_0": q4_0_from_f16}
 
 
 def _to_f32(chunk: np.ndarray, src: GGMLType, ne0: int) -> np.ndarray:
