@@ -177,18 +177,14 @@ def _q4_0_f16(h, out):  # pragma: no cover - compiled
                     tn[j] = tn[j] if tn[j] < tn[j + w] else tn[j + w]
             hi = tp[0]
             lo = -tn[0]
-            if hi > lo:
-                mx = hi
-            elif lo > hi:
-                mx = tn[0]
-            elif hi == np.float32(0.0):  # all zeros: max stays the initial +0.0
+            mx = hi if hi > lo else tn[0]  # a select: which sign wins is a coin toss per block
+            if hi == lo:  # all zeros (max stays the initial +0.0), or +a and -a both there
                 mx = np.float32(0.0)
-            else:  # +a and -a both there: the first of them, as the C loop meets them
-                mx = hi
-                for j in range(32):
-                    if abs(xs[j]) == hi:
-                        mx = xs[j]
-                        break
+                if hi != np.float32(0.0):
+                    for j in range(32):  # the first of them, as the C loop meets them
+                        if abs(xs[j]) == hi:
+                            mx = xs[j]
+                            break
             d[b] = mx / np.float32(-8.0)
         for b in range(n):  # GGML_FP32_TO_FP16(d), round to nearest even (|d| < 8188), sign kept
             u = db[b] & np.uint32(0x7FFFFFFF)
