@@ -492,3 +492,29 @@ def test_stale_scratch_folder_reported_and_removed(proj: Path, capsys, monkeypat
     code, err = _cli(capsys, "run", cfgp)
     assert code == 0 and "removed 1 leftover temporary file(s)" in err and "loraq-999999999-abc123" in err, err
     assert not dead.exists() and live.exists()
+
+
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0", "Q4_K_M"])
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("bad", [0x7E00, 0xFC00])
+def test_nan_or_inf_in_f16_input_is_refused(synth256: Path, tmp_path: Path, monkeypatch, ftype: str, pool: bool, bad: int) -> None:
+    """llama-quantize refuses an F16 input holding NaN or Inf; so does loraq, on every path (the
+    compiled F16 -> Q8_0 / Q4_0 kernels, the float32 one, in-process or in worker threads), and
+    no output appears."""
+    from loraq.gguf_io import open_gguf
+
+    src = tmp_path / "nan.gguf"
+    shutil.copyfile(synth256, src)
+    with open_gguf(src) as f:
+        t = f.tensor("blk.2.ffn_up.weight")
+        assert t.type.name == "f16"
+        offset = t.offset + 2 * (t.n_elements // 2 + 7)
+    with open(src, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(bad.to_bytes(2, "little"))
+    if pool:
+        monkeypatch.setattr(driver, "PARALLEL_MIN_ELEMENTS", 0)
+    out = tmp_path / "out.gguf"
+    with pytest.raises(BadInput, match=r"blk\.2\.ffn_up\.weight has invalid data"):
+        driver.quantize_model(src, out, ftype, driver.QuantizeOptions(threads=2 if pool else 1))
+    assert not out.exists()

@@ -181,6 +181,48 @@ def test_compiled_f16_cast_exhaustive():
     np.testing.assert_array_equal(got.view(np.uint32), h.view(np.float16).astype(F32).view(np.uint32))
 
 
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_from_f16_exhaustive(qtype):
+    """The fused F16 -> q8_0 / q4_0 kernels (the driver's Q8_0 / Q4_0 path) against ggml on the
+    fp16 values: every finite bit pattern, shuffled into blocks and in order (subnormal-only blocks
+    give subnormal fp16 scales), blocks of zeros and -0.0, +a and -a as the largest magnitude in
+    either order (q4_0 keeps the first one's sign), real-scale rows; inf or NaN anywhere -> None."""
+    from loraq.kernels import legacy
+
+    fused = getattr(legacy, f"{qtype}_from_f16")
+
+    h = np.arange(1 << 16, dtype=np.uint16)
+    h = h[(h & 0x7FFF) < 0x7C00]
+    h = h[: h.size // 32 * 32]
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((64, 1024)).astype(np.float16) * np.logspace(-7, 4, 64, dtype=np.float16)[:, None]
+    ties = rng.uniform(-1, 1, (64, 32)).astype(np.float16)
+    ties[:, [3, 9]] = [2, -2]
+    ties[::2, [3, 9]] = [-2, 2]
+    ties[5:8] = 0
+    ties[6, ::2] = -0.0
+    cases = {
+        "ordered": h,
+        "shuffled": rng.permutation(h),
+        "subnormal": (rng.permutation(h) & 0x83FF).astype(np.uint16),
+        "zeros": np.tile(np.array([0, 0x8000], np.uint16), 512),
+        "ties": ties.view(np.uint16).reshape(-1),
+        "rows": rows.view(np.uint16).reshape(-1),
+    }
+    for what, bits in cases.items():
+        got = fused(bits)
+        if got is None:
+            pytest.skip("numba not installed")
+        want = oracle(bits.view(np.float16).astype(F32).reshape(-1, 32), qtype)
+        np.testing.assert_array_equal(got.reshape(-1), want.reshape(-1), err_msg=what)
+    out = np.full(h.size // 32 * 34 + 5, 0xAB, np.uint8)  # into a larger caller buffer
+    np.testing.assert_array_equal(fused(h, out).reshape(-1), oracle(h.view(np.float16).astype(F32).reshape(-1, 32), qtype).reshape(-1))
+    for bad in (0x7C00, 0xFC00, 0x7E00, 0x7C01):
+        x = rows.view(np.uint16).copy()
+        x[37, 500] = bad
+        assert fused(x) is None, hex(bad)
+
+
 @pytest.mark.parametrize("qtype", ["q4_1", "q5_1"])
 def test_range_overflow_ref(qtype):
     """max - min overflows float32: d = inf, id = 0, (x - min)*0 may be NaN -> quant 0 in C."""

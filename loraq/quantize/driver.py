@@ -31,6 +31,7 @@ from ..gguf_io.writer import GGUFStreamWriter, OutTensor
 from ..kernels import can_quantize, dequantize, quantize
 from ..kernels.jit import available as jit_available
 from ..kernels.jit import f16_to_f32
+from ..kernels.legacy import q4_0_from_f16, q8_0_from_f16
 from .rules import ModelFacts, TypeOptions, TypePlanner, category, iteration_order, requires_imatrix
 
 CHUNK_ELEMENTS = 1 << 21  # rows per work item ≈ 2M weights: bounded temporaries
@@ -382,13 +383,26 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="loraq-parent-watch").start()
 
 
-def _quantize_chunk(chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs: list[Job]) -> list[np.ndarray]:
+def _quantize_chunk(
+    chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs: list[Job], buf: Callable[[int, int], np.ndarray] | None = None
+) -> list[np.ndarray]:
     """One chunk of stored rows -> one buffer per output: its blocks, or the chunk itself where
-    the output keeps the input type (job type None)."""
-    _check_finite(name, chunk, src)
+    the output keeps the input type (job type None). F16 -> q8_0 (which ignores an imatrix) and
+    F16 -> q4_0 without one go straight from the fp16 bits, their finite check included;
+    `buf(k, nbytes)`, when given, is where output k's blocks may go (a worker's reused buffer)."""
     x: np.ndarray | None = None
+    checked = False
     out = []
-    for t, w in jobs:
+    for k, (t, w) in enumerate(jobs):
+        fused = _FROM_F16.get(t.name) if t is not None and src.name == "f16" and (w is None or t.name == "q8_0") else None
+        if fused is not None and t is not None:
+            q = fused(chunk, None if buf is None else buf(k, chunk.shape[0] * t.row_bytes(ne0)))
+            if q is not None:  # else no numba, or inf/NaN, which _check_finite reports
+                out.append(q)
+                continue
+        if not checked:
+            _check_finite(name, chunk, src)
+            checked = True
         if t is None:
             out.append(chunk)
             continue
@@ -396,6 +410,10 @@ def _quantize_chunk(chunk: np.ndarray, name: str, src: GGMLType, ne0: int, jobs:
             x = _to_f32(chunk, src, ne0)
         out.append(quantize(x, t, w))
     return out
+
+
+# Compiled kernels that quantize fp16 rows without the float32 copy (None without numba)
+_FROM_F16: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray | None]] = {"q8_0": q8_0_from_f16, "q4_0": q4_0_from_f16}
 
 
 def _to_f32(chunk: np.ndarray, src: GGMLType, ne0: int) -> np.ndarray:
@@ -425,7 +443,7 @@ def _output_ref(w: GGUFStreamWriter, name: str) -> tuple[_OutputRef, int]:
 
 
 _OUTPUTS: dict[_OutputRef, int] = {}  # a worker's descriptors of the outputs it writes
-_READ = threading.local()  # .buf: a worker's input buffer, reused: no page faults per chunk
+_READ = threading.local()  # .buf: a worker's input buffer, .out: its output buffers; reused: no page faults per chunk
 
 
 def _output_fd(ref: _OutputRef) -> int:
@@ -470,6 +488,18 @@ def _read_rows(fd: int, path: Path, offset: int, n_rows: int, row_bytes: int, na
     return buf[:nbytes].reshape(n_rows, row_bytes)
 
 
+def _out_buf(k: int, nbytes: int) -> np.ndarray:
+    """The worker's reused buffer for output k (valid until its next chunk)."""
+    bufs: list[np.ndarray] | None = getattr(_READ, "out", None)
+    if bufs is None:
+        bufs = _READ.out = []
+    while len(bufs) <= k:
+        bufs.append(np.empty(0, np.uint8))
+    if bufs[k].size < nbytes:
+        bufs[k] = np.empty(nbytes, np.uint8)
+    return bufs[k][:nbytes]
+
+
 def _quantize_into(
     inp: tuple[int, Path] | None,
     offset: int,
@@ -491,7 +521,7 @@ def _quantize_into(
         inp = _INPUT
     fd, path = inp
     chunk = _read_rows(fd, path, offset, n_rows, row_bytes, name)
-    parts = _quantize_chunk(chunk, name, src, ne0, jobs)
+    parts = _quantize_chunk(chunk, name, src, ne0, jobs, _out_buf)
     return [_pwrite_all(ref, part, off) for (ref, off), part in zip(dests, parts)]
 
 
