@@ -201,12 +201,19 @@ def quantize(
     tensor_type_file: Path | None = typer.Option(None, "--tensor-type-file", help="NAME=TYPE words, as llama-quantize reads them."),
     target_bpw: float | None = typer.Option(None, "--target-bpw", help="Choose each tensor's type for this size (bits per weight)."),
     size_of: str | None = typer.Option(None, "--size-of", help="Choose each tensor's type for the size this TYPE would have."),
+    sensitivity: Path | None = typer.Option(
+        None, "--sensitivity", help="With a target: price types by this file's measured KLD per tensor (loraq sensitivity)."
+    ),
+    base: Path | None = typer.Option(
+        None, "--base", help="With a target: the model IN was merged from; types that erase the fine-tune's delta are not used."
+    ),
 ) -> None:
     """Quantize a GGUF with llama-quantize's per-tensor type rules; byte-identical blocks.
 
     With --target-bpw or --size-of, each tensor's type is chosen to minimise the predicted loss
-    (the imatrix-weighted quantization error) within that size; the choice is stored in the file
-    (loraq.quantize.tensor_types) and can be replayed with --tensor-type-file."""
+    (the imatrix-weighted quantization error, or with --sensitivity the measured KLD it causes)
+    within that size; the choice is stored in the file (loraq.quantize.tensor_types) and can be
+    replayed with --tensor-type-file."""
     if len(args) not in (2, 3):
         raise BadArguments("usage: loraq quantize IN [OUT] TYPE")
     _number("--threads", threads, 0, MAX_THREADS)
@@ -232,9 +239,25 @@ def quantize(
     opts = QuantizeOptions(
         output_tensor_type, token_embedding_type, tts, pure, leave_output_tensor, allow_requantize, weights, cpu_threads(threads), kvs
     )
+    if (sensitivity is not None or base is not None) and target_bpw is None and size_of is None:
+        raise BadArguments("--sensitivity and --base choose a size-targeted mix: give --target-bpw or --size-of too")
     if target_bpw is not None or size_of is not None:
+        from .imatrix.sensitivity import read_sensitivity
+
+        per_unit = read_sensitivity(sensitivity).per_unit_all() if sensitivity is not None else None
+        if base is not None:
+            check_regular(base, "base model")
         with _progress_of("predict each type's loss") as update:
-            pairs, budget = target_mix(inp, fobj.name, opts, bpw=target_bpw, size_of=size_of, progress=lambda _, k, n: update(k, n))
+            pairs, budget = target_mix(
+                inp,
+                fobj.name,
+                opts,
+                bpw=target_bpw,
+                size_of=size_of,
+                progress=lambda _, k, n: update(k, n),
+                base=base,
+                sensitivity=per_unit,
+            )
         opts = with_mix(opts, pairs)
         out.print(f"mix: {len(pairs)} tensors chosen for {_size(budget)} of tensors")
     if dry_run:
@@ -365,6 +388,30 @@ def imatrix(
     out.print(
         f"wrote {output}: {len(d.entries)} tensors, {d.chunk_count} chunks of {d.chunk_size} tokens ({res.kind}, {res.text_tokens} tokens in the text)"
     )
+
+
+@app.command(name="sensitivity")
+def sensitivity_cmd(
+    model: Path = typer.Argument(..., help="The model to quantize (e.g. the merged F16)."),
+    text: Path = typer.Option(..., "-f", "--file", help="Calibration text (UTF-8), or a .jsonl of chat conversations."),
+    output: Path = typer.Option(Path("sensitivity.json"), "-o", "--output"),
+    base: Path | None = typer.Option(None, "--base", help="The model MODEL was merged from: probes leave the fine-tune's delta alone."),
+    ctx: int = typer.Option(256, "-c", "--ctx", help="Tokens per chunk."),
+    chunks: int = typer.Option(2, "--chunks", help="Chunks to run per probe."),
+    threads: int = typer.Option(0, "--threads", "-t"),
+) -> None:
+    """Each tensor's KLD per unit of quantization error, probed one tensor at a time with the engine
+    (for quantize --target-bpw/--size-of --sensitivity)."""
+    from .imatrix.sensitivity import measure_sensitivity, write_sensitivity
+
+    _number("--ctx", ctx, 2, MAX_CTX)
+    _number("--chunks", chunks, 1, MAX_CHUNKS)
+    _number("--threads", threads, 0, MAX_THREADS)
+    check_not_input(output, [("model", model), ("calibration text", text), *([("base", base)] if base is not None else [])])
+    with _progress_of("probe each tensor") as update:
+        res = measure_sensitivity(model, text, base=base, ctx=ctx, chunks=chunks, threads=cpu_threads(threads), progress=update)
+    write_sensitivity(output, res)
+    out.print(f"wrote {output}: {len(res.tensors)} tensors probed with {res.probe} on {res.chunks} chunks of {res.ctx} tokens")
 
 
 @app.command()

@@ -85,7 +85,7 @@ def test_predicted_error_ranks_types_by_bits_and_follows_the_imatrix():
     assert errs["q4_0"] == pytest.approx(float(((rows - d).astype(np.float64) ** 2).sum()) / 16, rel=1e-9)
     w = np.ones(512, dtype=np.float32)
     w[:32] = 1000.0  # the imatrix says the first block's columns matter
-    plain, weighted = row_errors(rows, ggml_type("q4_0"), w)
+    plain, weighted, _ = row_errors(rows, ggml_type("q4_0"), w)
     assert weighted > plain
 
 

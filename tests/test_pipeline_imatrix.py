@@ -61,10 +61,15 @@ def test_auto_scores_both_and_a_mix_fits_the_size(project):
     cfg = load_config(_cfg(project, quantize={"types": ["Q4_0", "Q8_0"], "targets": [{"size_of": "Q8_0"}]}))
     reports = run_pipeline(cfg, force="all")
     ran = [r.name for r in reports if r.status == "ran"]
-    assert ran[:5] == ["check", "convert", "merge", "imatrix", "quantize:Q4_0"]
-    assert ran[5:8] == ["quantize:Q4_0-imatrix", "quantize:Q8_0", "quantize:mix-Q8_0"]  # Q8_0 ignores an imatrix: built once
-    assert {"score:merged-Q4_0", "score:merged-Q4_0-imatrix", "score:merged-mix-Q8_0", "compare"} <= set(ran)
+    assert ran[:6] == ["check", "convert", "merge", "imatrix", "sensitivity", "quantize:Q4_0"]
+    # Q8_0 ignores an imatrix: built once; a mix at its size may use types that don't: both
+    assert ran[6:10] == ["quantize:Q4_0-imatrix", "quantize:Q8_0", "quantize:mix-Q8_0", "quantize:mix-Q8_0-imatrix"]
+    assert {"score:merged-Q4_0", "score:merged-Q4_0-imatrix", "score:merged-mix-Q8_0", "score:merged-mix-Q8_0-imatrix", "compare"} <= set(ran)
     work = cfg.workdir_path
+
+    # The stage's sensitivities are what `loraq sensitivity` writes for the same model, base and text.
+    _loraq("sensitivity", work / "merged-f16.gguf", "-f", "calib.txt", "-c", "64", "--chunks", "2", "--base", "base.gguf", "-o", "cli-sens.json", cwd=project)
+    assert json.loads((work / "sensitivity.json").read_text()) == json.loads((project / "cli-sens.json").read_text())
 
     # The stage's imatrix is what `loraq imatrix` writes for the same model, text and ctx.
     _loraq("imatrix", work / "merged-f16.gguf", "-f", "calib.txt", "-c", "64", "--chunks", "2", "-o", "cli-imatrix.gguf", cwd=project)
@@ -93,7 +98,8 @@ def test_auto_scores_both_and_a_mix_fits_the_size(project):
     a, b = rows_["merged-Q4_0"], rows_["merged-Q4_0-imatrix"]
     assert (a["imatrix"], b["imatrix"]) == (False, True) and {a["preferred"], b["preferred"]} == {True, False}
     assert (a["preferred"] is True) == (a["kld_mean"] <= b["kld_mean"])
-    assert rows_["merged-mix-Q8_0"]["target"] == "size of Q8_0" and rows_["merged-mix-Q8_0"]["preferred"] is None
+    m, mi = rows_["merged-mix-Q8_0"], rows_["merged-mix-Q8_0-imatrix"]
+    assert m["target"] == mi["target"] == "size of Q8_0" and {m["preferred"], mi["preferred"]} == {True, False}
     md = (work / "report.md").read_text()
     assert "★" in md and "mix (size of Q8_0)" in md and "+im" in md
 

@@ -136,12 +136,12 @@ def other_text_section(name: str, rep: Report) -> OtherTextReport:
 
 def _mark_preferred(rows: list[VariantRow]) -> None:
     """quantize.imatrix: auto builds each type with and without the imatrix: the one with the lower
-    KLD mean is preferred (what deliver may ship), the other not; a tie keeps the plain one.
-    Variants without such a pair keep None."""
-    pairs: dict[str, list[VariantRow]] = {}
+    KLD mean is preferred (what deliver may ship), the other not; a tie keeps the plain one. A
+    size-targeted mix pairs with its own -imatrix twin. Variants without such a pair keep None."""
+    pairs: dict[tuple[str, str | None], list[VariantRow]] = {}
     for r in rows:
-        if r["kind"] == "merged" and r["target"] is None:
-            pairs.setdefault(r["type"], []).append(r)
+        if r["kind"] == "merged":
+            pairs.setdefault((r["type"], r["target"] and r["name"].removesuffix("-imatrix")), []).append(r)
     for pair in pairs.values():
         if len(pair) != 2 or pair[0]["imatrix"] == pair[1]["imatrix"]:
             continue

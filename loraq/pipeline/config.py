@@ -103,6 +103,9 @@ class QuantizeConfig(_Strict):
     # (the default), always/never build one way only. Without the section only never is valid.
     imatrix: Literal["auto", "always", "never"] | None = None
     targets: list[TargetConfig] = Field(default_factory=list)
+    # Chunks of the imatrix text (its ctx) on which each tensor's sensitivity is probed for the
+    # targets (imatrix/sensitivity.py); 0: price the targets' types by the weighted error alone.
+    sensitivity_chunks: int = Field(2, ge=0, le=MAX_CHUNKS)
 
     @field_validator("targets")
     @classmethod
@@ -221,7 +224,7 @@ def merged_variants(quantize: QuantizeConfig, mode: str) -> list[MergedVariant]:
     """Every merged variant, in build order. mode (Config.imatrix_mode): never: each type without
     the imatrix; always: with it; auto: both (a type that cannot go without one: with it only; a
     type that ignores it: without only).
-    Targets use the imatrix whenever the run has one."""
+    Targets follow the same mode: with auto, merged-mix-<T> and merged-mix-<T>-imatrix."""
     out = []
     for t in quantize.types:
         needs = t in NEEDS_IMATRIX_FTYPES
@@ -229,7 +232,11 @@ def merged_variants(quantize: QuantizeConfig, mode: str) -> list[MergedVariant]:
             out.append(MergedVariant(f"merged-{t}", t, False))
         if mode != "never" and t not in IMATRIX_UNUSED:
             out.append(MergedVariant(f"merged-{t}-imatrix", t, True))
-    out += [MergedVariant(x.variant_name(), x.ftype, mode != "never", x) for x in quantize.targets]
+    for x in quantize.targets:
+        if mode != "always":
+            out.append(MergedVariant(x.variant_name(), x.ftype, False, x))
+        if mode != "never":
+            out.append(MergedVariant(x.variant_name() + "-imatrix", x.ftype, True, x))
     return out
 
 

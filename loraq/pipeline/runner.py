@@ -165,9 +165,13 @@ def build_stages(cfg: Config) -> list[Stage]:
     q = cfg.quantize
     opts = options_from(q, threads=stage_threads(cfg, "quantize"))
     # What changes every quantized file's bytes; imatrix use and targets are per variant.
-    qsettings = {k: v for k, v in q.model_dump().items() if k not in ("types", "threads", "imatrix", "targets")}
+    qsettings = {k: v for k, v in q.model_dump().items() if k not in ("types", "threads", "imatrix", "targets", "sensitivity_chunks")}
     mode = cfg.imatrix_mode
     imat = _imatrix_stage(cfg, merged, stages) if mode != "never" else None
+    # the delta the targets must not erase is merged − base; an NF4-roundtripped merge differs from
+    # the base by more than the delta, so it gets no erasure check
+    delta_base = base if precision == "original" else None
+    sens = _sensitivity_stage(cfg, merged, delta_base, stages) if q.targets and cfg.imatrix is not None and q.sensitivity_chunks else None
     c = cfg.compare
     runtime = c is not None and c.runtime_lora and not merge_only
     wanted = merged_variants(q, mode)
@@ -188,7 +192,12 @@ def build_stages(cfg: Config) -> list[Stage]:
             deps = [*after, *(["imatrix"] if v.imatrix else [])]
             if v.target is not None:
                 settings["target"] = v.target.model_dump()
-                act = partial(_quantize_target, src, out, v, opts, imat)
+                if sens is not None:
+                    inputs["sensitivity"] = sens
+                    deps.append("sensitivity")
+                if delta_base is not None:
+                    inputs["base"] = delta_base
+                act = partial(_quantize_target, src, out, v, opts, imat, delta_base, sens)
                 stages.append(Stage(name, kind, settings, inputs, [out], act, after=deps))
                 continue
 
@@ -273,6 +282,30 @@ def _imatrix_stage(cfg: Config, merged: Path, stages: list[Stage]) -> Path:
     return out
 
 
+SENSITIVITY = "sensitivity.json"
+
+
+def _sensitivity_stage(cfg: Config, merged: Path, base: Path | None, stages: list[Stage]) -> Path:
+    """Each tensor's KLD per unit of quantization error, probed with the engine on the imatrix's
+    calibration text (imatrix/sensitivity.py): what the size-targeted mixes are priced by."""
+    im = cfg.imatrix
+    assert im is not None
+    out = cfg.workdir_path / SENSITIVITY
+    text = cfg.resolve(im.text)
+    chunks = cfg.quantize.sensitivity_chunks
+
+    def measure() -> None:
+        from ..imatrix.sensitivity import measure_sensitivity, write_sensitivity
+
+        threads = stage_threads(cfg, "imatrix")
+        set_blas_threads(threads)
+        write_sensitivity(out, measure_sensitivity(merged, text, base=base, ctx=im.ctx, chunks=chunks, threads=threads))
+
+    inputs = {merged.stem: merged, "calibration": text, **({"base": base} if base is not None else {})}
+    stages.append(Stage("sensitivity", "sensitivity", {"ctx": im.ctx, "chunks": chunks}, inputs, [out], measure, after=["merge"]))
+    return out
+
+
 def _with_imatrix(opts: QuantizeOptions, imat: Path | None) -> QuantizeOptions:
     """`opts` quantizing with the imatrix file, recorded in the output's quantize.imatrix.* KVs
     by its name in the workdir (as `llama-quantize --imatrix imatrix.gguf` run there would)."""
@@ -282,12 +315,19 @@ def _with_imatrix(opts: QuantizeOptions, imat: Path | None) -> QuantizeOptions:
     return dataclasses.replace(opts, imatrix=quant_weights(data), kv_overrides=[*opts.kv_overrides, *quantize_kvs(imat.name, data)])
 
 
-def _quantize_target(src: Path, out: Path, v: MergedVariant, opts: QuantizeOptions, imat: Path | None) -> None:
-    """A size-targeted mix: each tensor's type chosen for the budget (quantize/mix.py), then written
-    with those types as anchored --tensor-type patterns (recorded in the file)."""
+def _quantize_target(
+    src: Path, out: Path, v: MergedVariant, opts: QuantizeOptions, imat: Path | None, base: Path | None, sens: Path | None
+) -> None:
+    """A size-targeted mix: each tensor's type chosen for the budget (quantize/mix.py), priced by
+    the measured sensitivities when there are some, never a type that erases the fine-tune's
+    delta (merged − base), then written with those types as anchored --tensor-type patterns
+    (recorded in the file)."""
+    from ..imatrix.sensitivity import read_sensitivity
+
     assert v.target is not None
     o = _with_imatrix(opts, imat if v.imatrix else None)
-    pairs, _ = target_mix(src, v.type, o, bpw=v.target.bpw, size_of=v.target.size_of)
+    per_unit = read_sensitivity(sens).per_unit_all() if sens is not None else None
+    pairs, _ = target_mix(src, v.type, o, bpw=v.target.bpw, size_of=v.target.size_of, base=base, sensitivity=per_unit)
     quantize_model(src, out, v.type, with_mix(o, pairs))
 
 

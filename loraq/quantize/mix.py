@@ -13,6 +13,7 @@ llama-quantize given the same list (--tensor-type-file) and imatrix writes the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -89,39 +90,81 @@ def sample_rows(n_rows: int, k: int = SAMPLE_ROWS) -> np.ndarray:
     return np.unique(np.linspace(0, n_rows - 1, k).round().astype(np.int64))
 
 
-def row_errors(rows: np.ndarray, t: GGMLType, weights: np.ndarray | None) -> tuple[float, float]:
-    """(plain, weighted) mean per row of Σ_cols (x − deq(q(x)))², the weighted one with w_c = the
-    imatrix's mean x² per column (= E‖ΔW·x‖² per output row and token, cross terms dropped; equal
-    to plain without an imatrix). `rows` are quantized with the imatrix as llama-quantize would."""
+def row_errors(rows: np.ndarray, t: GGMLType, weights: np.ndarray | None, delta: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(plain, weighted, erased) for `rows` quantized to t with the imatrix as llama-quantize would:
+    the mean per row of Σ_cols (x − deq(q(x)))², the weighted one with w_c = the imatrix's mean x²
+    per column (= E‖ΔW·x‖² per output row and token, cross terms dropped; equal to plain without an
+    imatrix). With the fine-tune's `delta` on those rows, `erased` is the share of it the rounding
+    undoes (erased_share) and both errors count only the part orthogonal to the delta."""
     q = quantize(rows, t, weights)
-    err = rows - dequantize(q, t, rows.shape)
+    err = dequantize(q, t, rows.shape) - rows
+    erased = 0.0
+    if delta is not None:
+        erased = erased_share(err, delta)
+        err += np.float32(erased) * delta
     per_col = np.einsum("ij,ij->j", err, err, dtype=np.float64) / max(1, rows.shape[0])
     plain = float(per_col.sum())
-    return plain, plain if weights is None else float(per_col @ weights.astype(np.float64))
+    return plain, plain if weights is None else float(per_col @ weights.astype(np.float64)), erased
 
 
-def tensor_options(g: GGUFFile, name: str, types: Sequence[GGMLType], weights: np.ndarray | None, sensitivity: float = 1.0) -> list[Option]:
+# A type whose error takes back more than this share of the fine-tune's delta on a tensor is no
+# option for it: base weights that lie on the type's grid (a base dequantized from that type, as the
+# demo's SmolLM2 from Q4_1) snap W + ΔW back to W. Measured on the demo: q4_1 erases 94 % of the
+# delta, q4_K 94 % and q5_K 77 % on ffn_down, q5_1 overshoots it by 58 %; q4_0, q5_0, q6_K, q8_0
+# and iq4_nl stay under 18 %. llama.cpp's own mixes cannot see this; it costs Q4_K_M on the demo.
+MAX_ERASED = 0.25
+
+
+def erased_share(err: np.ndarray, delta: np.ndarray) -> float:
+    """a = −⟨E, ΔW⟩ / ‖ΔW‖²: the share of the delta that quantizing W + ΔW undoes (0: none, 1: all)."""
+    dd = float(np.einsum("ij,ij->", delta, delta, dtype=np.float64))
+    return -float(np.einsum("ij,ij->", err, delta, dtype=np.float64)) / dd if dd > 0 else 0.0
+
+
+def tensor_options(
+    g: GGUFFile,
+    name: str,
+    types: Sequence[GGMLType],
+    weights: np.ndarray | None,
+    sensitivity: float | None = None,
+    *,
+    base: GGUFFile | None = None,
+) -> list[Option]:
     """Each type's (bytes, predicted loss per token) for tensor `name`.
 
-    A matrix multiplied by the activations perturbs every output row: loss = n_rows × the weighted
-    row error. token_embd is looked up, one row per token: its loss is the plain row error, plus
-    the matrix term when it is also the (tied) output and the imatrix covers it."""
+    With `sensitivity` (KLD per unit of squared error, measured: imatrix/sensitivity.py) the loss
+    is sensitivity × the type's squared error, a predicted KLD. Without, a matrix multiplied by the activations perturbs every output row:
+    loss = n_rows × the weighted row error; token_embd is looked up, one row per token: its loss is
+    the plain row error, plus the matrix term when it is also the (tied) output and the imatrix
+    covers it. With `base` (the model before the merge), types that erase the delta are dropped
+    and the loss counts the error orthogonal to the delta (the part the probe priced)."""
     info = g.tensor(name)
     n_rows = int(np.prod(info.ne[1:])) if len(info.ne) > 1 else 1
+    pick = sample_rows(n_rows)
     w = read_f32(g, info).reshape(n_rows, info.ne[0])
-    rows = np.ascontiguousarray(w[sample_rows(n_rows)])
+    rows = np.ascontiguousarray(w[pick])
     del w
+    delta = None
+    if base is not None and base.has_tensor(name) and base.tensor(name).ne == info.ne:
+        bt = base.tensor(name)
+        delta = rows - read_f32(base, bt).reshape(n_rows, info.ne[0])[pick]
+        if not np.any(delta):
+            delta = None
     if weights is not None and weights.size != info.ne[0]:
         weights = None  # per-expert imatrix slices: predict from the plain error
     lookup = name == "token_embd.weight"
     out = []
     for t in types:
-        plain, weighted = row_errors(rows, t, weights)
-        if lookup:
+        plain, weighted, erased = row_errors(rows, t, weights, delta)
+        if abs(erased) > MAX_ERASED:
+            continue
+        if sensitivity is not None:
+            loss = sensitivity * n_rows * plain
+        elif lookup:
             loss = plain + (n_rows * weighted if weights is not None else 0.0)
         else:
             loss = n_rows * weighted
-        out.append(Option(t, t.row_bytes(info.ne[0]) * n_rows, loss * sensitivity))
+        out.append(Option(t, t.row_bytes(info.ne[0]) * n_rows, loss))
     return out
 
 
@@ -230,18 +273,34 @@ def plan_options(
     sensitivity: Mapping[str, float] | None = None,
     allowed: Sequence[str] = CANDIDATES,
     progress: ProgressFn | None = None,
+    base: GGUFFile | None = None,
 ) -> dict[str, list[Option]]:
-    """Every searched tensor's menu; `names` are the tensors the ftype's rules quantize."""
+    """Every searched tensor's menu; `names` are the tensors the ftype's rules quantize. With
+    `sensitivity` (measured KLD per unit squared error), a tensor it lacks is priced at the median
+    of its kind (blk.*.ffn_up ...), or of all, so that every option is in the same units."""
+    fill = _fill_sensitivity(sensitivity, names) if sensitivity else None
     out = {}
     for k, name in enumerate(names):
         w = None if imatrix is None else imatrix.get(name)
         own = w is not None and np.size(w) == ne0[name]  # per-expert slices: tensor_options drops them
         types = candidates(ne0[name], w is not None or imatrix is not None, allowed, own)
-        s = 1.0 if sensitivity is None else sensitivity.get(name, 1.0)
-        out[name] = tensor_options(g, name, types, None if w is None else np.asarray(w, dtype=np.float32), s)
+        s = None if fill is None else fill[name]
+        out[name] = tensor_options(g, name, types, None if w is None else np.asarray(w, dtype=np.float32), s, base=base)
         if progress:
             progress(name, k + 1, len(names))
     return out
+
+
+def _kind(name: str) -> str:
+    return re.sub(r"^blk\.\d+\.", "", name)
+
+
+def _fill_sensitivity(known: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
+    by_kind: dict[str, list[float]] = {}
+    for n, v in known.items():
+        by_kind.setdefault(_kind(n), []).append(v)
+    overall = float(np.median(list(known.values())))
+    return {n: known[n] if n in known else float(np.median(by_kind.get(_kind(n), [overall]))) for n in names}
 
 
 MIX_KV = "loraq.quantize.tensor_types"  # the chosen types: the --tensor-type-file text, one STRING KV
@@ -255,17 +314,21 @@ def target_mix(
     bpw: float | None = None,
     size_of: str | None = None,
     progress: ProgressFn | None = None,
+    base: Path | str | None = None,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> tuple[list[tuple[str, str]], int]:
     """The --tensor-type pairs of a mix for `inp` whose tensor bytes stay within the budget: `bpw`
     over all elements (as llama-quantize reports bpw), or the tensor bytes of ftype `size_of`
     planned with the same options. The ftype's own rules choose what is left alone (norms, and
-    every tensor they don't quantize). Returns (pairs, budget bytes)."""
+    every tensor they don't quantize). `base`: the model a fine-tune was merged into (types that
+    erase its delta are dropped); `sensitivity`: measured KLD per unit squared error per tensor
+    (imatrix/sensitivity.py). Returns (pairs, budget bytes)."""
     from ..ggml_types import file_type
     from .driver import plan_quantize
 
     if (bpw is None) == (size_of is None):
         raise BadArguments("give exactly one size target: --target-bpw or --size-of")
-    with open_gguf(inp) as g:
+    with open_gguf(inp) as g, open_gguf(base) if base is not None else contextlib.nullcontext() as gb:
         plan, _ = plan_quantize(g, file_type(ftype_name), opts, dry_run=True)
         total = sum(e.nbytes for e in plan)
         n_el = sum(int(np.prod(e.ne)) for e in plan)
@@ -277,8 +340,9 @@ def target_mix(
             ref, _ = plan_quantize(g, file_type(str(size_of)), opts, dry_run=True)
             budget = sum(e.nbytes for e in ref)
         # A tied token_embd is also the output head: its error reaches every logit, which the
-        # lookup's row error does not measure; it keeps the type the ftype's rules give the head.
-        tied = not g.has_tensor("output.weight")
+        # lookup's row error does not measure; unless its sensitivity was measured, it keeps the
+        # type the ftype's rules give the head.
+        tied = not g.has_tensor("output.weight") and not (sensitivity and "token_embd.weight" in sensitivity)
         searched = [
             e for e in plan if e.dst.quantized and e.dst != e.src and len(e.ne) == 2 and not (tied and e.name == "token_embd.weight")
         ]
@@ -286,7 +350,8 @@ def target_mix(
         # the list itself is stored in the file: one string per tensor, ~40 bytes each
         kv_bytes = sum(len(f"^{re.escape(e.name)}$=q4_0") + 8 for e in searched) + 64
         kv_bytes += 32 * len(plan)  # alignment padding may differ per tensor (GGUF aligns each to 32)
-        options = plan_options(g, [e.name for e in searched], {e.name: e.ne[0] for e in searched}, opts.imatrix, progress=progress)
+        names = [e.name for e in searched]
+        options = plan_options(g, names, {e.name: e.ne[0] for e in searched}, opts.imatrix, sensitivity, progress=progress, base=gb)
     mix = choose_mix(options, budget - fixed - kv_bytes)
     return tensor_type_patterns({n: mix[n] for n in (e.name for e in searched)}), budget
 
