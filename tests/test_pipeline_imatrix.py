@@ -64,11 +64,27 @@ def test_auto_scores_both_and_a_mix_fits_the_size(project):
     assert ran[:6] == ["check", "convert", "merge", "imatrix", "sensitivity", "quantize:Q4_0"]
     # Q8_0 ignores an imatrix: built once; a mix at its size may use types that don't: both
     assert ran[6:10] == ["quantize:Q4_0-imatrix", "quantize:Q8_0", "quantize:mix-Q8_0", "quantize:mix-Q8_0-imatrix"]
-    assert {"score:merged-Q4_0", "score:merged-Q4_0-imatrix", "score:merged-mix-Q8_0", "score:merged-mix-Q8_0-imatrix", "compare"} <= set(ran)
+    assert {"score:merged-Q4_0", "score:merged-Q4_0-imatrix", "score:merged-mix-Q8_0", "score:merged-mix-Q8_0-imatrix", "compare"} <= set(
+        ran
+    )
     work = cfg.workdir_path
 
     # The stage's sensitivities are what `loraq sensitivity` writes for the same model, base and text.
-    _loraq("sensitivity", work / "merged-f16.gguf", "-f", "calib.txt", "-c", "64", "--chunks", "2", "--base", "base.gguf", "-o", "cli-sens.json", cwd=project)
+    _loraq(
+        "sensitivity",
+        work / "merged-f16.gguf",
+        "-f",
+        "calib.txt",
+        "-c",
+        "64",
+        "--chunks",
+        "2",
+        "--base",
+        "base.gguf",
+        "-o",
+        "cli-sens.json",
+        cwd=project,
+    )
     assert json.loads((work / "sensitivity.json").read_text()) == json.loads((project / "cli-sens.json").read_text())
 
     # The stage's imatrix is what `loraq imatrix` writes for the same model, text and ctx.

@@ -88,7 +88,10 @@ def test_a_grid_the_base_lies_on_erases_the_delta():
 
 
 def test_unprobed_tensors_take_their_kinds_median():
-    got = _fill_sensitivity({"blk.0.attn_q.weight": 1.0, "blk.1.attn_q.weight": 3.0, "blk.0.ffn_up.weight": 10.0}, ["blk.2.attn_q.weight", "blk.2.ffn_up.weight", "output.weight"])
+    got = _fill_sensitivity(
+        {"blk.0.attn_q.weight": 1.0, "blk.1.attn_q.weight": 3.0, "blk.0.ffn_up.weight": 10.0},
+        ["blk.2.attn_q.weight", "blk.2.ffn_up.weight", "output.weight"],
+    )
     assert got == {"blk.2.attn_q.weight": 2.0, "blk.2.ffn_up.weight": 10.0, "output.weight": 3.0}
 
 
@@ -97,7 +100,12 @@ def test_the_file_round_trips_and_hostile_files_are_one_line(tmp_path):
     p = write_sensitivity(tmp_path / "s.json", s)
     back = read_sensitivity(p)
     assert back.tensors == s.tensors and back.per_unit("blk.0.attn_q.weight") == 0.25
-    for body in ("not json", "[]", '{"format": "x", "tensors": {}}', json.dumps({"format": "loraq-sensitivity-1", "tensors": {"a": {"kld": -1, "noise_sq": 1}}})):
+    for body in (
+        "not json",
+        "[]",
+        '{"format": "x", "tensors": {}}',
+        json.dumps({"format": "loraq-sensitivity-1", "tensors": {"a": {"kld": -1, "noise_sq": 1}}}),
+    ):
         (tmp_path / "bad.json").write_text(body)
         with pytest.raises(BadInput):
             read_sensitivity(tmp_path / "bad.json")
