@@ -51,8 +51,12 @@ Chunks follow llama-perplexity (docs/llama-cpp.md §8.1): each chunk is evaluate
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
+import os
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +150,9 @@ def round_activations(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "q8_k":  # quantize_row_q8_K_ref: iscale = -127/max (signed max), nearest_int, d = 1/iscale (f32)
         if k % 256:
             return x
+        fast = jit.q8_k_activations(x)
+        if fast is not None:
+            return fast
         b = x.reshape(n, k // 256, 256)
         t = np.abs(b)
         idx = t.argmax(axis=2)[..., None]  # first index of the largest |x|, as the C loop's '>'
@@ -381,6 +388,7 @@ class Engine:
         self.emulate = emulate_activations
         self.kv_type = kv_type
         self.observer = observer  # sees each weight matmul's input (loraq.imatrix); None costs nothing
+        self.threads = threads
         if threads > 0:
             set_blas_threads(threads)
         retain_freed_memory()
@@ -428,35 +436,41 @@ class Engine:
         return out
 
     # -- weights --------------------------------------------------------------------------------
-    def _linear(self, g: GGUFFile, name: str) -> _Linear:
+    def _linear(self, g: GGUFFile, name: str, pre: dict[str, np.ndarray] | None = None) -> _Linear:
         if not g.has_tensor(name):
             raise BadInput(f"{self.path}: missing tensor {name}")
         t = g.tensor(name)
-        w = _read_f32(g, t)
+        w = pre.pop(name) if pre and name in pre else _read_f32(g, t)
         if w.ndim != 2:
             raise BadInput(f"{self.path}: tensor {name} is {w.ndim}-D; the engine handles dense 2-D weights only (no MoE)")
         bias_name = name[: -len(".weight")] + ".bias"
         bias = _read_f32(g, g.tensor(bias_name)).reshape(-1) if g.has_tensor(bias_name) else None
         return _Linear(w, vec_dot_kind(t.type), bias, self._loras.get(name, []), name, self.observer)
 
-    def _vector(self, g: GGUFFile, name: str) -> np.ndarray:
+    def _vector(self, g: GGUFFile, name: str, pre: dict[str, np.ndarray] | None = None) -> np.ndarray:
         if not g.has_tensor(name):
             raise BadInput(f"{self.path}: missing tensor {name}")
-        return _read_f32(g, g.tensor(name)).reshape(-1)
+        return (pre.pop(name) if pre and name in pre else _read_f32(g, g.tensor(name))).reshape(-1)
 
-    def _layer(self, g: GGUFFile, il: int) -> LayerWeights:
+    def _layer(self, g: GGUFFile, il: int, pool: ThreadPoolExecutor | None = None) -> LayerWeights:
+        """Block il's weights; with a pool, its big matrices are dequantized in the pool's threads
+        (largest first), so that the cores the blocks share are not left to one thread."""
         p = f"blk.{il}."
+        pre: dict[str, np.ndarray] = {}
+        if pool is not None:
+            big = sorted((t for t in g.tensors if t.name.startswith(p) and len(t.ne) == 2), key=lambda t: -t.n_elements)
+            pre = dict(zip((t.name for t in big), pool.map(lambda t: _read_f32(g, t), big), strict=True))
         lw = LayerWeights(
             attn_norm=self._vector(g, p + "attn_norm.weight"),
             ffn_norm=self._vector(g, p + "ffn_norm.weight"),
             qkv=tuple(
-                self._linear(g, p + n + ".weight")
+                self._linear(g, p + n + ".weight", pre)
                 for n in (("attn_qkv",) if g.has_tensor(p + "attn_qkv.weight") else ("attn_q", "attn_k", "attn_v"))
             ),
-            attn_output=self._linear(g, p + "attn_output.weight"),
-            ffn_gate=self._linear(g, p + "ffn_gate.weight"),
-            ffn_up=self._linear(g, p + "ffn_up.weight"),
-            ffn_down=self._linear(g, p + "ffn_down.weight"),
+            attn_output=self._linear(g, p + "attn_output.weight", pre),
+            ffn_gate=self._linear(g, p + "ffn_gate.weight", pre),
+            ffn_up=self._linear(g, p + "ffn_up.weight", pre),
+            ffn_down=self._linear(g, p + "ffn_down.weight", pre),
             qk_norm=(
                 (self._vector(g, p + "attn_q_norm.weight"), self._vector(g, p + "attn_k_norm.weight")) if self.hp.arch == "qwen3" else None
             ),
@@ -651,35 +665,101 @@ class Engine:
         if rows is not None:
             start, stop, step = rows.indices(n_ctx)
             keep = slice(start, stop) if step == 1 and stop > start else None
-        with open_gguf(self.path) as g:
-            h = self._embed(g, tokens)  # (n_chunks, n_ctx, n_embd)
-            ff = self._vector(g, "rope_freqs.weight") if g.has_tensor("rope_freqs.weight") else None
-            cos, sin = self._rope_cache(n_ctx, ff)
-            # chunks per group: the widest activation (n_ff or the fused qkv) of a group stays ~32 MiB
-            G = max(1, min(n_chunks, _GROUP_ELEMENTS // (n_ctx * self._widest(g))))
-            last = self.hp.n_layer - 1
-            for il in range(self.hp.n_layer):
-                lw = self._layer(g, il)
-                cut = keep if il == last else None
-                if cut is not None:
-                    hk = np.empty((n_chunks, cut.stop - cut.start, h.shape[2]), dtype=np.float32)
-                for c0 in range(0, n_chunks, G):
-                    y = self._block(lw, h[c0 : c0 + G], cos, sin, cut)
-                    if cut is None:
-                        h[c0 : c0 + G] = y
-                    else:
-                        hk[c0 : c0 + G] = y
-                del lw
-            if on_logits is None:
-                return
-            if keep is not None:
-                h = hk
-                rows = None  # h holds only the kept positions now
-            norm, out = self._output(g)
+        workers = self._workers(n_chunks)
+        pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        if pool is not None:
+            set_blas_threads(1)  # each worker thread runs its own single-threaded GEMMs
+        try:
+            with open_gguf(self.path) as g:
+                self._run(g, tokens, on_logits, keep, rows, pool, workers)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+                set_blas_threads(self.threads if self.threads > 0 else workers)
+
+    def _workers(self, n_chunks: int) -> int:
+        """Threads that each push their own chunks through a layer (1: one group, BLAS threads).
+
+        numpy's elementwise passes (activation rounding, attention softmax, RoPE, SwiGLU, norms) run
+        on one core; with 2 BLAS threads only the GEMMs used both cores and the rest left one idle,
+        a third of the run. Splitting the chunks between threads, each with single-threaded BLAS,
+        keeps every core busy (numpy and BLAS release the GIL). Not with an observer (its sums
+        are not thread-safe and their order would change), nor with fewer chunks than threads."""
+        n = self.threads if self.threads > 0 else len(os.sched_getaffinity(0))
+        if n <= 1 or self.observer is not None or n_chunks < n:
+            return 1
+        return n
+
+    def _run(
+        self,
+        g: GGUFFile,
+        tokens: np.ndarray,
+        on_logits: Callable[[int, np.ndarray], None] | None,
+        keep: slice | None,
+        rows: slice | None,
+        pool: ThreadPoolExecutor | None,
+        workers: int,
+    ) -> None:
+        n_chunks, n_ctx = tokens.shape
+        h = self._embed(g, tokens)  # (n_chunks, n_ctx, n_embd)
+        ff = self._vector(g, "rope_freqs.weight") if g.has_tensor("rope_freqs.weight") else None
+        cos, sin = self._rope_cache(n_ctx, ff)
+        # chunks per group: the widest activation (n_ff or the fused qkv) of a group stays ~32 MiB;
+        # with worker threads, a multiple of their number of groups of about equal size
+        n_groups = -(-n_chunks // max(1, _GROUP_ELEMENTS // (n_ctx * self._widest(g))))
+        n_groups = min(n_chunks, -(-n_groups // workers) * workers)
+        bounds = np.linspace(0, n_chunks, n_groups + 1).round().astype(int)
+        groups = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+        last = self.hp.n_layer - 1
+        if keep is not None:
+            hk = np.empty((n_chunks, keep.stop - keep.start, h.shape[2]), dtype=np.float32)
+        for il in range(self.hp.n_layer):
+            lw = self._layer(g, il, pool)
+            cut = keep if il == last else None
+            dst = h if cut is None else hk
+
+            def block(gr: slice, lw: LayerWeights = lw, cut: slice | None = cut, dst: np.ndarray = dst) -> None:
+                dst[gr] = self._block(lw, h[gr], cos, sin, cut)
+
+            if pool is None:
+                for gr in groups:
+                    block(gr)
+            else:
+                list(pool.map(block, groups))
+            del lw
+        if on_logits is None:
+            return
+        if keep is not None:
+            h = hk
+            rows = None  # h holds only the kept positions now
+        norm, out = self._output(g)
+
+        def logits(c: int) -> np.ndarray:
+            return out(self._rms_norm(h[c] if rows is None else h[c][rows], norm), self.emulate)
+
+        if pool is None:
             for c in range(n_chunks):
-                x = self._rms_norm(h[c] if rows is None else h[c][rows], norm)
-                on_logits(c, out(x, self.emulate))
-            del out
+                on_logits(c, logits(c))
+            return
+        # each worker computes a chunk's logits; the callbacks still run one at a time, in chunk
+        # order (a worker waits for the previous chunk's), overlapping the other worker's GEMM
+        done = [threading.Event() for _ in range(n_chunks)]
+        failed = threading.Event()
+
+        def head(c: int) -> None:
+            try:
+                lg = logits(c) if not failed.is_set() else None
+                if c:
+                    done[c - 1].wait()
+                if lg is not None and not failed.is_set():
+                    on_logits(c, lg)
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                done[c].set()
+
+        list(pool.map(head, range(n_chunks)))
 
     def _widest(self, g: GGUFFile) -> int:
         """The widest activation row of a block: n_ff, the (fused) qkv width or n_embd."""
