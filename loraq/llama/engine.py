@@ -242,6 +242,8 @@ class LayerWeights:
     # GEMM computes all three (one 576x960 product instead of three is ~15 % faster on SmolLM2;
     # every output element is the same dot product, so the values are identical)
     qkv_w: np.ndarray | None = None
+    # ffn_gate and ffn_up likewise (gate rows first): one 2·n_ff-wide GEMM, ~7 % faster than two
+    gate_up_w: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -482,6 +484,10 @@ class Engine:
                 n = lin.w.shape[0]
                 lin.w = lw.qkv_w[at : at + n]
                 at += n
+        gate, up = lw.ffn_gate, lw.ffn_up
+        if gate.kind == up.kind and gate.w.shape[1] == up.w.shape[1]:
+            lw.gate_up_w = np.concatenate([gate.w, up.w])
+            gate.w, up.w = lw.gate_up_w[: len(gate.w)], lw.gate_up_w[len(gate.w) :]
         return lw
 
     def _output(self, g: GGUFFile) -> tuple[np.ndarray, _Linear]:
@@ -640,8 +646,18 @@ class Engine:
         del att, q, k, v
         cur = self._rms_norm(ffn_inp, lw.ffn_norm)
         rx = {}
-        up = lw.ffn_up(cur, em, rx)
-        gate = lw.ffn_gate(cur, em, rx)
+        if lw.gate_up_w is not None:
+            for lin in (lw.ffn_up, lw.ffn_gate):
+                if lin.observer is not None:
+                    lin.observer(lin.name, cur)
+            gu = _converted(cur, lw.ffn_gate.kind, em, rx) @ lw.gate_up_w.T
+            n_ff = lw.ffn_gate.w.shape[0]
+            gate, up = gu[:, :n_ff], gu[:, n_ff:]
+            lw.ffn_up.finish(cur, up, em, rx)
+            lw.ffn_gate.finish(cur, gate, em, rx)
+        else:
+            up = lw.ffn_up(cur, em, rx)
+            gate = lw.ffn_gate(cur, em, rx)
         del cur, rx
         # swiglu: silu(gate) * up, silu(x) = x / (1 + exp(-x)), in place on gate
         with np.errstate(over="ignore"):
@@ -714,7 +730,7 @@ class Engine:
         h = self._embed(g, tokens)  # (n_chunks, n_ctx, n_embd)
         ff = self._vector(g, "rope_freqs.weight") if g.has_tensor("rope_freqs.weight") else None
         cos, sin = self._rope_cache(n_ctx, ff)
-        # chunks per group: the widest activation (n_ff or the fused qkv) of a group stays ~32 MiB;
+        # chunks per group: the widest activation (gate and up, or the fused qkv) of a group stays ~32 MiB;
         # with worker threads, a multiple of their number of groups of about equal size
         n_groups = -(-n_chunks // max(1, _GROUP_ELEMENTS // (n_ctx * self._widest(g))))
         n_groups = min(n_chunks, -(-n_groups // workers) * workers)
@@ -772,11 +788,11 @@ class Engine:
         list(pool.map(head, range(n_chunks)))
 
     def _widest(self, g: GGUFFile) -> int:
-        """The widest activation row of a block: n_ff, the (fused) qkv width or n_embd."""
+        """The widest activation row of a block: 2·n_ff (gate and up fused), the (fused) qkv width or n_embd."""
         t = g.tensor("blk.0.ffn_up.weight") if g.has_tensor("blk.0.ffn_up.weight") else None
         n_ff = t.ne[1] if t is not None else 0
         hp = self.hp
-        return max(n_ff, hp.n_embd, (hp.n_head + 2 * hp.n_head_kv) * hp.head_dim_k)
+        return max(2 * n_ff, hp.n_embd, (hp.n_head + 2 * hp.n_head_kv) * hp.head_dim_k)
 
 
 def _read_f32(g: GGUFFile, t: TensorInfo) -> np.ndarray:
