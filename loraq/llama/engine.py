@@ -10,16 +10,19 @@ Streaming (docs/design.md ground rule 2): `Engine.run` embeds every chunk (dequa
 token_embd rows it needs), then loads ONE layer's weights (float32, through dequant.py, whole
 tensors at once), pushes all chunks' hidden states through it, frees it and moves on; the output
 matrix comes last and is applied per chunk. Chunks go through a layer in groups whose widest
-activation is ~32 MiB (all 8×256 of a SmolLM2 compare at once): each projection is one GEMM over
-the group's rows instead of one per chunk (about twice the BLAS throughput at 256 rows), the
-attention is a few stacked matmuls per group, and a query block skips the keys it cannot see.
+activation is ~32 MiB: each projection is one GEMM over the group's rows instead of one per chunk
+(about twice the BLAS throughput at 256 rows), the attention is a few stacked matmuls per group,
+and a query block skips the keys it cannot see. With `threads` > 1 (and at least that many chunks)
+the groups are split between that many worker threads, each running single-threaded BLAS, so that
+numpy's elementwise work uses every core too, not only the GEMMs (a SmolLM2 compare on 2 cores:
+two groups of 4×256 rows); the layer's weights are dequantized in the same threads, and each
+chunk's output projection too, the callbacks still one at a time in chunk order.
 The last layer computes only the positions whose logits are wanted (its k and v need every
 position, its attention output and feed-forward do not). Peak memory is the hidden states
 (n_chunks·n_ctx·n_embd floats) plus the largest of one layer's float32 weights and the float32
 output matrix (plus a group's activations and one chunk's logits): it does not grow with the
 number of layers. Adapters' A/B matrices are held
-whole (a rank-16 adapter is ~3 % of SmolLM2). Loading is sequential: prefetching the next layer in
-a worker thread saved ~1 % on 2 cores (BLAS already uses both) and would double the weights held.
+whole (a rank-16 adapter is ~3 % of SmolLM2). The next layer is not prefetched: that saved ~1 % on 2 cores and would double the weights held.
 
 Numerics (docs/llama-cpp.md §3.3): ggml's CPU mul_mat first converts the activations to the weight type's
 `vec_dot_type`. With `emulate_activations=True` (the default) the engine does the same before
