@@ -555,6 +555,37 @@ def q8_k_activations(x: np.ndarray) -> np.ndarray | None:
     return out if kern(x, x.view(np.int32), out) else None
 
 
+def _rope_rows(x, cos, sin, out, n_rot, neox):  # pragma: no cover - compiled
+    """x (G, T, H, D), any strides -> out (G, T, H, D): pairs (2i, 2i+1), or (i, i + n_rot/2) when
+    neox, rotated by position t's cos/sin (T, n_rot/2); dimensions from n_rot on copied."""
+    G, T, H, D = x.shape
+    half = n_rot // 2
+    for g in range(G):
+        for t in range(T):
+            for h in range(H):
+                for i in range(half):
+                    a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                    x0 = x[g, t, h, a]
+                    x1 = x[g, t, h, b]
+                    c = cos[t, i]
+                    s = sin[t, i]
+                    out[g, t, h, a] = x0 * c - x1 * s
+                    out[g, t, h, b] = x0 * s + x1 * c
+                for j in range(n_rot, D):
+                    out[g, t, h, j] = x[g, t, h, j]
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, neox: bool) -> np.ndarray | None:
+    """engine's RoPE (float32 x (G, T, H, D), cos/sin (T, n_rot/2)) in one compiled pass over a
+    strided view, without numpy's four temporaries; None without numba."""
+    kern = compiled(_rope_rows)
+    if kern is None or x.dtype != F32:
+        return None
+    out = np.empty(x.shape, F32)
+    kern(x, np.ascontiguousarray(cos, F32), np.ascontiguousarray(sin, F32), out, n_rot, neox)
+    return out
+
+
 _COMPILED: dict[str, Callable[..., Any] | None] = {}
 _LOCK = threading.Lock()
 _HELPERS = (

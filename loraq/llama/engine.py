@@ -543,6 +543,9 @@ class Engine:
     def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """x (G, T, H, D): NORM rotates adjacent pairs (0,1),(2,3)…; NEOX rotates (i, i+n_rot/2)."""
         n_rot = self.hp.n_rot
+        fast = jit.rope(x, cos, sin, n_rot, self.hp.neox)  # the same arithmetic in one pass (~3x)
+        if fast is not None:
+            return fast
         c, s = cos[:, None, :], sin[:, None, :]
         out = np.empty_like(x)
         if n_rot < x.shape[-1]:
