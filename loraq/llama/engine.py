@@ -706,7 +706,7 @@ class Engine:
                 self._run(g, tokens, on_logits, keep, rows, pool, workers)
         finally:
             if pool is not None:
-                pool.shutdown()
+                pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C: no further chunks
                 set_blas_threads(self.threads if self.threads > 0 else workers)
 
     def _workers(self, n_chunks: int) -> int:
