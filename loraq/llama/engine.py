@@ -697,30 +697,34 @@ class Engine:
         if rows is not None:
             start, stop, step = rows.indices(n_ctx)
             keep = slice(start, stop) if step == 1 and stop > start else None
-        workers = self._workers(n_chunks)
-        pool = ThreadPoolExecutor(workers) if workers > 1 else None
-        if pool is not None:
-            set_blas_threads(1)  # each worker thread runs its own single-threaded GEMMs
-        try:
-            with open_gguf(self.path) as g:
-                self._run(g, tokens, on_logits, keep, rows, pool, workers)
-        finally:
+        with open_gguf(self.path) as g:
+            width = n_ctx * self._widest(g)  # a chunk's widest activation, in elements
+            workers = self._workers(n_chunks, width)
+            pool = ThreadPoolExecutor(workers) if workers > 1 else None
             if pool is not None:
-                pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C: no further chunks
-                set_blas_threads(self.threads if self.threads > 0 else workers)
+                set_blas_threads(1)  # each worker thread runs its own single-threaded GEMMs
+            try:
+                self._run(g, tokens, on_logits, keep, rows, pool, workers, width)
+            finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C: no further chunks
+                    set_blas_threads(self.threads if self.threads > 0 else workers)
 
-    def _workers(self, n_chunks: int) -> int:
+    def _workers(self, n_chunks: int, width: int) -> int:
         """Threads that each push their own chunks through a layer (1: one group, BLAS threads).
 
         numpy's elementwise passes (activation rounding, attention softmax, RoPE, SwiGLU, norms) run
         on one core; with 2 BLAS threads only the GEMMs used both cores and the rest left one idle,
         a third of the run. Splitting the chunks between threads, each with single-threaded BLAS,
         keeps every core busy (numpy and BLAS release the GIL). Not with an observer (its sums
-        are not thread-safe and their order would change), nor with fewer chunks than threads."""
+        are not thread-safe and their order would change), nor with fewer chunks than threads.
+        The groups in flight share one group's activation budget (_GROUP_ELEMENTS), each with at
+        least one chunk (`width` elements): where a chunk alone fills it, one group at a time."""
         n = self.threads if self.threads > 0 else len(os.sched_getaffinity(0))
         if n <= 1 or self.observer is not None or n_chunks < n:
             return 1
-        return n
+        n = min(n, _GROUP_ELEMENTS // max(1, width))
+        return n if n > 1 else 1
 
     def _run(
         self,
@@ -731,14 +735,16 @@ class Engine:
         rows: slice | None,
         pool: ThreadPoolExecutor | None,
         workers: int,
+        width: int,
     ) -> None:
         n_chunks, n_ctx = tokens.shape
         h = self._embed(g, tokens)  # (n_chunks, n_ctx, n_embd)
         ff = self._vector(g, "rope_freqs.weight") if g.has_tensor("rope_freqs.weight") else None
         cos, sin = self._rope_cache(n_ctx, ff)
-        # chunks per group: the widest activation (gate and up, or the fused qkv) of a group stays ~32 MiB;
-        # with worker threads, a multiple of their number of groups of about equal size
-        n_groups = -(-n_chunks // max(1, _GROUP_ELEMENTS // (n_ctx * self._widest(g))))
+        # chunks per group: the widest activation (gate and up, or the fused qkv) of the groups in
+        # flight stays ~32 MiB; with worker threads, a multiple of their number of groups of about
+        # equal size
+        n_groups = -(-n_chunks // max(1, _GROUP_ELEMENTS // (workers * width)))
         n_groups = min(n_chunks, -(-n_groups // workers) * workers)
         bounds = np.linspace(0, n_chunks, n_groups + 1).round().astype(int)
         groups = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
