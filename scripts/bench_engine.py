@@ -178,6 +178,9 @@ def versus_perplexity(tool: Path, f16: Path, text: Path, tmp: Path, a: argparse.
         f"\n== compare stage vs llama-perplexity {tool}: SmolLM2 {a.chunks} chunks × n_ctx {a.ctx} = {n} tokens, "
         f"{a.threads} threads, interleaved, median of {a.rounds}"
     )
+    # llama.cpp's threads wait for each other at every op: other work on the cores slows it far more
+    # than loraq (2x on a machine with load 4 on 2 cores), so a ratio only means something quiet
+    print(f"(load average before: {', '.join(f'{x:.1f}' for x in os.getloadavg())}; {os.cpu_count()} cpus)")
     for qtype in ("Q4_K_M", "Q8_0"):
         model = quantized(cache, f16, qtype)
         peer, peer_eval, mine, mine_all, old, kl = [], [], [], [], [], {}
@@ -208,6 +211,7 @@ def versus_perplexity(tool: Path, f16: Path, text: Path, tmp: Path, a: argparse.
             print(f"{qtype:7s} before ({a.before}): {o:6.2f} s {n / o:7.1f} tok/s   ratio {p / o:.2f}")
         print(f"{qtype:7s} KLD(F16 ‖ {qtype}): llama-perplexity {kl['llama']:.6f}, loraq {kl['loraq']:.6f}")
         print(f"        (rounds, s: peer {', '.join(f'{x:.1f}' for x in peer)}; loraq {', '.join(f'{x:.1f}' for x in mine)})")
+        print(f"        (load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())})")
 
 
 def smollm2_f16(cache: Path) -> Path:

@@ -369,3 +369,30 @@ def test_q8_0_activations_as_ggml_avx_quantize_row():
             iv = np.float32(127) / amax if amax != 0 else np.float32(0)
             want[r, b : b + 32] = np.rint(blk * iv).astype(np.float32) * d
     np.testing.assert_array_equal(round_activations(x, "q8_0").view(np.uint32), want.view(np.uint32))
+
+
+def test_q8_k_activations_as_ggml_quantize_row_q8_K_ref():
+    """round_activations 'q8_k' (compiled when numba is there) against a block-by-block float32
+    transcription of ggml's quantize_row_q8_K_ref: max = the signed value of the first largest |x|,
+    iscale = −127/max, q = min(127, nearest_int(iscale·x)), back as q·(1/iscale)."""
+    from loraq.llama.engine import round_activations
+
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((16, 1536)) * 10.0 ** rng.uniform(-9, 3, (16, 1))).astype(np.float32)
+    x[1, :256] = 0  # all-zero block
+    x[2, 256:512] = np.abs(x[2, 256:512])  # positive max: −127/max gives q = −127 .. 0
+    x[3, :256] = np.clip(x[3, :256], -6, 6)
+    x[3, 10], x[3, 20] = np.float32(-7), np.float32(7)  # a tie in |x|: the first one's sign counts
+    want = np.empty_like(x)
+    for r in range(x.shape[0]):
+        for b in range(0, x.shape[1], 256):
+            blk = x[r, b : b + 256]
+            mx = blk[int(np.argmax(np.abs(blk)))]
+            if mx == 0:
+                want[r, b : b + 256] = 0
+                continue
+            iscale = np.float32(-127) / mx
+            q = np.minimum(np.rint(blk * iscale), np.float32(127))
+            want[r, b : b + 256] = q * (np.float32(1) / iscale)
+    got = round_activations(x, "q8_k")
+    np.testing.assert_array_equal(got, want)

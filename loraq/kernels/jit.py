@@ -488,6 +488,104 @@ def q8_0_dequantize(blocks: np.ndarray) -> np.ndarray | None:
     return out
 
 
+def _q5_0_deq(b, d, out):  # pragma: no cover - compiled
+    """q5_0 blocks b (nb, 22) with their scales d (nb,) float32 -> out (nb, 32) = d·(q − 16): the
+    low 4 bits of element j (j < 16) are qs[j] & 15, of element j + 16 qs[j] >> 4, the fifth bit
+    is bit j of the little-endian u32 qh."""
+    for i in range(b.shape[0]):
+        s = d[i]
+        qh = np.uint32(b[i, 2]) | (np.uint32(b[i, 3]) << 8) | (np.uint32(b[i, 4]) << 16) | (np.uint32(b[i, 5]) << 24)
+        for j in range(16):
+            q = b[i, 6 + j]
+            lo = np.int32(q & 15) | np.int32(((qh >> j) & 1) << 4)
+            hi = np.int32(q >> 4) | np.int32(((qh >> (j + 16)) & 1) << 4)
+            out[i, j] = s * np.float32(lo - 16)
+            out[i, j + 16] = s * np.float32(hi - 16)
+
+
+def q5_0_dequantize(blocks: np.ndarray) -> np.ndarray | None:
+    """q5_0 blocks (nb, 22) uint8 -> (nb, 32) float32 as dequantize_row_q5_0; None without numba."""
+    kern = compiled(_q5_0_deq)
+    if kern is None:
+        return None
+    blocks = np.ascontiguousarray(blocks)
+    d = blocks[:, :2].copy().view(np.float16).astype(F32).reshape(-1)
+    out = np.empty((blocks.shape[0], 32), F32)
+    kern(blocks, d, out)
+    return out
+
+
+def _q8_k_act(x, xi, out):  # pragma: no cover - compiled
+    """Activations x (rows, k) through quantize_row_q8_K_ref and back (engine.round_activations
+    'q8_k'): per 256-block the signed value of the first largest |x|, iscale = −127/max,
+    min(127, rint(iscale·x))·(1/iscale). False, out unfinished, on inf/NaN (numpy answers)."""
+    n, k = x.shape
+    for r in range(n):
+        for b in range(k // 256):
+            o = b * 256
+            mb = np.int32(-1)
+            at = o
+            for j in range(o, o + 256):
+                a = xi[r, j] & np.int32(0x7FFFFFFF)
+                if a > mb:
+                    mb = a
+                    at = j
+            if mb >= np.int32(0x7F800000):
+                return False
+            mx = x[r, at]
+            if mx == np.float32(0.0):
+                for j in range(o, o + 256):
+                    out[r, j] = np.float32(0.0)
+                continue
+            iscale = np.float32(-127.0) / mx
+            d = np.float32(1.0) / iscale
+            for j in range(o, o + 256):
+                out[r, j] = min(np.rint(x[r, j] * iscale), np.float32(127.0)) * d
+    return True
+
+
+def q8_k_activations(x: np.ndarray) -> np.ndarray | None:
+    """engine.round_activations(x, 'q8_k') compiled, for (rows, k) float32 with k % 256 == 0; None
+    without numba or where the numpy version must answer."""
+    kern = compiled(_q8_k_act)
+    if kern is None:
+        return None
+    x = np.ascontiguousarray(x, F32)
+    out = np.empty_like(x)
+    return out if kern(x, x.view(np.int32), out) else None
+
+
+def _rope_rows(x, cos, sin, out, n_rot, neox):  # pragma: no cover - compiled
+    """x (G, T, H, D), any strides -> out (G, T, H, D): pairs (2i, 2i+1), or (i, i + n_rot/2) when
+    neox, rotated by position t's cos/sin (T, n_rot/2); dimensions from n_rot on copied."""
+    G, T, H, D = x.shape
+    half = n_rot // 2
+    for g in range(G):
+        for t in range(T):
+            for h in range(H):
+                for i in range(half):
+                    a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                    x0 = x[g, t, h, a]
+                    x1 = x[g, t, h, b]
+                    c = cos[t, i]
+                    s = sin[t, i]
+                    out[g, t, h, a] = x0 * c - x1 * s
+                    out[g, t, h, b] = x0 * s + x1 * c
+                for j in range(n_rot, D):
+                    out[g, t, h, j] = x[g, t, h, j]
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, neox: bool) -> np.ndarray | None:
+    """engine's RoPE (float32 x (G, T, H, D), cos/sin (T, n_rot/2)) in one compiled pass over a
+    strided view, without numpy's four temporaries; None without numba."""
+    kern = compiled(_rope_rows)
+    if kern is None or x.dtype != F32:
+        return None
+    out = np.empty(x.shape, F32)
+    kern(x, np.ascontiguousarray(cos, F32), np.ascontiguousarray(sin, F32), out, n_rot, neox)
+    return out
+
+
 _COMPILED: dict[str, Callable[..., Any] | None] = {}
 _LOCK = threading.Lock()
 _HELPERS = (

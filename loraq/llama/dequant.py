@@ -124,8 +124,10 @@ def dequantize_tensor(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) 
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, qtype.nbytes)
     if len(blocks) * qtype.block != n_el:
         raise ValueError(f"{blocks.size} bytes of {qtype.name} do not hold {n_el} elements")
-    if qtype.name == "q8_0":  # compiled, straight into the result (no slices, no temporaries)
-        fast = jit.q8_0_dequantize(blocks)
+    # compiled, straight into the result (no slices, no temporaries)
+    jitted = {"q8_0": jit.q8_0_dequantize, "q5_0": jit.q5_0_dequantize}.get(qtype.name)
+    if jitted is not None:
+        fast = jitted(blocks)
         if fast is not None:
             return fast.reshape(shape)
     out = np.empty((len(blocks), qtype.block), dtype=np.float32)

@@ -10,16 +10,19 @@ Streaming (docs/design.md ground rule 2): `Engine.run` embeds every chunk (dequa
 token_embd rows it needs), then loads ONE layer's weights (float32, through dequant.py, whole
 tensors at once), pushes all chunks' hidden states through it, frees it and moves on; the output
 matrix comes last and is applied per chunk. Chunks go through a layer in groups whose widest
-activation is ~32 MiB (all 8×256 of a SmolLM2 compare at once): each projection is one GEMM over
-the group's rows instead of one per chunk (about twice the BLAS throughput at 256 rows), the
-attention is a few stacked matmuls per group, and a query block skips the keys it cannot see.
+activation is ~32 MiB: each projection is one GEMM over the group's rows instead of one per chunk
+(about twice the BLAS throughput at 256 rows), the attention is a few stacked matmuls per group,
+and a query block skips the keys it cannot see. With `threads` > 1 (and at least that many chunks)
+the groups are split between that many worker threads, each running single-threaded BLAS, so that
+numpy's elementwise work uses every core too, not only the GEMMs (a SmolLM2 compare on 2 cores:
+two groups of 4×256 rows); the layer's weights are dequantized in the same threads, and each
+chunk's output projection too, the callbacks still one at a time in chunk order.
 The last layer computes only the positions whose logits are wanted (its k and v need every
 position, its attention output and feed-forward do not). Peak memory is the hidden states
 (n_chunks·n_ctx·n_embd floats) plus the largest of one layer's float32 weights and the float32
 output matrix (plus a group's activations and one chunk's logits): it does not grow with the
 number of layers. Adapters' A/B matrices are held
-whole (a rank-16 adapter is ~3 % of SmolLM2). Loading is sequential: prefetching the next layer in
-a worker thread saved ~1 % on 2 cores (BLAS already uses both) and would double the weights held.
+whole (a rank-16 adapter is ~3 % of SmolLM2). The next layer is not prefetched: that saved ~1 % on 2 cores and would double the weights held.
 
 Numerics (docs/llama-cpp.md §3.3): ggml's CPU mul_mat first converts the activations to the weight type's
 `vec_dot_type`. With `emulate_activations=True` (the default) the engine does the same before
@@ -51,8 +54,12 @@ Chunks follow llama-perplexity (docs/llama-cpp.md §8.1): each chunk is evaluate
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
+import os
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +153,9 @@ def round_activations(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "q8_k":  # quantize_row_q8_K_ref: iscale = -127/max (signed max), nearest_int, d = 1/iscale (f32)
         if k % 256:
             return x
+        fast = jit.q8_k_activations(x)
+        if fast is not None:
+            return fast
         b = x.reshape(n, k // 256, 256)
         t = np.abs(b)
         idx = t.argmax(axis=2)[..., None]  # first index of the largest |x|, as the C loop's '>'
@@ -235,6 +245,8 @@ class LayerWeights:
     # GEMM computes all three (one 576x960 product instead of three is ~15 % faster on SmolLM2;
     # every output element is the same dot product, so the values are identical)
     qkv_w: np.ndarray | None = None
+    # ffn_gate and ffn_up likewise (gate rows first): one 2·n_ff-wide GEMM, ~7 % faster than two
+    gate_up_w: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -381,6 +393,7 @@ class Engine:
         self.emulate = emulate_activations
         self.kv_type = kv_type
         self.observer = observer  # sees each weight matmul's input (loraq.imatrix); None costs nothing
+        self.threads = threads
         if threads > 0:
             set_blas_threads(threads)
         retain_freed_memory()
@@ -428,35 +441,41 @@ class Engine:
         return out
 
     # -- weights --------------------------------------------------------------------------------
-    def _linear(self, g: GGUFFile, name: str) -> _Linear:
+    def _linear(self, g: GGUFFile, name: str, pre: dict[str, np.ndarray] | None = None) -> _Linear:
         if not g.has_tensor(name):
             raise BadInput(f"{self.path}: missing tensor {name}")
         t = g.tensor(name)
-        w = _read_f32(g, t)
+        w = pre.pop(name) if pre and name in pre else _read_f32(g, t)
         if w.ndim != 2:
             raise BadInput(f"{self.path}: tensor {name} is {w.ndim}-D; the engine handles dense 2-D weights only (no MoE)")
         bias_name = name[: -len(".weight")] + ".bias"
         bias = _read_f32(g, g.tensor(bias_name)).reshape(-1) if g.has_tensor(bias_name) else None
         return _Linear(w, vec_dot_kind(t.type), bias, self._loras.get(name, []), name, self.observer)
 
-    def _vector(self, g: GGUFFile, name: str) -> np.ndarray:
+    def _vector(self, g: GGUFFile, name: str, pre: dict[str, np.ndarray] | None = None) -> np.ndarray:
         if not g.has_tensor(name):
             raise BadInput(f"{self.path}: missing tensor {name}")
-        return _read_f32(g, g.tensor(name)).reshape(-1)
+        return (pre.pop(name) if pre and name in pre else _read_f32(g, g.tensor(name))).reshape(-1)
 
-    def _layer(self, g: GGUFFile, il: int) -> LayerWeights:
+    def _layer(self, g: GGUFFile, il: int, pool: ThreadPoolExecutor | None = None) -> LayerWeights:
+        """Block il's weights; with a pool, its big matrices are dequantized in the pool's threads
+        (largest first), so that the cores the blocks share are not left to one thread."""
         p = f"blk.{il}."
+        pre: dict[str, np.ndarray] = {}
+        if pool is not None:
+            big = sorted((t for t in g.tensors if t.name.startswith(p) and len(t.ne) == 2), key=lambda t: -t.n_elements)
+            pre = dict(zip((t.name for t in big), pool.map(lambda t: _read_f32(g, t), big), strict=True))
         lw = LayerWeights(
             attn_norm=self._vector(g, p + "attn_norm.weight"),
             ffn_norm=self._vector(g, p + "ffn_norm.weight"),
             qkv=tuple(
-                self._linear(g, p + n + ".weight")
+                self._linear(g, p + n + ".weight", pre)
                 for n in (("attn_qkv",) if g.has_tensor(p + "attn_qkv.weight") else ("attn_q", "attn_k", "attn_v"))
             ),
-            attn_output=self._linear(g, p + "attn_output.weight"),
-            ffn_gate=self._linear(g, p + "ffn_gate.weight"),
-            ffn_up=self._linear(g, p + "ffn_up.weight"),
-            ffn_down=self._linear(g, p + "ffn_down.weight"),
+            attn_output=self._linear(g, p + "attn_output.weight", pre),
+            ffn_gate=self._linear(g, p + "ffn_gate.weight", pre),
+            ffn_up=self._linear(g, p + "ffn_up.weight", pre),
+            ffn_down=self._linear(g, p + "ffn_down.weight", pre),
             qk_norm=(
                 (self._vector(g, p + "attn_q_norm.weight"), self._vector(g, p + "attn_k_norm.weight")) if self.hp.arch == "qwen3" else None
             ),
@@ -468,6 +487,10 @@ class Engine:
                 n = lin.w.shape[0]
                 lin.w = lw.qkv_w[at : at + n]
                 at += n
+        gate, up = lw.ffn_gate, lw.ffn_up
+        if gate.kind == up.kind and gate.w.shape[1] == up.w.shape[1]:
+            lw.gate_up_w = np.concatenate([gate.w, up.w])
+            gate.w, up.w = lw.gate_up_w[: len(gate.w)], lw.gate_up_w[len(gate.w) :]
         return lw
 
     def _output(self, g: GGUFFile) -> tuple[np.ndarray, _Linear]:
@@ -520,6 +543,9 @@ class Engine:
     def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """x (G, T, H, D): NORM rotates adjacent pairs (0,1),(2,3)…; NEOX rotates (i, i+n_rot/2)."""
         n_rot = self.hp.n_rot
+        fast = jit.rope(x, cos, sin, n_rot, self.hp.neox)  # the same arithmetic in one pass (~3x)
+        if fast is not None:
+            return fast
         c, s = cos[:, None, :], sin[:, None, :]
         out = np.empty_like(x)
         if n_rot < x.shape[-1]:
@@ -550,21 +576,31 @@ class Engine:
         kh = np.ascontiguousarray(k.transpose(0, 2, 3, 1)).reshape(G * Hkv, D, T)
         vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3)).reshape(G * Hkv, T, D)
         # Causal: a query block needs the keys up to its last position only (ggml computes the masked
-        # scores too; they become exp(-inf) = 0 either way, so skipping them changes no sum).
-        blocks = [(0, Tq)] if Tq < 128 else [(0, Tq // 2), (Tq // 2, Tq)]
+        # scores too; they become exp(-inf) = 0 either way, so skipping them changes no sum). Four
+        # blocks compute 5/8 of the full score matrix, two 3/4.
+        n_blocks = 1 if Tq < 128 else 2 if Tq < 256 else 4
+        cuts = [Tq * i // n_blocks for i in range(n_blocks + 1)]
+        blocks = list(itertools.pairwise(cuts))
+        # a power-of-two scale (head size 64, 256) is exact on q: one pass over q, not the scores
+        folded = math.frexp(float(scale))[0] == 0.5
+        if folded:
+            qh = qh * scale
         out = np.empty((G * Hkv, grp, Tq, D), dtype=np.float32)
         qg = qh.reshape(G * Hkv, grp, Tq, D)
         for b0, b1 in blocks:
             nk = int(pos[b1 - 1]) + 1  # keys 0 .. last query position of the block
-            mask = np.where(np.arange(nk)[None, :] > pos[b0:b1, None], np.float32(-np.inf), np.float32(0))
+            # only keys past the block's first position can be masked: the mask covers those
+            m0 = min(nk, int(pos[b0]) + 1)
+            mask = np.where(np.arange(m0, nk)[None, :] > pos[b0:b1, None], np.float32(-np.inf), np.float32(0))
             nb = b1 - b0
             step = max(1, (1 << 24) // (grp * nb * nk))  # pairs per batch: score blocks of at most 64 MiB
             for h0 in range(0, G * Hkv, step):
                 h1 = min(G * Hkv, h0 + step)
                 qb = qg[h0:h1, :, b0:b1] if len(blocks) > 1 else qh[h0:h1]
                 s = np.matmul(qb.reshape(h1 - h0, grp * nb, D), kh[h0:h1, :, :nk]).reshape(h1 - h0, grp, nb, nk)
-                s *= scale
-                s += mask
+                if not folded:
+                    s *= scale
+                s[..., m0:] += mask
                 s -= s.max(axis=-1, keepdims=True)
                 np.exp(s, out=s)
                 s *= (1.0 / np.add.reduce(s, axis=-1, dtype=np.float64, keepdims=True)).astype(np.float32)
@@ -616,8 +652,18 @@ class Engine:
         del att, q, k, v
         cur = self._rms_norm(ffn_inp, lw.ffn_norm)
         rx = {}
-        up = lw.ffn_up(cur, em, rx)
-        gate = lw.ffn_gate(cur, em, rx)
+        if lw.gate_up_w is not None:
+            for lin in (lw.ffn_up, lw.ffn_gate):
+                if lin.observer is not None:
+                    lin.observer(lin.name, cur)
+            gu = _converted(cur, lw.ffn_gate.kind, em, rx) @ lw.gate_up_w.T
+            n_ff = lw.ffn_gate.w.shape[0]
+            gate, up = gu[:, :n_ff], gu[:, n_ff:]
+            lw.ffn_up.finish(cur, up, em, rx)
+            lw.ffn_gate.finish(cur, gate, em, rx)
+        else:
+            up = lw.ffn_up(cur, em, rx)
+            gate = lw.ffn_gate(cur, em, rx)
         del cur, rx
         # swiglu: silu(gate) * up, silu(x) = x / (1 + exp(-x)), in place on gate
         with np.errstate(over="ignore"):
@@ -652,41 +698,113 @@ class Engine:
             start, stop, step = rows.indices(n_ctx)
             keep = slice(start, stop) if step == 1 and stop > start else None
         with open_gguf(self.path) as g:
-            h = self._embed(g, tokens)  # (n_chunks, n_ctx, n_embd)
-            ff = self._vector(g, "rope_freqs.weight") if g.has_tensor("rope_freqs.weight") else None
-            cos, sin = self._rope_cache(n_ctx, ff)
-            # chunks per group: the widest activation (n_ff or the fused qkv) of a group stays ~32 MiB
-            G = max(1, min(n_chunks, _GROUP_ELEMENTS // (n_ctx * self._widest(g))))
-            last = self.hp.n_layer - 1
-            for il in range(self.hp.n_layer):
-                lw = self._layer(g, il)
-                cut = keep if il == last else None
-                if cut is not None:
-                    hk = np.empty((n_chunks, cut.stop - cut.start, h.shape[2]), dtype=np.float32)
-                for c0 in range(0, n_chunks, G):
-                    y = self._block(lw, h[c0 : c0 + G], cos, sin, cut)
-                    if cut is None:
-                        h[c0 : c0 + G] = y
-                    else:
-                        hk[c0 : c0 + G] = y
-                del lw
-            if on_logits is None:
-                return
-            if keep is not None:
-                h = hk
-                rows = None  # h holds only the kept positions now
-            norm, out = self._output(g)
+            width = n_ctx * self._widest(g)  # a chunk's widest activation, in elements
+            workers = self._workers(n_chunks, width)
+            pool = ThreadPoolExecutor(workers) if workers > 1 else None
+            if pool is not None:
+                set_blas_threads(1)  # each worker thread runs its own single-threaded GEMMs
+            try:
+                self._run(g, tokens, on_logits, keep, rows, pool, workers, width)
+            finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)  # after an error or Ctrl-C: no further chunks
+                    set_blas_threads(self.threads if self.threads > 0 else workers)
+
+    def _workers(self, n_chunks: int, width: int) -> int:
+        """Threads that each push their own chunks through a layer (1: one group, BLAS threads).
+
+        numpy's elementwise passes (activation rounding, attention softmax, RoPE, SwiGLU, norms) run
+        on one core; with 2 BLAS threads only the GEMMs used both cores and the rest left one idle,
+        a third of the run. Splitting the chunks between threads, each with single-threaded BLAS,
+        keeps every core busy (numpy and BLAS release the GIL). Not with an observer (its sums
+        are not thread-safe and their order would change), nor with fewer chunks than threads.
+        The groups in flight share one group's activation budget (_GROUP_ELEMENTS), each with at
+        least one chunk (`width` elements): where a chunk alone fills it, one group at a time."""
+        n = self.threads if self.threads > 0 else len(os.sched_getaffinity(0))
+        if n <= 1 or self.observer is not None or n_chunks < n:
+            return 1
+        n = min(n, _GROUP_ELEMENTS // max(1, width))
+        return n if n > 1 else 1
+
+    def _run(
+        self,
+        g: GGUFFile,
+        tokens: np.ndarray,
+        on_logits: Callable[[int, np.ndarray], None] | None,
+        keep: slice | None,
+        rows: slice | None,
+        pool: ThreadPoolExecutor | None,
+        workers: int,
+        width: int,
+    ) -> None:
+        n_chunks, n_ctx = tokens.shape
+        h = self._embed(g, tokens)  # (n_chunks, n_ctx, n_embd)
+        ff = self._vector(g, "rope_freqs.weight") if g.has_tensor("rope_freqs.weight") else None
+        cos, sin = self._rope_cache(n_ctx, ff)
+        # chunks per group: the widest activation (gate and up, or the fused qkv) of the groups in
+        # flight stays ~32 MiB; with worker threads, a multiple of their number of groups of about
+        # equal size
+        n_groups = -(-n_chunks // max(1, _GROUP_ELEMENTS // (workers * width)))
+        n_groups = min(n_chunks, -(-n_groups // workers) * workers)
+        bounds = np.linspace(0, n_chunks, n_groups + 1).round().astype(int)
+        groups = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+        last = self.hp.n_layer - 1
+        if keep is not None:
+            hk = np.empty((n_chunks, keep.stop - keep.start, h.shape[2]), dtype=np.float32)
+        for il in range(self.hp.n_layer):
+            lw = self._layer(g, il, pool)
+            cut = keep if il == last else None
+            dst = h if cut is None else hk
+
+            def block(gr: slice, lw: LayerWeights = lw, cut: slice | None = cut, dst: np.ndarray = dst) -> None:
+                dst[gr] = self._block(lw, h[gr], cos, sin, cut)
+
+            if pool is None:
+                for gr in groups:
+                    block(gr)
+            else:
+                list(pool.map(block, groups))
+            del lw
+        if on_logits is None:
+            return
+        if keep is not None:
+            h = hk
+            rows = None  # h holds only the kept positions now
+        norm, out = self._output(g)
+
+        def logits(c: int) -> np.ndarray:
+            return out(self._rms_norm(h[c] if rows is None else h[c][rows], norm), self.emulate)
+
+        if pool is None:
             for c in range(n_chunks):
-                x = self._rms_norm(h[c] if rows is None else h[c][rows], norm)
-                on_logits(c, out(x, self.emulate))
-            del out
+                on_logits(c, logits(c))
+            return
+        # each worker computes a chunk's logits; the callbacks still run one at a time, in chunk
+        # order (a worker waits for the previous chunk's), overlapping the other worker's GEMM
+        done = [threading.Event() for _ in range(n_chunks)]
+        failed = threading.Event()
+
+        def head(c: int) -> None:
+            try:
+                lg = logits(c) if not failed.is_set() else None
+                if c:
+                    done[c - 1].wait()
+                if lg is not None and not failed.is_set():
+                    on_logits(c, lg)
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                done[c].set()
+
+        list(pool.map(head, range(n_chunks)))
 
     def _widest(self, g: GGUFFile) -> int:
-        """The widest activation row of a block: n_ff, the (fused) qkv width or n_embd."""
+        """The widest activation row of a block: 2·n_ff (gate and up fused), the (fused) qkv width or n_embd."""
         t = g.tensor("blk.0.ffn_up.weight") if g.has_tensor("blk.0.ffn_up.weight") else None
         n_ff = t.ne[1] if t is not None else 0
         hp = self.hp
-        return max(n_ff, hp.n_embd, (hp.n_head + 2 * hp.n_head_kv) * hp.head_dim_k)
+        return max(2 * n_ff, hp.n_embd, (hp.n_head + 2 * hp.n_head_kv) * hp.head_dim_k)
 
 
 def _read_f32(g: GGUFFile, t: TensorInfo) -> np.ndarray:
