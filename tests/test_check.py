@@ -296,7 +296,8 @@ def test_verdict_flips_when_the_delta_moves_onto_the_noise():
         assert tn.subspace_noise_sq == pytest.approx(sub_want, rel=1e-3, abs=1e-12)
         assert tn.below is below and summ.n_below == int(below), (cols, tn.ratio)
         assert tn.noise_sq > 10 * tc.delta_sq  # the whole noise would have said "below" both times
-        assert summ.line.endswith("survive Q8_0" if not below else "lost at Q8_0")
+        # (this base lies on q8_0's grid by construction, so the line also names it after the verdict)
+        assert ("survive Q8_0 (" if not below else "lost at Q8_0 (") in summ.line and "the base lies on that grid" in summ.line
     # the same energy in an unstructured (iid) delta: the whole noise counts, and it is below it
     b = rng.standard_normal((64, 4))
     a = rng.standard_normal((4, 64))
@@ -514,3 +515,34 @@ def test_unsupported_hf_architecture_is_a_verdict(tmp_path, demo, capsys):
     assert not r.tokenizer_ok and "SentencePiece" in (r.tokenizer_why or "")
     assert run_cli(["check", str(_config(tmp_path, folder, demo, ["Q8_0"]))]) == 0
     assert "architecture - NO" in capsys.readouterr().out
+
+
+def test_a_grid_the_base_lies_on_is_named(smollm2_f16, tmp_path):
+    """SmolLM2's F16 here is dequantized from Q4_1, so its weights lie on q4_1's grid: rounding
+    W + ΔW to q4_1 returns most of the way to W. check names that (the verdict itself stays the
+    noise comparison); q8_0's grid is unrelated. The sampled-row share is checked against the
+    share over every row, computed here from the merged rows and loraq's q4_1 (byte-identical)."""
+    from loraq.kernels import dequantize, quantize
+
+    ad = make_adapter(smollm2_f16, tmp_path / "a", rank=8, targets=["q_proj"], layers=[0, 1])
+    r = check(smollm2_f16, [(ad, 1.0)], ["Q4_1", "Q8_0"])
+    by = {(tc.tensor, tn.ftype): tn for tc in r.tensors for tn in tc.types}
+    st = load_file(str(ad / "adapter_model.safetensors"))
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    t41 = ggml_type("q4_1")
+    with open_gguf(smollm2_f16) as g:
+        for k, a in st.items():
+            if ".lora_A." not in k:
+                continue
+            name = _gguf_name(k)
+            d = (cfg["lora_alpha"] / a.shape[0]) * (st[k.replace(".lora_A.", ".lora_B.")].astype(np.float64) @ a.astype(np.float64))
+            w = read_f32(g, g.tensor(name)).reshape(d.shape)
+            m = np.ascontiguousarray((w + d).astype(np.float32))
+            e = dequantize(quantize(m, t41, None), t41, m.shape).astype(np.float64) - m
+            want = -float((e * d).sum() / (d * d).sum())
+            assert want > 0.5
+            assert by[(name, "Q4_1")].erased == pytest.approx(want, abs=0.05)
+            assert abs(by[(name, "Q8_0")].erased) < 0.1
+    lines = {s.ftype: s.line for s in r.summaries}
+    assert "q4_1 takes back" in lines["Q4_1"] and "the base lies on that grid" in lines["Q4_1"]
+    assert "grid" not in lines["Q8_0"]

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -77,6 +77,7 @@ from ..ggml_types import file_type, ggml_type
 from ..merge.lora_file import VOCAB_TENSORS, LoraAdapter, load_adapter
 from ..merge.merge import _apply
 from ..quantize.driver import QuantizeOptions, TypeSettings, options_from, plan_quantize
+from ..quantize.mix import MAX_ERASED, row_errors
 from .noise import BaseView, DeltaBasis, delta_basis, fro_sq_lowrank, open_base, predict_noise, rel
 
 
@@ -143,6 +144,7 @@ class TypeNoise:
     below: bool
     rows_below: float  # fraction of sampled rows whose delta is below that row's noise (same measure)
     subspace_noise_sq: float | None = None  # predicted ‖Uᵀ (Q(W) − W) V‖²_F; None without factors
+    erased: float | None = None  # share of ΔW that quantizing W + ΔW undoes (sampled rows; see _erasure_note)
 
 
 @dataclass
@@ -351,7 +353,8 @@ def _tensor_checks(
             continue
         w = bm.read(name)
         hits = [(lo, s) for lo, s in loras if name in _touched(lo)]
-        delta_sq, delta_rows, how, basis = _delta(name, w, hits)
+        delta_sq, delta_rows, how, basis, delta_of = _delta(name, w, hits)
+        erased: dict[str, float | None] = {}
         w64 = w.astype(np.float64)
         tc = TensorCheck(name, delta_sq, float(np.einsum("ij,ij->", w64, w64)), how)
         if basis is not None:
@@ -376,7 +379,9 @@ def _tensor_checks(
             noise, row_noise = (nz.subspace, nz.sub_row_sq) if sub else (nz.predicted, nz.row_sq)
             below_rows = float(np.mean(delta_rows[nz.rows] < row_noise)) if len(nz.rows) else 0.0
             ratio = rel(noise, delta_sq)
-            tc.types.append(TypeNoise(ftype, t.name, nz.predicted, ratio, ratio > 1.0, below_rows, nz.subspace))
+            if t.name not in erased:
+                erased[t.name] = _erased(w, nz.rows, delta_of(nz.rows), t)
+            tc.types.append(TypeNoise(ftype, t.name, nz.predicted, ratio, ratio > 1.0, below_rows, nz.subspace, erased[t.name]))
         out.append(tc)
     return out, skipped
 
@@ -386,9 +391,11 @@ def _order(bm: BaseView) -> Any:
     return lambda n: pos.get(n, len(pos))
 
 
-def _delta(name: str, w: np.ndarray, hits: list[tuple[LoraAdapter, float]]) -> tuple[float, np.ndarray, str, DeltaBasis | None]:
-    """(‖ΔW‖²_F, per-row ‖ΔW_i‖², how, the delta's bases): from the factors for one plain LoRA
-    pair, else explicit (no bases)."""
+def _delta(
+    name: str, w: np.ndarray, hits: list[tuple[LoraAdapter, float]]
+) -> tuple[float, np.ndarray, str, DeltaBasis | None, Callable[[np.ndarray], np.ndarray]]:
+    """(‖ΔW‖²_F, per-row ‖ΔW_i‖², how, the delta's bases, rows of ΔW by index): from the factors
+    for one plain LoRA pair, else explicit (no bases)."""
     if len(hits) == 1:
         lora, s = hits[0]
         if name in lora.pairs and name not in lora.magnitudes and name not in lora.full and name not in lora.rows:
@@ -397,7 +404,11 @@ def _delta(name: str, w: np.ndarray, hits: list[tuple[LoraAdapter, float]]) -> t
             # token_embd: ΔW = A·Bᵀ, rows indexed by token
             left, right = (p.a, p.b.T) if name == "token_embd.weight" else (p.b, p.a)
             total, rows = fro_sq_lowrank(left, right)
-            return sc * sc * total, sc * sc * rows, "factors", delta_basis(left, right)
+
+            def of(idx: np.ndarray) -> np.ndarray:
+                return (sc * (left[idx].astype(np.float64) @ right.astype(np.float64))).astype(np.float32)
+
+            return sc * sc * total, sc * sc * rows, "factors", delta_basis(left, right), of
     w0 = w.astype(np.float64)
     n = w0.shape[0]
     # rows past the base's vocabulary have no base weight to compare with: they are left out
@@ -405,7 +416,20 @@ def _delta(name: str, w: np.ndarray, hits: list[tuple[LoraAdapter, float]]) -> t
     shape = SimpleNamespace(n_vocab=n, untie=False)
     d = _apply(name, w0, trimmed, shape)[:n] - w0  # type: ignore[arg-type]
     rows = np.einsum("ij,ij->i", d, d)
-    return float(rows.sum()), rows, "explicit", None
+    return float(rows.sum()), rows, "explicit", None, lambda idx: d[idx].astype(np.float32)
+
+
+def _erased(w: np.ndarray, idx: np.ndarray, delta: np.ndarray, t: Any) -> float | None:
+    """The share of the delta that rounding W + ΔW to type t takes back, on the sampled rows
+    (mix.erased_share): ~0 for a base that lies on no grid; near 1 when the base was dequantized
+    from a file of that type's grid (the demo's SmolLM2, from Q4_1: q4_1 undoes 94 %)."""
+    if not len(idx) or not np.any(delta):
+        return None
+    try:
+        rows = np.ascontiguousarray(w[idx].astype(np.float32) + delta)
+        return row_errors(rows, t, None, delta)[2]
+    except (LoraqError, ValueError):
+        return None
 
 
 def _base_rows(lora: LoraAdapter, n: int) -> LoraAdapter:
@@ -431,8 +455,28 @@ def _summary(ftype: str, tensors: list[TensorCheck]) -> TypeSummary:
         else:
             expect = f"expect part of the fine-tune to be lost at {ftype}"
         where = "" if n_sub == 0 else " in its own subspaces" if n_sub == n else f" ({n_sub} of {n} compared in their own subspaces)"
-        line = f"the delta on {below} of {n} tensors is below {ftype}'s noise{where}: {expect}"
+        line = f"the delta on {below} of {n} tensors is below {ftype}'s noise{where}: {expect}" + _erasure_note(pairs)
     return TypeSummary(ftype, n, below, kept, line, n_sub)
+
+
+def _erasure_note(pairs: list[tuple[TensorCheck, TypeNoise]]) -> str:
+    """A note when a type's grid takes back more than MAX_ERASED of the delta on some tensors: the
+    base lies on that grid (dequantized from such a file) and rounding W + ΔW returns to W. It does
+    not change the verdict: how much that costs depends on the tensors (on the demo q4_K undoes
+    ~94 % of 16 ffn_down deltas at Q4_K_M, and 98.6 % of the effect is kept); a size-targeted mix
+    never uses such a type (quantize/mix.py)."""
+    hit = [(tc, tn) for tc, tn in pairs if tn.erased is not None and abs(tn.erased) > MAX_ERASED]
+    if not hit:
+        return ""
+    by_type: dict[str, list[float]] = {}
+    for _, tn in hit:
+        by_type.setdefault(tn.type, []).append(tn.erased or 0.0)
+    parts = []
+    for t, v in sorted(by_type.items()):
+        m = float(np.median(v))
+        what = f"takes back {100 * m:.0f} % of the delta" if m > 0 else f"overshoots the delta by {-100 * m:.0f} %"
+        parts.append(f"{t} {what} on {len(v)} tensor{'s' if len(v) > 1 else ''}")
+    return f" ({'; '.join(parts)}: the base lies on that grid)"
 
 
 def _noise_of(tc: TensorCheck, tn: TypeNoise) -> float:
