@@ -67,6 +67,19 @@ def test_a_probe_is_the_kld_of_that_tensor_quantized_alone(synth256, tmp_path, n
     assert sq == pytest.approx(float((e.astype(np.float64) ** 2).sum()), rel=1e-5)
 
 
+def test_blocks_read_again_per_probe_give_the_same_values(synth256, tmp_path, monkeypatch):
+    """Past CACHE_BYTES (a model bigger than memory allows) each probe reads its blocks again."""
+    import loraq.imatrix.sensitivity as sens
+
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    names = ["blk.0.attn_v.weight", "blk.3.ffn_up.weight"]
+    kept = measure_sensitivity(synth256, text, names, ctx=CTX, chunks=1)
+    monkeypatch.setattr(sens, "CACHE_BYTES", 0)
+    again = measure_sensitivity(synth256, text, names, ctx=CTX, chunks=1)
+    assert again.tensors == kept.tensors and all(v[0] > 0 for v in kept.tensors.values())
+
+
 def test_the_probe_leaves_the_fine_tunes_delta_alone(synth256, tmp_path):
     """With the base, the probe's error is orthogonal to merged − base."""
     from loraq.imatrix.sensitivity import probe_error

@@ -22,7 +22,8 @@ which mix.py refuses outright (a grid the base weights lie on snaps the delta ba
 price of the rest.
 
 Cost: one run from the tensor's block per tensor (half a forward pass on average) over `chunks`
-chunks; the reference hidden states at every block are kept (chunks·ctx·n_embd floats per layer)."""
+chunks; the reference hidden states at every block are kept (chunks·ctx·n_embd floats per layer),
+and the blocks' float32 weights while they fit CACHE_BYTES (else each probe reads them again)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from ..llama.engine import Engine, LayerWeights, _Linear, chunk_tokens
 
 PROBE = "q4_0"
 KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+CACHE_BYTES = 2 << 30  # float32 block weights kept in memory across probes (see measure_sensitivity)
 MAX_FILE_BYTES = 16 << 20  # a sensitivity file: ~100 bytes per tensor
 FORMAT = "loraq-sensitivity-1"
 
@@ -172,14 +174,22 @@ def measure_sensitivity(
             names = [f"blk.{i}.{k}.weight" for i in range(L) for k in KINDS if g.has_tensor(f"blk.{i}.{k}.weight")]
             names += [n for n in ("token_embd.weight", "output.weight") if g.has_tensor(n)]
         names = [n for n in names if g.has_tensor(n) and g.tensor(n).ne[0] % pt.block == 0 and len(g.tensor(n).ne) == 2]
-        layers = [eng._layer(g, i) for i in range(L)]
+        # every block's float32 weights stay in memory when they fit CACHE_BYTES (SmolLM2: 0.4 GB);
+        # past that each probe reads the blocks it runs again, so memory stays one block
+        f32 = sum(4 * int(np.prod(t.ne)) for t in g.tensors if t.name.startswith("blk."))
+        cached = [eng._layer(g, i) for i in range(L)] if f32 <= CACHE_BYTES else None
+
+        def layer(il: int) -> LayerWeights:
+            return cached[il] if cached is not None else eng._layer(g, il)
+
         ff = eng._vector(g, "rope_freqs.weight") if g.has_tensor("rope_freqs.weight") else None
         cos, sin = eng._rope_cache(ctx, ff)
         norm, head = eng._output(g)
 
-        def run_from(il0: int, h: np.ndarray) -> np.ndarray:
+        def run_from(il0: int, h: np.ndarray, first: LayerWeights | None = None) -> np.ndarray:
             for il in range(il0, L):
-                h = eng._block(layers[il], h, cos, sin, keep if il == L - 1 else None)
+                lw = first if first is not None and il == il0 else layer(il)
+                h = eng._block(lw, h, cos, sin, keep if il == L - 1 else None)
             return h
 
         def log_probs(h: np.ndarray) -> np.ndarray:
@@ -192,7 +202,7 @@ def measure_sensitivity(
         inputs = []
         for il in range(L):
             inputs.append(h)
-            h = eng._block(layers[il], h, cos, sin, keep if il == L - 1 else None)
+            h = eng._block(layer(il), h, cos, sin, keep if il == L - 1 else None)
         h_last = h
         ref = log_probs(h)
         p_ref = np.exp(ref)
@@ -226,11 +236,12 @@ def measure_sensitivity(
                 il, kind = int(name.split(".")[1]), _kind(name)
                 if kind is None:
                     continue
-                lin = _linear_of(layers[il], kind)
+                lw = layer(il)
+                lin = _linear_of(lw, kind)
                 saved = lin.w.copy()
                 lin.w[...] = w + e  # in place: q/k/v may be views of one stacked matrix
                 try:
-                    value = kld(run_from(il, inputs[il].copy()))
+                    value = kld(run_from(il, inputs[il].copy(), lw))
                 finally:
                     lin.w[...] = saved
             out.tensors[name] = (max(0.0, value), sq)
