@@ -476,9 +476,10 @@ def _q8_0_deq(b, d, out):  # pragma: no cover - compiled
             out[i, j] = s * np.float32(np.int8(b[i, 2 + j]))
 
 
-def q8_0_dequantize(blocks: np.ndarray) -> np.ndarray | None:
-    """q8_0 blocks (nb, 34) uint8 -> (nb, 32) float32 as dequantize_row_q8_0; None without numba."""
-    kern = compiled(_q8_0_deq)
+def _dequantize_32(fn: Any, blocks: np.ndarray) -> np.ndarray | None:
+    """Blocks of 32 weights led by an fp16 scale d -> (nb, 32) float32 through the compiled `fn`
+    (b, d, out); None without numba."""
+    kern = compiled(fn)
     if kern is None:
         return None
     blocks = np.ascontiguousarray(blocks)
@@ -486,6 +487,11 @@ def q8_0_dequantize(blocks: np.ndarray) -> np.ndarray | None:
     out = np.empty((blocks.shape[0], 32), F32)
     kern(blocks, d, out)
     return out
+
+
+def q8_0_dequantize(blocks: np.ndarray) -> np.ndarray | None:
+    """q8_0 blocks (nb, 34) uint8 -> (nb, 32) float32 as dequantize_row_q8_0; None without numba."""
+    return _dequantize_32(_q8_0_deq, blocks)
 
 
 def _q5_0_deq(b, d, out):  # pragma: no cover - compiled
@@ -505,14 +511,7 @@ def _q5_0_deq(b, d, out):  # pragma: no cover - compiled
 
 def q5_0_dequantize(blocks: np.ndarray) -> np.ndarray | None:
     """q5_0 blocks (nb, 22) uint8 -> (nb, 32) float32 as dequantize_row_q5_0; None without numba."""
-    kern = compiled(_q5_0_deq)
-    if kern is None:
-        return None
-    blocks = np.ascontiguousarray(blocks)
-    d = blocks[:, :2].copy().view(np.float16).astype(F32).reshape(-1)
-    out = np.empty((blocks.shape[0], 32), F32)
-    kern(blocks, d, out)
-    return out
+    return _dequantize_32(_q5_0_deq, blocks)
 
 
 def _q8_k_act(x, xi, out):  # pragma: no cover - compiled
