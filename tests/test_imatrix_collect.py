@@ -152,6 +152,30 @@ def test_names_counts_and_shared_inputs(synth_bos: Path, synth_lora: Path, text_
     assert d.datasets == [str(text_file)]
 
 
+def test_worker_threads_fold_groups_in_order(synth_bos: Path, synth_lora: Path, text_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 2 threads the engine runs chunk groups on worker threads and the accumulator folds them
+    in group order: the same names and counts as one thread, the sums equal up to the GEMMs' ulps,
+    and two threaded runs bit-identical whichever thread ran which group. (The GEMMs group rows
+    differently, and an ulp there can move an emulated Q8_0 activation by a step: ~1e-4 relative;
+    a group dropped or counted twice would move the sums by a sixth.)"""
+    from loraq.llama.engine import Engine
+
+    used: list[int] = []
+    workers = Engine._workers
+    monkeypatch.setattr(Engine, "_workers", lambda self, n, w: used.append(workers(self, n, w)) or used[-1])
+    args = (synth_bos, text_file, 32, 6)
+    kw = {"adapters": [(synth_lora, 1.0)], "process_output": True}
+    one = collect_imatrix(*args, threads=1, **kw).data
+    two = collect_imatrix(*args, threads=2, **kw).data
+    again = collect_imatrix(*args, threads=2, **kw).data
+    assert used == [1, 2, 2]
+    assert sorted(one.entries) == sorted(two.entries) and "output.weight" in two.entries
+    for name, e in one.entries.items():
+        assert e.counts.tolist() == two.entries[name].counts.tolist() == [192.0], name
+        np.testing.assert_allclose(two.entries[name].sums, e.sums, rtol=1e-3, err_msg=name)
+        np.testing.assert_array_equal(again.entries[name].sums, two.entries[name].sums, err_msg=name)
+
+
 def test_process_output_only_untied(synth_bos: Path, synth256: Path, text_file: Path) -> None:
     with_out = collect_imatrix(synth_bos, text_file, 32, 2, process_output=True).data
     assert with_out.entries["output.weight"].sums.shape == (1, 256)

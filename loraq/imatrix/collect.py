@@ -26,6 +26,7 @@ not (the logits are not computed at all unless `process_output` needs the output
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,34 +54,59 @@ def _input_group(name: str) -> str:
 
 
 class _Accumulator:
-    """The engine's observer: Σx² per column and row counts, per weight name."""
+    """The engine's observer (a GroupObserver): Σx² per column and row counts, per weight name.
 
-    def __init__(self, process_output: bool, on_layer: Callable[[], None] | None = None):
+    The engine's worker threads feed it chunk groups at once. Each group's squares are kept apart
+    until every group of the layer has given that weight's input, then added to the total in group
+    order, so the sums do not depend on which thread ran which group (only on the grouping, which
+    the engine derives from the chunk count and threads). Held at once: one layer's weights' sums
+    per group in flight."""
+
+    def __init__(self, process_output: bool, on_rows: Callable[[int], None] | None = None):
         self.process_output = process_output
-        self.on_layer = on_layer
+        self.on_rows = on_rows  # rows through a block's last matmul, for progress
         self.sums: dict[str, np.ndarray] = {}  # float64 (n_col,)
         self.counts: dict[str, int] = {}
+        self._parts: dict[str, dict[int, tuple[np.ndarray, int]]] = {}  # name -> group -> (Σx², rows)
+        self._lock = threading.Lock()
+        self._local = threading.local()  # this thread's group, and its last input's squares
+
+    def begin_group(self, group: int, n_groups: int) -> None:
+        self._local.group = (group, n_groups)
         # q/k/v (and gate/up) read one input: its squares are computed once. Reused only for the same
-        # array within the same sibling group, so an engine that recycles buffers cannot mix inputs.
-        self._last: tuple[str, np.ndarray, np.ndarray] | None = None
+        # array within the same sibling group and chunk group, so recycled buffers cannot mix inputs.
+        self._local.last = None
 
     def wanted(self, name: str) -> bool:
         return name.startswith("blk.") or (self.process_output and name == "output.weight")
 
     def __call__(self, name: str, x: np.ndarray) -> None:
-        if self.on_layer is not None and name.endswith(".ffn_down.weight"):  # the last matmul of a block
-            self.on_layer()
+        rows = int(np.prod(x.shape[:-1]))
+        if self.on_rows is not None and name.endswith(".ffn_down.weight"):  # the last matmul of a block
+            self.on_rows(rows)
         if not self.wanted(name):
             return
-        group = _input_group(name)
-        if self._last is not None and self._last[0] == group and self._last[1] is x:
-            sq = self._last[2]
+        group, n_groups = getattr(self._local, "group", (0, 1))  # the output matmul runs outside groups
+        sibling = _input_group(name)
+        last = getattr(self._local, "last", None)
+        if last is not None and last[0] == sibling and last[1] is x:
+            sq = last[2]
         else:
             x2 = x.reshape(-1, x.shape[-1])
             sq = np.einsum("ij,ij->j", x2, x2, dtype=np.float64)
             if not np.isfinite(sq).all():  # llama-imatrix aborts too: such statistics would poison quantization
                 raise BadInput(f"non-finite activations at the input of {name}: the model or adapter overflows on this text")
-            self._last = (group, x, sq)
+            self._local.last = (sibling, x, sq)
+        with self._lock:
+            parts = self._parts.setdefault(name, {})
+            parts[group] = (sq, rows)
+            if len(parts) < n_groups:
+                return
+            del self._parts[name]
+            for g in sorted(parts):
+                self._add(name, *parts[g])
+
+    def _add(self, name: str, sq: np.ndarray, rows: int) -> None:
         acc = self.sums.get(name)
         if acc is None:
             self.sums[name] = sq.copy()
@@ -89,7 +115,13 @@ class _Accumulator:
             raise BadInput(f"{name}: inputs of {acc.shape[0]} and {sq.shape[0]} columns")
         else:
             acc += sq
-        self.counts[name] += int(np.prod(x.shape[:-1]))
+        self.counts[name] += rows
+
+    def end_pass(self) -> None:
+        """After an engine run: every group has been folded in; forget the threads' state."""
+        if self._parts:  # a run that stopped early (an exception) leaves parts; it is not reused then
+            raise RuntimeError(f"imatrix: groups missing for {sorted(self._parts)[:3]}")
+        self._local = threading.local()
 
 
 @dataclass
@@ -112,7 +144,7 @@ def collect_imatrix(
     dataset: str | None = None,
 ) -> CollectResult:
     """Run `model` (+ runtime adapters) over the calibration text and return llama-imatrix's
-    statistics. `progress(done, total)` counts layer passes (chunks × layers); `dataset` is the
+    statistics. `progress(done, total)` counts chunks through layers (chunks × layers); `dataset` is the
     name recorded in imatrix.datasets (default: the text's path as given)."""
     if ctx < 1:
         raise BadArguments(f"ctx must be at least 1, got {ctx}")
@@ -125,13 +157,15 @@ def collect_imatrix(
     eng = Engine(model, adapters=list(adapters), threads=threads)
     n_chunks = len(batch)
     total = n_chunks * eng.hp.n_layer
-    done = 0
+    rows_done = 0
+    lock = threading.Lock()
 
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    def tick(rows: int) -> None:  # from the engine's worker threads: a group's rows left a block
+        nonlocal rows_done
+        with lock:
+            rows_done += rows
+            if progress is not None:
+                progress(rows_done // ctx, total)
 
     acc = _Accumulator(process_output, tick)
     eng.observer = acc
@@ -139,9 +173,8 @@ def collect_imatrix(
     on_logits = (lambda i, lg: None) if process_output and not eng.tied else None
     group = max(1, HIDDEN_BUDGET // (ctx * eng.hp.n_embd * 4))
     for c0 in range(0, n_chunks, group):
-        acc._last = None
         eng.run(batch[c0 : c0 + group], on_logits)
-    acc._last = None
+        acc.end_pass()
     entries = {
         name: ImatrixEntry(sums=acc.sums[name].astype(np.float32)[None, :], counts=np.array([acc.counts[name]], dtype=np.float32))
         for name in sorted(acc.sums)

@@ -62,6 +62,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -182,6 +183,19 @@ class _Lora:
 
 # observer(tensor name, float32 input rows) sees every weight matmul's input before any rounding
 Observer = Callable[[str, np.ndarray], None]
+
+
+@runtime_checkable
+class GroupObserver(Protocol):
+    """An observer that worker threads may feed at once (see Engine._workers). Before each chunk
+    group goes through a layer, the thread that runs it calls begin_group(group, n_groups); every
+    call until its next begin_group is about that group, and each weight's input comes once per
+    group. So the observer can keep per-group results and fold them in group order, which makes
+    its output independent of which thread ran what."""
+
+    def begin_group(self, group: int, n_groups: int) -> None: ...
+
+    def __call__(self, name: str, x: np.ndarray) -> None: ...
 
 
 @dataclass
@@ -716,12 +730,13 @@ class Engine:
         numpy's elementwise passes (activation rounding, attention softmax, RoPE, SwiGLU, norms) run
         on one core; with 2 BLAS threads only the GEMMs used both cores and the rest left one idle,
         a third of the run. Splitting the chunks between threads, each with single-threaded BLAS,
-        keeps every core busy (numpy and BLAS release the GIL). Not with an observer (its sums
-        are not thread-safe and their order would change), nor with fewer chunks than threads.
+        keeps every core busy (numpy and BLAS release the GIL). Not with a plain observer (a
+        GroupObserver is told which group each input belongs to), nor with fewer chunks than threads.
         The groups in flight share one group's activation budget (_GROUP_ELEMENTS), each with at
         least one chunk (`width` elements): where a chunk alone fills it, one group at a time."""
         n = self.threads if self.threads > 0 else len(os.sched_getaffinity(0))
-        if n <= 1 or self.observer is not None or n_chunks < n:
+        serial_observer = self.observer is not None and not isinstance(self.observer, GroupObserver)
+        if n <= 1 or serial_observer or n_chunks < n:
             return 1
         n = min(n, _GROUP_ELEMENTS // max(1, width))
         return n if n > 1 else 1
@@ -751,19 +766,23 @@ class Engine:
         last = self.hp.n_layer - 1
         if keep is not None:
             hk = np.empty((n_chunks, keep.stop - keep.start, h.shape[2]), dtype=np.float32)
+        grouped = self.observer if isinstance(self.observer, GroupObserver) else None
         for il in range(self.hp.n_layer):
             lw = self._layer(g, il, pool)
             cut = keep if il == last else None
             dst = h if cut is None else hk
 
-            def block(gr: slice, lw: LayerWeights = lw, cut: slice | None = cut, dst: np.ndarray = dst) -> None:
+            def block(i: int, lw: LayerWeights = lw, cut: slice | None = cut, dst: np.ndarray = dst) -> None:
+                if grouped is not None:
+                    grouped.begin_group(i, len(groups))
+                gr = groups[i]
                 dst[gr] = self._block(lw, h[gr], cos, sin, cut)
 
             if pool is None:
-                for gr in groups:
-                    block(gr)
+                for i in range(len(groups)):
+                    block(i)
             else:
-                list(pool.map(block, groups))
+                list(pool.map(block, range(len(groups))))
             del lw
         if on_logits is None:
             return
@@ -773,6 +792,8 @@ class Engine:
         norm, out = self._output(g)
 
         def logits(c: int) -> np.ndarray:
+            if grouped is not None:  # the output matmul: one group per chunk
+                grouped.begin_group(c, n_chunks)
             return out(self._rms_norm(h[c] if rows is None else h[c][rows], norm), self.emulate)
 
         if pool is None:
@@ -831,6 +852,7 @@ def logits_for(model_path: Path | str, tokens: np.ndarray, adapters: Sequence[tu
 
 __all__ = [
     "Engine",
+    "GroupObserver",
     "HParams",
     "chunk_tokens",
     "logits_for",
