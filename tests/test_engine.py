@@ -335,6 +335,14 @@ def test_dequantize_tensor_matches_ggml(name):
     raw = libgguf.quantize_rows(x, libgguf.GGMLQuantizationType(t.id))
     want = np.asarray(libgguf.dequantize_rows(raw, libgguf.GGMLQuantizationType(t.id))).reshape(48, 512)
     np.testing.assert_array_equal(dequantize_tensor(raw, t, (48, 512)), want)
+    # into bands of a caller's array (the engine's stacked q/k/v and its banded output matrix)
+    out = np.full((48, 512), np.nan, np.float32)
+    flat, rb = np.asarray(raw).view(np.uint8).reshape(-1), np.asarray(raw).nbytes // 48
+    for a, b in ((0, 20), (20, 48)):
+        assert dequantize_tensor(flat[a * rb : b * rb], t, (b - a, 512), out[a:b]).base is out
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        dequantize_tensor(raw, t, (48, 512), out[:, :256])
 
 
 def test_round_f16_is_the_ieee_cast():

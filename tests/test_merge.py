@@ -67,6 +67,7 @@ def _gguf_adapter(base: Path, d: Path, seed: int, **kw) -> Path:
     return out
 
 
+@pytest.mark.slow  # 13 s on 2 cores: in make test-slow, to keep make test under 5 minutes
 def test_several_adapters_with_scales_equal_float64_reference(small_base, tmp_path):
     a1 = _gguf_adapter(small_base, tmp_path, 1, rank=8)
     a2 = _gguf_adapter(small_base, tmp_path, 2, rank=4, alpha=8, targets=["q_proj", "down_proj"])
@@ -90,6 +91,7 @@ def test_several_adapters_with_scales_equal_float64_reference(small_base, tmp_pa
             ), t.name
 
 
+@pytest.mark.slow  # 9 s
 def test_bf16_output_rounds_once(small_base, tmp_path):
     a1 = _gguf_adapter(small_base, tmp_path, 4, rank=8)
     out = tmp_path / "merged-bf16.gguf"

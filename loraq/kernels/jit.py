@@ -14,6 +14,7 @@ checks), else the exact bit trick."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -409,48 +410,38 @@ def q4_0(xb: np.ndarray) -> np.ndarray | None:
     return _legacy(_q4_0_rows, xb, 18)
 
 
-def _f16_round(v):  # pragma: no cover - compiled
-    """float32 v -> the float32 value of its fp16 (round to nearest even), for finite v below
-    65520: 11 significant bits on the bit pattern, or a 2^-24 step below 2^-14 (engine.round_f16)."""
-    a = abs(v)
-    if a < np.float32(6.1035156e-05):
-        return np.float32(np.rint(v * np.float32(16777216.0))) * np.float32(5.9604645e-08)
-    bits = np.empty(1, np.float32)
-    ib = bits.view(np.uint32)
-    bits[0] = v
-    u = ib[0]
-    ib[0] = (u + (np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1)))) & np.uint32(0xFFFFE000)
-    return bits[0]
-
-
-def _q8_0_act(x, xi, out):  # pragma: no cover - compiled
+def _q8_0_act(x, xi, out, d, di):  # pragma: no cover - compiled
     """Activations x (rows, k) through ggml's quantize_row_q8_0 and back (engine.round_activations
-    'q8_0'): per 32-block id = 127/amax, rint(x·id)·fp16(amax/127). False, out unfinished, when a
-    block holds inf/NaN or amax/127 is no finite fp16 (the numpy version answers)."""
+    'q8_0'): per 32-block id = 127/amax, rint(x·id)·fp16(amax/127). d (2·k/32,) float32 is scratch,
+    di its int32 view: a row's amax bits, then its fp16-rounded scales, rounded on the bit pattern
+    in place (11 significant bits, nearest even, as engine.round_f16; below 2^-14 a 2^-24 step).
+    False, out unfinished, when a block holds inf/NaN or amax/127 is no finite fp16 (the numpy
+    version answers)."""
     n, k = x.shape
     nb = k // 32
-    m = np.empty(nb, np.int32)
-    inv = np.empty(nb, np.float32)
-    d = np.empty(nb, np.float32)
     for r in range(n):
         for b in range(nb):
             mb = np.int32(0)
             for j in range(32):
                 a = xi[r, b * 32 + j] & np.int32(0x7FFFFFFF)
                 mb = a if a > mb else mb
-            m[b] = mb
-        amax = m.view(np.float32)
+            di[b] = mb
         for b in range(nb):
-            if m[b] >= np.int32(0x7F800000):
+            if di[b] >= np.int32(0x7F800000):
                 return False
-            a = amax[b]
+            a = d[b]
+            d[nb + b] = np.float32(127.0) / a if a != np.float32(0.0) else np.float32(0.0)
             dd = a / np.float32(127.0)
             if dd >= np.float32(65520.0):
                 return False
-            d[b] = _f16_round(dd)
-            inv[b] = np.float32(127.0) / a if a != np.float32(0.0) else np.float32(0.0)
+            if dd < np.float32(6.1035156e-05):
+                d[b] = np.float32(np.rint(dd * np.float32(16777216.0))) * np.float32(5.9604645e-08)
+            else:
+                d[b] = dd
+                u = di[b]
+                di[b] = (u + (np.int32(0xFFF) + ((u >> np.int32(13)) & np.int32(1)))) & np.int32(-8192)
         for b in range(nb):
-            s = inv[b]
+            s = d[nb + b]
             dv = d[b]
             for j in range(32):
                 out[r, b * 32 + j] = np.rint(x[r, b * 32 + j] * s) * dv
@@ -465,7 +456,8 @@ def q8_0_activations(x: np.ndarray) -> np.ndarray | None:
         return None
     x = np.ascontiguousarray(x, F32)
     out = np.empty_like(x)
-    return out if kern(x, x.view(np.int32), out) else None
+    d = np.empty(2 * (x.shape[1] // 32), F32)  # scratch: no allocation per block in the kernel
+    return out if kern(x, x.view(np.int32), out, d, d.view(np.int32)) else None
 
 
 def _q8_0_deq(b, d, out):  # pragma: no cover - compiled
@@ -476,22 +468,23 @@ def _q8_0_deq(b, d, out):  # pragma: no cover - compiled
             out[i, j] = s * np.float32(np.int8(b[i, 2 + j]))
 
 
-def _dequantize_32(fn: Any, blocks: np.ndarray) -> np.ndarray | None:
-    """Blocks of 32 weights led by an fp16 scale d -> (nb, 32) float32 through the compiled `fn`
-    (b, d, out); None without numba."""
+def _dequantize_32(fn: Any, blocks: np.ndarray, out: np.ndarray | None) -> np.ndarray | None:
+    """Blocks of 32 weights led by an fp16 scale d -> (nb, 32) float32 (into `out` when given)
+    through the compiled `fn` (b, d, out); None without numba."""
     kern = compiled(fn)
     if kern is None:
         return None
     blocks = np.ascontiguousarray(blocks)
     d = blocks[:, :2].copy().view(np.float16).astype(F32).reshape(-1)
-    out = np.empty((blocks.shape[0], 32), F32)
+    if out is None:
+        out = np.empty((blocks.shape[0], 32), F32)
     kern(blocks, d, out)
     return out
 
 
-def q8_0_dequantize(blocks: np.ndarray) -> np.ndarray | None:
+def q8_0_dequantize(blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
     """q8_0 blocks (nb, 34) uint8 -> (nb, 32) float32 as dequantize_row_q8_0; None without numba."""
-    return _dequantize_32(_q8_0_deq, blocks)
+    return _dequantize_32(_q8_0_deq, blocks, out)
 
 
 def _q5_0_deq(b, d, out):  # pragma: no cover - compiled
@@ -509,9 +502,9 @@ def _q5_0_deq(b, d, out):  # pragma: no cover - compiled
             out[i, j + 16] = s * np.float32(hi - 16)
 
 
-def q5_0_dequantize(blocks: np.ndarray) -> np.ndarray | None:
+def q5_0_dequantize(blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
     """q5_0 blocks (nb, 22) uint8 -> (nb, 32) float32 as dequantize_row_q5_0; None without numba."""
-    return _dequantize_32(_q5_0_deq, blocks)
+    return _dequantize_32(_q5_0_deq, blocks, out)
 
 
 def _q8_k_act(x, xi, out):  # pragma: no cover - compiled
@@ -587,12 +580,43 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, neox: bool
 
 _COMPILED: dict[str, Callable[..., Any] | None] = {}
 _LOCK = threading.Lock()
-_HELPERS = (
-    "_nearest_clamped",
-    "_absmax_bits",
-    "_inverse",
-    "_f16_round",
-)  # called from compiled kernels: compiled (once) before any of them
+_HELPERS = ("_nearest_clamped", "_absmax_bits", "_inverse")  # called from compiled kernels: compiled (once) before any of them
+
+
+def _warm_engine_kernels() -> None:
+    """One tiny call of each kernel the compare engine uses, with the argument types of its real
+    calls (so that the machine code loaded is the one those calls dispatch to)."""
+    q8_0_dequantize(np.zeros((1, 34), np.uint8), np.empty((1, 32), F32))
+    q5_0_dequantize(np.zeros((1, 22), np.uint8), np.empty((1, 32), F32))
+    q8_0_activations(np.ones((1, 32), F32))
+    q8_k_activations(np.ones((1, 256), F32))
+    x = np.zeros((1, 1, 1, 8), F32)[..., ::2]  # the engine's q and k are strided views
+    for neox in (False, True):
+        rope(x, np.ones((1, 2), F32), np.zeros((1, 2), F32), 4, neox)
+
+
+_PRELOAD: list[threading.Thread] = []
+
+
+def preload_engine_kernels() -> None:
+    """Start loading numba and the engine's kernels in a background thread (once per process).
+
+    The first use of numba costs ~0.3 s (its import, then LLVM's set-up at the first call) before
+    any kernel runs; an engine that starts this while it parses the model's header, reads the
+    reference and embeds the tokens has it (partly) done by its first layer. The engine's calls
+    wait for it where they need a kernel (compiled()'s lock, numba's compiler lock); nothing
+    changes in what they compute."""
+    with _LOCK:
+        if _PRELOAD or not available():
+            return
+        th = threading.Thread(target=_warm_quietly, name="loraq-jit-preload", daemon=True)
+        _PRELOAD.append(th)
+    th.start()
+
+
+def _warm_quietly() -> None:
+    with contextlib.suppress(Exception):  # a failure here shows again, with its message, at the real call
+        _warm_engine_kernels()
 
 
 def available() -> bool:

@@ -115,22 +115,26 @@ _KERNELS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def dequantize_tensor(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
-    """Stored bytes -> float32 of numpy `shape`, as kernels.dequantize, faster for the types above."""
+def dequantize_tensor(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
+    """Stored bytes -> float32 of numpy `shape`, as kernels.dequantize, faster for the types above;
+    into `out` (C-contiguous float32 of that shape) when given."""
+    if out is not None and (out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous):
+        raise ValueError(f"out must be C-contiguous float32 {tuple(shape)}, got {out.dtype} {out.shape}")
     fn = _KERNELS.get(qtype.name)
     if fn is None:
-        return _generic(raw, qtype, shape)
+        res = _generic(raw, qtype, shape)
+        if out is None:
+            return res
+        out[...] = res
+        return out
     n_el = int(np.prod(shape))
     blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, qtype.nbytes)
     if len(blocks) * qtype.block != n_el:
         raise ValueError(f"{blocks.size} bytes of {qtype.name} do not hold {n_el} elements")
+    flat = np.empty((len(blocks), qtype.block), dtype=np.float32) if out is None else out.reshape(len(blocks), qtype.block)
     # compiled, straight into the result (no slices, no temporaries)
     jitted = {"q8_0": jit.q8_0_dequantize, "q5_0": jit.q5_0_dequantize}.get(qtype.name)
-    if jitted is not None:
-        fast = jitted(blocks)
-        if fast is not None:
-            return fast.reshape(shape)
-    out = np.empty((len(blocks), qtype.block), dtype=np.float32)
-    for i in range(0, len(blocks), _SLICE):
-        out[i : i + _SLICE] = fn(blocks[i : i + _SLICE])
-    return out.reshape(shape)
+    if jitted is None or jitted(blocks, flat) is None:
+        for i in range(0, len(blocks), _SLICE):
+            flat[i : i + _SLICE] = fn(blocks[i : i + _SLICE])
+    return flat.reshape(shape)

@@ -403,6 +403,7 @@ class Engine:
     ):
         if kv_type not in ("f32", "f16"):
             raise BadArguments(f"kv_type must be 'f32' or 'f16', got {kv_type!r}")
+        jit.preload_engine_kernels()  # numba's one-time start-up runs while the header is parsed
         self.path = Path(model_path)
         self.emulate = emulate_activations
         self.kv_type = kv_type
@@ -411,7 +412,10 @@ class Engine:
         if threads > 0:
             set_blas_threads(threads)
         retain_freed_memory()
-        with open_gguf(self.path) as g:
+        # the header is parsed once (a vocabulary of 49k strings is ~40 ms); `with` closes only the
+        # file descriptor, which the next read opens again
+        self._gguf = open_gguf(self.path)
+        with self._gguf as g:
             self.hp = _hparams(g)
             self.tied = not g.has_tensor("output.weight")
             self._loras = self._load_adapters(g, adapters)
@@ -473,12 +477,29 @@ class Engine:
 
     def _layer(self, g: GGUFFile, il: int, pool: ThreadPoolExecutor | None = None) -> LayerWeights:
         """Block il's weights; with a pool, its big matrices are dequantized in the pool's threads
-        (largest first), so that the cores the blocks share are not left to one thread."""
+        (largest first), so that the cores the blocks share are not left to one thread. q, k, v
+        (and gate, up) of one vec_dot kind and width are dequantized straight into one stacked
+        matrix (see LayerWeights.qkv_w), not copied there afterwards."""
         p = f"blk.{il}."
-        pre: dict[str, np.ndarray] = {}
-        if pool is not None:
-            big = sorted((t for t in g.tensors if t.name.startswith(p) and len(t.ne) == 2), key=lambda t: -t.n_elements)
-            pre = dict(zip((t.name for t in big), pool.map(lambda t: _read_f32(g, t), big), strict=True))
+        mats = {t.name: t for t in g.tensors if t.name.startswith(p) and len(t.ne) == 2}
+        into: dict[str, np.ndarray] = {}
+        fused: dict[str, np.ndarray] = {}
+        for key, parts in (("qkv", ("attn_q", "attn_k", "attn_v")), ("gate_up", ("ffn_gate", "ffn_up"))):
+            ts = [mats[p + n + ".weight"] for n in parts if p + n + ".weight" in mats]
+            if len(ts) != len(parts) or len({(vec_dot_kind(t.type), t.ne[0]) for t in ts}) != 1:
+                continue
+            stack = np.empty((sum(t.ne[1] for t in ts), ts[0].ne[0]), dtype=np.float32)
+            at = 0
+            for t in ts:
+                into[t.name] = stack[at : at + t.ne[1]]
+                at += t.ne[1]
+            fused[key] = stack
+        big = sorted(mats.values(), key=lambda t: -t.n_elements)
+
+        def read(t: TensorInfo) -> np.ndarray:
+            return _read_f32(g, t, into.get(t.name))
+
+        pre = dict(zip((t.name for t in big), (pool.map(read, big) if pool is not None else map(read, big)), strict=True))
         lw = LayerWeights(
             attn_norm=self._vector(g, p + "attn_norm.weight"),
             ffn_norm=self._vector(g, p + "ffn_norm.weight"),
@@ -493,23 +514,32 @@ class Engine:
             qk_norm=(
                 (self._vector(g, p + "attn_q_norm.weight"), self._vector(g, p + "attn_k_norm.weight")) if self.hp.arch == "qwen3" else None
             ),
+            qkv_w=fused.get("qkv"),
+            gate_up_w=fused.get("gate_up"),
         )
-        if len(lw.qkv) == 3 and len({lin.kind for lin in lw.qkv}) == 1 and len({lin.w.shape[1] for lin in lw.qkv}) == 1:
-            lw.qkv_w = np.concatenate([lin.w for lin in lw.qkv])
-            at = 0
-            for lin in lw.qkv:
-                n = lin.w.shape[0]
-                lin.w = lw.qkv_w[at : at + n]
-                at += n
-        gate, up = lw.ffn_gate, lw.ffn_up
-        if gate.kind == up.kind and gate.w.shape[1] == up.w.shape[1]:
-            lw.gate_up_w = np.concatenate([gate.w, up.w])
-            gate.w, up.w = lw.gate_up_w[: len(gate.w)], lw.gate_up_w[len(gate.w) :]
         return lw
 
-    def _output(self, g: GGUFFile) -> tuple[np.ndarray, _Linear]:
+    def _output(self, g: GGUFFile, pool: ThreadPoolExecutor | None = None, workers: int = 1) -> tuple[np.ndarray, _Linear]:
+        """The output norm and projection; with a pool, the matrix (SmolLM2's is 113 MB of float32,
+        0.1 s on one core, most of it the first touch of fresh pages) is dequantized by its threads,
+        each a band of rows."""
         norm = self._vector(g, "output_norm.weight")
-        out = self._linear(g, "token_embd.weight" if self.tied else "output.weight")
+        name = "token_embd.weight" if self.tied else "output.weight"
+        pre = None
+        t = g.tensor(name) if g.has_tensor(name) else None
+        if pool is not None and workers > 1 and t is not None and len(t.ne) == 2:
+            rows, row_bytes = t.ne[1], t.nbytes // t.ne[1]
+            w = np.empty((rows, t.ne[0]), dtype=np.float32)
+            raw = g.read_raw(t)
+            cuts = [rows * i // workers for i in range(workers + 1)]
+
+            def band(ab: tuple[int, int]) -> None:
+                a, b = ab
+                dequantize_tensor(raw[a * row_bytes : b * row_bytes], t.type, (b - a, t.ne[0]), w[a:b])
+
+            list(pool.map(band, itertools.pairwise(cuts)))
+            pre = {name: w}
+        out = self._linear(g, name, pre)
         if self.tied:  # the lm_head LoRA is looked up by name: token_embd LoRAs were refused above
             out.loras = []
         return norm, out
@@ -711,7 +741,7 @@ class Engine:
         if rows is not None:
             start, stop, step = rows.indices(n_ctx)
             keep = slice(start, stop) if step == 1 and stop > start else None
-        with open_gguf(self.path) as g:
+        with self._gguf as g:
             width = n_ctx * self._widest(g)  # a chunk's widest activation, in elements
             workers = self._workers(n_chunks, width)
             pool = ThreadPoolExecutor(workers) if workers > 1 else None
@@ -789,7 +819,7 @@ class Engine:
         if keep is not None:
             h = hk
             rows = None  # h holds only the kept positions now
-        norm, out = self._output(g)
+        norm, out = self._output(g, pool, workers)
 
         def logits(c: int) -> np.ndarray:
             if grouped is not None:  # the output matmul: one group per chunk
@@ -828,9 +858,10 @@ class Engine:
         return max(2 * n_ff, hp.n_embd, (hp.n_head + 2 * hp.n_head_kv) * hp.head_dim_k)
 
 
-def _read_f32(g: GGUFFile, t: TensorInfo) -> np.ndarray:
-    """kernels.read_f32 through dequant.dequantize_tensor (whole-tensor numpy, not 16 rows a call)."""
-    return dequantize_tensor(g.read_raw(t), t.type, t.shape)
+def _read_f32(g: GGUFFile, t: TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
+    """kernels.read_f32 through dequant.dequantize_tensor (whole-tensor numpy, not 16 rows a call),
+    into `out` when given."""
+    return dequantize_tensor(g.read_raw(t), t.type, t.shape, out)
 
 
 # activation elements per chunk group (see Engine.run): 8 Mi floats, 32 MiB per temporary
