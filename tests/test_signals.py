@@ -182,6 +182,7 @@ CASES = [
     ("quantize", signal.SIGTERM, False),
     ("reference", signal.SIGTERM, True),
     ("compare", signal.SIGINT, True),
+    ("compare", signal.SIGTERM, True),
     ("merge", signal.SIGKILL, False),
     ("quantize", signal.SIGKILL, False),
     ("reference", signal.SIGKILL, True),
@@ -198,7 +199,9 @@ def test_signal(proj: Path, point: str, sig: signal.Signals, compare: bool) -> N
     work = _prepare(d, name, DONE_BEFORE[point])
     for m in ("write", "reference", "compare"):
         (d / m).unlink(missing_ok=True)
-    proc = _loraq(d, "run", str(cfgp), slow=0.05)
+    # a pause of 0.25 s in each file's end (and each reference chunk, each score): the test must see the
+    # temporary and signal before it goes; 0.05 s lost that race once on a loaded machine (merge-SIGHUP)
+    proc = _loraq(d, "run", str(cfgp), slow=0.25)
     if point == "merge":
         _wait_for(lambda: any(t.startswith(".merged-f16.gguf.tmp-") for t in _temps(work)), "the merge's temporary file", proc)
     elif point == "quantize":  # the pool's workers are up and the outputs half-written
