@@ -51,8 +51,9 @@ def file_size(n_ctx: int, n_vocab: int, n_chunk: int) -> int:
     return HEADER_BYTES + 4 * n_ctx * n_chunk + n_chunk * n_scored(n_ctx) * record_u16(n_vocab) * 2
 
 
-def block_rows(n_vocab: int) -> int:
-    return max(1, _BLOCK_ELEMENTS // max(1, n_vocab))
+def block_rows(n_vocab: int, elements: int = _BLOCK_ELEMENTS) -> int:
+    """Rows of n_vocab values in a block of about `elements` (at least one row)."""
+    return max(1, elements // max(1, n_vocab))
 
 
 def scored_rows(logits: np.ndarray, n_ctx: int, n_vocab: int, what: str = "logits") -> np.ndarray:

@@ -182,7 +182,7 @@ class KLDAccumulator:
         x32 = scored_rows(logits, ref.n_ctx, ref.n_vocab, f"candidate logits, chunk {i}")
         scale, mlp, codes = ref.chunk(i)
         tgt = ref.targets(i)
-        step = max(1, _CACHE_ELEMENTS // ref.n_vocab)
+        step = block_rows(ref.n_vocab, _CACHE_ELEMENTS)
         klds, dps = [], []
         for r in range(0, x32.shape[0], step):
             sl = slice(r, r + step)

@@ -176,7 +176,7 @@ def measure_sensitivity(
         names = [n for n in names if g.has_tensor(n) and g.tensor(n).ne[0] % pt.block == 0 and len(g.tensor(n).ne) == 2]
         # every block's float32 weights stay in memory when they fit CACHE_BYTES (SmolLM2: 0.4 GB);
         # past that each probe reads the blocks it runs again, so memory stays one block
-        f32 = sum(4 * int(np.prod(t.ne)) for t in g.tensors if t.name.startswith("blk."))
+        f32 = sum(4 * t.n_elements for t in g.tensors if t.name.startswith("blk."))
         cached = [eng._layer(g, i) for i in range(L)] if f32 <= CACHE_BYTES else None
 
         def layer(il: int) -> LayerWeights:

@@ -448,16 +448,22 @@ def _q8_0_act(x, xi, out, d, di):  # pragma: no cover - compiled
     return True
 
 
-def q8_0_activations(x: np.ndarray) -> np.ndarray | None:
-    """engine.round_activations(x, 'q8_0') compiled, for (rows, k) float32 with k % 32 == 0; None
-    without numba or where the numpy version must answer."""
-    kern = compiled(_q8_0_act)
+def _round_rows(fn: Any, x: np.ndarray, *scratch: np.ndarray) -> np.ndarray | None:
+    """Activations x (rows, k) rounded through the compiled `fn` (x, its int32 view, out,
+    *scratch); None without numba or when the kernel hands the call to numpy (inf/NaN)."""
+    kern = compiled(fn)
     if kern is None:
         return None
     x = np.ascontiguousarray(x, F32)
     out = np.empty_like(x)
+    return out if kern(x, x.view(np.int32), out, *scratch) else None
+
+
+def q8_0_activations(x: np.ndarray) -> np.ndarray | None:
+    """engine.round_activations(x, 'q8_0') compiled, for (rows, k) float32 with k % 32 == 0; None
+    without numba or where the numpy version must answer."""
     d = np.empty(2 * (x.shape[1] // 32), F32)  # scratch: no allocation per block in the kernel
-    return out if kern(x, x.view(np.int32), out, d, d.view(np.int32)) else None
+    return _round_rows(_q8_0_act, x, d, d.view(np.int32))
 
 
 def _q8_0_deq(b, d, out):  # pragma: no cover - compiled
@@ -539,12 +545,7 @@ def _q8_k_act(x, xi, out):  # pragma: no cover - compiled
 def q8_k_activations(x: np.ndarray) -> np.ndarray | None:
     """engine.round_activations(x, 'q8_k') compiled, for (rows, k) float32 with k % 256 == 0; None
     without numba or where the numpy version must answer."""
-    kern = compiled(_q8_k_act)
-    if kern is None:
-        return None
-    x = np.ascontiguousarray(x, F32)
-    out = np.empty_like(x)
-    return out if kern(x, x.view(np.int32), out) else None
+    return _round_rows(_q8_k_act, x)
 
 
 def _rope_rows(x, cos, sin, out, n_rot, neox):  # pragma: no cover - compiled
