@@ -79,6 +79,7 @@ def test_reported_ppl_and_kld_match_llama_cpp(smollm2_f16, tmp_path):
         # Activation rounding (Q8_0 of each matmul's input) is chaotic: moving the input embeddings by
         # one f32 ulp moves the numpy engine's own per-position KLD by ~0.010, the gap between the two
         # engines on Q4_K_M (scripts/bench_compare_engines.py --floor). Over 4 chunks that leaves the
-        # mean ±0.002-0.0025 apart on an AVX-512 build (runtime-Q4_0: 0.00239 of 0.262): 1 % relative.
-        assert abs(g["kld_mean"] - w.kld_mean) < max(0.002, 0.01 * w.kld_mean), (name, g["kld_mean"], w.kld_mean)
+        # mean ±0.002-0.0025 apart on an AVX-512 build (runtime-Q4_0: 0.00239 of 0.262) and 0.0029 on an
+        # AVX2 one (merged-Q4_0: 0.2642 vs 0.2613; its Q4_0 dot products sum in another order): 1.5 %.
+        assert abs(g["kld_mean"] - w.kld_mean) < max(0.003, 0.015 * w.kld_mean), (name, g["kld_mean"], w.kld_mean)
         assert abs(g["same_top"] - w.same_top) < 0.02, (name, g["same_top"], w.same_top)

@@ -9,9 +9,10 @@ uint16 base log-probs of a ReferenceFile:
 * same top: first-index argmax of the logits equals first-index argmax of the decoded base.
 
 The base is decoded exactly as llama-perplexity decodes it (float32 `scale·code + min_log_prob`);
-everything after that is computed in double precision, vectorized over positions. The reported
-numbers follow llama-perplexity's final block (`mean_and_uncertainty`, `covariance`, percentiles by
-linear interpolation at `fraction·(N−1)`, median averaging the two middle values).
+the exponentials of the logits and of the base log-probs are float32 as its `expf`; everything
+else (sums, logs, the KLD terms) is double precision, vectorized over positions. The reported
+numbers follow llama-perplexity's final block (`mean_and_uncertainty`, `covariance`, percentiles
+by linear interpolation at `fraction·(N−1)`, median averaging the two middle values).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from ..errors import BadInput
 from .kld_file import ReferenceFile, block_rows, first_scored, n_scored, scored_rows
 
 KLD_CUTOFF = -16.0  # base log-probs at or below this are left out of the KLD sum
-# rows per block of add_chunk: its float64 (rows, n_vocab) temporaries stay in the L2/L3 caches
-# (5 rows of SmolLM2's 49152: 0.23 s of a compare run's metrics; 1 Mi-element blocks took 0.30 s)
-_CACHE_ELEMENTS = 1 << 18
+# rows per block of add_chunk: its (rows, n_vocab) temporaries stay in the L2 cache (2 rows of
+# SmolLM2's 49152; 5 rows took 3x as long on a 512 KiB-L2 EPYC, 1 Mi-element blocks longer still)
+_CACHE_ELEMENTS = 1 << 17
 
 
 def mean_unc(s: float, s2: float, n: int) -> tuple[float, float]:
@@ -148,12 +149,16 @@ class PerplexityResult:
         return asdict(self)
 
 
-def _log_softmax_parts(x32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(x in float64, max + log Σ exp(x − max) per row) for float32 rows."""
-    x = x32.astype(np.float64)
-    mx = x.max(axis=1)
-    lse = np.log(np.exp(x - mx[:, None]).sum(axis=1))
-    return x, mx + lse
+def _log_partition(x32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max + log Σ exp(x − max) per row in double, a float32 scratch of x's shape) for float32 rows.
+
+    As llama-perplexity: expf of the float32 differences (numpy's SIMD float32 exp; its float64
+    exp has no SIMD path without AVX-512, and took two thirds of a compare run's metrics on such
+    a machine), the sum in double."""
+    mx = x32.max(axis=1)
+    e = x32 - mx[:, None]
+    np.exp(e, out=e)
+    return mx.astype(np.float64) + np.log(np.add.reduce(e, axis=1, dtype=np.float64)), e
 
 
 class KLDAccumulator:
@@ -189,23 +194,20 @@ class KLDAccumulator:
             xb32 = x32[sl]
             rows = np.arange(xb32.shape[0])
             t = tgt[sl]
-            # Few passes, in place: each is memory-bound on ~8 MB of doubles (the old version made
-            # ~18 and was a tenth of a Q8_0 compare run). logq = x − max − log Σ exp(x − max).
-            logq = xb32.astype(np.float64)
-            logq -= xb32.max(axis=1).astype(np.float64)[:, None]
-            e = np.exp(logq)
-            logq -= np.log(np.add.reduce(e, axis=1))[:, None]
-            nll = -logq[rows, t]
+            lz, e = _log_partition(xb32)
+            nll = lz - xb32[rows, t]
             lpb32 = codes[sl].astype(np.float32)
             lpb32 *= np.asarray(scale[sl], dtype=np.float32)[:, None]  # decode_rows, in place
             lpb32 += np.asarray(mlp[sl], dtype=np.float32)[:, None]
             nll_b = -lpb32[rows, t].astype(np.float64)
             same = np.argmax(xb32, axis=1) == np.argmax(lpb32, axis=1)  # first index of the max, both
-            # KLD = Σ_{lpb > −16} exp(lpb)·(lpb − logq): e reused for exp(lpb), zeroed past the cutoff
-            np.subtract(lpb32, logq, out=logq)  # (float32 lpb widened exactly to double)
-            np.exp(lpb32, out=e, dtype=np.float64)
+            # KLD = Σ_{lpb > −16} expf(lpb)·(lpb − x + lz): e reused for expf(lpb), zeroed past the cutoff
+            np.exp(lpb32, out=e)
             e *= lpb32 > np.float32(KLD_CUTOFF)
-            kld = np.einsum("ij,ij->i", e, logq)
+            d = lpb32.astype(np.float64)
+            d -= xb32
+            d += lz[:, None]
+            kld = np.einsum("ij,ij->i", e.astype(np.float64), d)
             dp = np.exp(-nll) - np.exp(-nll_b)
             dp2 = dp * dp
             self._s += (
@@ -328,11 +330,11 @@ class PerplexityAccumulator:
         tgt = np.asarray(self.tokens[i, first_scored(self.n_ctx) + 1 :], dtype=np.int64)
         if tgt.min() < 0 or tgt.max() >= x32.shape[1]:
             raise BadInput(f"token ids outside the vocabulary [0, {x32.shape[1]}); tokenizer and model do not match")
-        step = block_rows(x32.shape[1])
+        step = block_rows(x32.shape[1], _CACHE_ELEMENTS)
         for r in range(0, x32.shape[0], step):
             xb32 = x32[r : r + step]
-            x, norm = _log_softmax_parts(xb32)
-            nll = norm - x[np.arange(xb32.shape[0]), tgt[r : r + step]]
+            lz, _ = _log_partition(xb32)
+            nll = lz - xb32[np.arange(xb32.shape[0]), tgt[r : r + step]]
             self._s += float(nll.sum())
             self._s2 += float((nll * nll).sum())
             self._count += xb32.shape[0]
