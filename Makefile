@@ -61,10 +61,12 @@ $(VENV)/.peft: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev,peft-tests]'
 	touch $@
 
-# The fast tier (under 5 minutes on 2 cores); the slow tier holds the real-model end-to-end and
-# subprocess-heavy cases. .ci/run runs both, then lint, then the interop tier.
+# The fast tier (under 5 minutes on 2 cores): two pytest-xdist workers, since most cases are one
+# Python thread (7.2 min serial on a 2-core AVX2 EPYC). The slow tier holds the real-model
+# end-to-end and subprocess-heavy cases, serial (its signal and memory cases time themselves).
+# .ci/run runs both, then lint, then the interop tier.
 test: $(VENV)/.installed $(VENV)/.peft $(SMOL)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 test-slow: $(VENV)/.installed $(VENV)/.peft $(SMOL)
 	$(BIN)/pytest -q -m 'slow and not interop'

@@ -72,6 +72,7 @@ def demo_result(smollm2_f16, demo):
     return check(smollm2_f16, [(demo, 1.0)], TYPES)
 
 
+@pytest.mark.slow  # with its module fixture, 21 s: in make test-slow, to keep make test under 5 minutes on a 2-core AVX2 EPYC
 def test_demo_deployment_and_summary(demo_result):
     r = demo_result
     assert (r.arch, r.arch_ok, r.tokenizer_ok) == ("llama", True, True)
@@ -87,6 +88,7 @@ def test_demo_deployment_and_summary(demo_result):
     assert r.seconds < 60
 
 
+@pytest.mark.slow  # the same fixture: in make test-slow, to keep make test under 5 minutes on a 2-core AVX2 EPYC
 def test_demo_deltas_match_the_factors(demo_result, demo):
     want = exact_deltas(demo)
     got = {t.tensor: t.delta_sq for t in demo_result.tensors}
@@ -95,6 +97,7 @@ def test_demo_deltas_match_the_factors(demo_result, demo):
         assert got[name] == pytest.approx(v, rel=1e-9), name
 
 
+@pytest.mark.slow  # the same fixture: in make test-slow, to keep make test under 5 minutes on a 2-core AVX2 EPYC
 def test_demo_verdicts_agree_with_exact_noise(demo_result, smollm2_f16, demo):
     """Every verdict recomputed from the exact noise (whole tensor quantized) and exact delta, except
     where the two are within 20% of each other (sampling may fall either side)."""
@@ -364,6 +367,7 @@ def _config(tmp_path: Path, base: Path, adapter: Path, types: list[str]) -> Path
     return p
 
 
+@pytest.mark.slow  # two checks of SmolLM2, 15 s: in make test-slow, to keep make test under 5 minutes on a 2-core AVX2 EPYC
 def test_cli_check_prints_and_writes_nothing(smollm2_f16, demo, tmp_path, capsys):
     cfg = _config(tmp_path, smollm2_f16, demo, TYPES)
     assert run_cli(["check", str(cfg)]) == 0

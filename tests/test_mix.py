@@ -117,6 +117,7 @@ def _run_cli(*args: str) -> None:
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.slow  # 10 s: in make test-slow, to keep make test under 5 minutes on a 2-core AVX2 EPYC
 def test_size_targeted_mix_fits_records_its_choice_and_replays_byte_identical(synth256, tmp_path):
     """--size-of Q4_K_M: a file no larger than Q4_K_M's, with types beyond Q4_K_M's rules; the
     recorded list replayed through --tensor-type-file writes the same bytes (what llama-quantize

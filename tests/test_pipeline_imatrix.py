@@ -56,6 +56,7 @@ def _loraq(*argv: str | Path, cwd: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow  # 8 s: in make test-slow, to keep make test under 5 minutes on a 2-core AVX2 EPYC
 def test_auto_scores_both_and_a_mix_fits_the_size(project):
     # a 64-wide model: Q4_0's budget is below the smallest mix once the head's type is fixed; Q8_0's is not
     cfg = load_config(_cfg(project, quantize={"types": ["Q4_0", "Q8_0"], "targets": [{"size_of": "Q8_0"}]}))

@@ -97,7 +97,8 @@ def imatrix_cases(qtype: str, k: int, seed: int) -> list[np.ndarray | None]:
 # ------------------------------------------------------------------ random and real rows
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+# iq1_s / iq1_m: 13 s and 10 s, in make test-slow (make test keeps the other five)
+@pytest.mark.parametrize("qtype", [pytest.param(t, marks=pytest.mark.slow) if t.startswith("iq1") else t for t in TYPES])
 def test_random_normal(qtype):
     rng = np.random.default_rng(7)
     rows = rng.standard_normal((12, 1024)).astype(F32)

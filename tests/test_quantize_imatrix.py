@@ -82,6 +82,7 @@ def _kvs(path: Path) -> dict[str, tuple[gguf.GGUFValueType, object]]:
 # ------------------------------------------------------------------------------------------------
 # Without native tools
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # 9 s: in make test-slow, to keep make test under 5 minutes on a 2-core AVX2 EPYC
 def test_imatrix_kvs_and_q2_k_s(synth256, imatrices, tmp_path, capsys):
     """Q2_K_S refuses to run without an imatrix and runs with one; the file records it as
     llama-quantize does (the --imatrix argument as typed, UINT32 counts, in this order)."""
