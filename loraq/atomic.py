@@ -10,6 +10,7 @@ temporary folder (`loraq-<pid>-*`, see scratch_dir) are found the same way by `s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
@@ -213,6 +214,30 @@ def fsync_dir(folder: Path | str) -> None:
             raise io_error(exc, folder, "write") from exc
     finally:
         os.close(fd)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+_sync_file_range: list = []  # libc's sync_file_range, looked up once (empty list: not yet; [None]: none)
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Best effort (Linux): start writing [offset, offset + nbytes) of an output to disk now,
+    without waiting (sync_file_range SYNC_FILE_RANGE_WRITE), so that the fsync before its rename
+    has little left to do. A 271 MB Q8_0 file's fsync took 0.6-0.9 s at the end of a 2 s quantize
+    on this project's CI machines, while the disk had sat idle during the computing; the pages
+    stay cached for the next stage (unlike POSIX_FADV_DONTNEED's writeback). Durability is still
+    the fsync's job: this only moves the disk's work earlier."""
+    if not _sync_file_range:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _sync_file_range.append(fn)
+    fn = _sync_file_range[0]
+    if fn is not None and nbytes > 0:
+        fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # an error (EINVAL on some file systems) is left to the fsync
 
 
 def _fsync_file(p: Path) -> None:

@@ -3,6 +3,9 @@ and its rejection of damaged files."""
 
 from __future__ import annotations
 
+import itertools
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -54,3 +57,43 @@ def test_not_gguf(tmp_path):
     p.write_bytes(b"PK\x03\x04" + b"\0" * 100)
     with pytest.raises(BadInput, match="not a readable GGUF"):
         open_gguf(p)
+
+
+def test_writeback_starts_only_on_written_bytes(tmp_path, monkeypatch):
+    """The writer hands finished ranges to the disk early (atomic.start_writeback): contiguous from
+    byte 0, each ending at a tensor's end, each already holding its final bytes when handed over
+    (also those another writer put there with pwrite, as the quantizer's threads do)."""
+    from loraq.ggml_types import ggml_type
+    from loraq.gguf_io import writer as wmod
+
+    f32 = ggml_type("f32")
+    shapes = [(64, 3), (16, 1), (128, 5), (32, 2)]
+    tensors = [wmod.OutTensor(f"t{i}", ne, f32) for i, ne in enumerate(shapes)]
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal(ne[::-1]).astype(np.float32) for ne in shapes]
+    calls: list[tuple[int, int, bytes]] = []
+    monkeypatch.setattr(wmod, "_WRITEBACK_BYTES", 600)
+
+    def seen(fd: int, off: int, n: int) -> None:  # the descriptor is write-only: read through /proc
+        with open(f"/proc/self/fd/{fd}", "rb") as f:
+            f.seek(off)
+            calls.append((off, n, f.read(n)))
+
+    monkeypatch.setattr(wmod, "start_writeback", seen)
+    out = tmp_path / "w.gguf"
+    with wmod.GGUFStreamWriter(out, wmod.KVList(), tensors) as w:
+        for i, (t, a) in enumerate(zip(tensors, data)):
+            if i == 2:  # as the quantizer: the bytes pwritten into the temporary, then accounted for
+                _, fd, off = w.region(t.name)
+                os.pwrite(fd, a.tobytes(), off)
+                w.begin(t.name)
+                w.skip(a.nbytes)
+                w.end()
+            else:
+                w.write(t.name, a)
+    final = out.read_bytes()
+    assert len(calls) >= 2
+    assert calls[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(calls))
+    ends = {w._offsets[t.name] + wmod._pad(t.nbytes) for t in tensors}
+    for off, n, seen in calls:
+        assert off + n in ends and seen == final[off : off + n]

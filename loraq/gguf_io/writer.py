@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType
 
-from ..atomic import atomic_output, io_error
+from ..atomic import atomic_output, io_error, start_writeback
 from ..errors import LoraqError
 from ..ggml_types import GGMLType
 from .header import STRUCT_FORMATS
 
 ALIGNMENT = 32
+# the writeback of finished tensors is started every this many bytes (atomic.start_writeback)
+_WRITEBACK_BYTES = 16 << 20
 
 
 def _pad(n: int) -> int:
@@ -115,6 +117,7 @@ class GGUFStreamWriter:
         self._f: io.BufferedWriter | None = None
         self._tmp: Path | None = None
         self._offsets: dict[str, int] = {}
+        self._flushed = 0  # bytes from the start whose writeback has been started (atomic.start_writeback)
 
     def _header(self) -> bytes:
         parts = [b"GGUF", struct.pack("<IQQ", 3, len(self.tensors), len(self._kvs))]
@@ -171,6 +174,15 @@ class GGUFStreamWriter:
             raise LoraqError(f"internal: tensor {t.name} has {self._pending} bytes, expected {t.nbytes}")
         self._write(b"\0" * (_pad(t.nbytes) - t.nbytes))
         self._next += 1
+        done = self._offsets[t.name] + _pad(t.nbytes)  # every byte before this is in the file now
+        if done - self._flushed >= _WRITEBACK_BYTES:
+            assert self._f is not None, "GGUFStreamWriter used outside its with block"
+            try:
+                self._f.flush()
+            except OSError as exc:
+                raise io_error(exc, self.path, "write") from exc
+            start_writeback(self._f.fileno(), self._flushed, done - self._flushed)
+            self._flushed = done
 
     def region(self, name: str) -> tuple[Path, int, int]:
         """Where tensor `name`'s bytes belong, for writers in other processes (os.pwrite):
