@@ -345,6 +345,22 @@ def test_dequantize_tensor_matches_ggml(name):
         dequantize_tensor(raw, t, (48, 512), out[:, :256])
 
 
+def test_dequantize_tensor_f16_is_the_ieee_cast():
+    """F16 weights (compiled cast when numba is there): every bit pattern, NaN payloads included,
+    as numpy's IEEE cast, whole and into bands of a caller's array."""
+    from loraq.ggml_types import ggml_type
+    from loraq.llama.dequant import dequantize_tensor
+
+    h = np.arange(1 << 16, dtype=np.uint16).reshape(128, 512)
+    want = h.view(np.float16).astype(np.float32)
+    raw = h.view(np.uint8).reshape(-1)
+    np.testing.assert_array_equal(dequantize_tensor(raw, ggml_type("f16"), (128, 512)).view(np.uint32), want.view(np.uint32))
+    out = np.full((128, 512), np.nan, np.float32)
+    for a, b in ((0, 50), (50, 128)):
+        assert dequantize_tensor(raw[a * 1024 : b * 1024], ggml_type("f16"), (b - a, 512), out[a:b]).base is out
+    np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
+
+
 def test_round_f16_is_the_ieee_cast():
     from loraq.llama.engine import round_f16
 

@@ -120,6 +120,12 @@ def dequantize_tensor(raw: np.ndarray, qtype: GGMLType, shape: tuple[int, ...], 
     into `out` (C-contiguous float32 of that shape) when given."""
     if out is not None and (out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous):
         raise ValueError(f"out must be C-contiguous float32 {tuple(shape)}, got {out.dtype} {out.shape}")
+    if qtype.name == "f16" and np.size(raw) == 2 * int(np.prod(shape)):
+        # numpy's float16 cast is scalar: SmolLM2's 134 M F16 weights took 0.55 s of one AVX2
+        # core, 0.12 s compiled (exact too, vectorized, written straight into `out`)
+        res = jit.f16_to_f32(np.ascontiguousarray(raw).view(np.uint16), out)
+        if res is not None:
+            return res.reshape(shape)
     fn = _KERNELS.get(qtype.name)
     if fn is None:
         res = _generic(raw, qtype, shape)
