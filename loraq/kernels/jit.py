@@ -552,13 +552,26 @@ def _q8_0_act(x, xi, out, d, di):  # pragma: no cover - compiled
     version answers)."""
     n, k = x.shape
     nb = k // 32
+    t = np.empty(8, np.int32)
+    m = np.int32(0x7FFFFFFF)
     for r in range(n):
+        xir = xi[r]
         for b in range(nb):
-            mb = np.int32(0)
-            for j in range(32):
-                a = xi[r, b * 32 + j] & np.int32(0x7FFFFFFF)
-                mb = a if a > mb else mb
-            di[b] = mb
+            # the block's largest |x| bits as a tree of elementwise maxima: LLVM leaves a 32-term
+            # running maximum scalar (1.0 ns a value on an AVX2 EPYC, against 0.4)
+            xs = xir[b * 32 : b * 32 + 32]
+            for j in range(8):
+                a0 = xs[j] & m
+                a1 = xs[j + 8] & m
+                a2 = xs[j + 16] & m
+                a3 = xs[j + 24] & m
+                a0 = a0 if a0 > a1 else a1
+                a2 = a2 if a2 > a3 else a3
+                t[j] = a0 if a0 > a2 else a2
+            for w in (4, 2, 1):
+                for j in range(w):
+                    t[j] = t[j] if t[j] > t[j + w] else t[j + w]
+            di[b] = t[0]
         for b in range(nb):
             if di[b] >= np.int32(0x7F800000):
                 return False
