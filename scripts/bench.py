@@ -37,6 +37,7 @@ from types import ModuleType
 
 from loraq.pipeline.checkpoint import sha256_file
 from scripts import fetch_smollm2, make_demo_adapter, make_synthetic_model
+from scripts.benchlib import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,7 +288,7 @@ def main() -> None:
     t_all = time.perf_counter()
     print(f"loraq bench  {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(
-        f"machine: {platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} CPUs "
+        f"machine: {cpu_model()}; {platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} CPUs "
         f"(affinity {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}), "
         f"Python {platform.python_version()}"
     )

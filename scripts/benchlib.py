@@ -27,3 +27,23 @@ def best_time(fn, repeat: int) -> tuple[float, object]:
         res = fn()
         best = min(best, time.perf_counter() - t)
     return best, res
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest x86 vector extension (/proc/cpuinfo; else the platform's
+    machine name): ratios differ between machine kinds, e.g. numba's kernels on AVX2 and AVX-512."""
+    import platform
+
+    name, flags = platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines()[:64]:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    simd = next((f.upper() for f in ("avx512f", "avx2", "avx", "neon", "asimd") if f in flags), "")
+    return f"{name}, {simd.replace('AVX512F', 'AVX-512')}" if simd else name
