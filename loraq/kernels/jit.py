@@ -612,6 +612,35 @@ def q8_0_activations(x: np.ndarray) -> np.ndarray | None:
     return _round_rows(_q8_0_act, x, d, d.view(np.int32))
 
 
+def _round_f16(x, xu, out, ou):  # pragma: no cover - compiled
+    """engine.round_f16 on flat float32 x (xu its uint32 view) into out (ou): the bits rounded to
+    11 significant bits, nearest even (a carry moves into the exponent), ±inf from 65520 up, NaN
+    kept; then, where |x| < 2^-14, F16's fixed 2^-24 step: rint(x·2^24)·2^-24, exact in float32.
+    Two loops, each writing one view, as _f16_tile (one loop mixing them stays scalar on AVX2)."""
+    for i in range(xu.size):
+        u = xu[i]
+        a = u & np.uint32(0x7FFFFFFF)
+        r = (u + (np.uint32(0xFFF) + ((u >> np.uint32(13)) & np.uint32(1)))) & np.uint32(0xFFFFE000)
+        r = (u & np.uint32(0x80000000)) | np.uint32(0x7F800000) if a >= np.uint32(0x477FF000) else r  # 65520.0f
+        ou[i] = u if a > np.uint32(0x7F800000) else r  # NaN
+    for i in range(x.size):
+        v = x[i]
+        s = np.rint(v * np.float32(16777216.0)) * np.float32(5.9604645e-08)
+        out[i] = s if abs(v) < np.float32(6.1035156e-05) else out[i]
+
+
+def round_f16(x: np.ndarray) -> np.ndarray | None:
+    """engine.round_f16(x) compiled (a new C-contiguous float32 array); None without numba."""
+    kern = compiled(_round_f16)
+    if kern is None:
+        return None
+    x = np.ascontiguousarray(x, F32)
+    out = np.empty_like(x)
+    xf, of = x.reshape(-1), out.reshape(-1)
+    kern(xf, xf.view(np.uint32), of, of.view(np.uint32))
+    return out
+
+
 def _q8_0_deq(b, d, out):  # pragma: no cover - compiled
     """q8_0 blocks b (nb, 34) with their scales d (nb,) float32 -> out (nb, 32) = d·q."""
     for i in range(b.shape[0]):

@@ -109,7 +109,11 @@ def round_f16(x: np.ndarray) -> np.ndarray:
     Normal F16 range: round the float32 to 11 significant bits, nearest even, on its bit pattern
     (add 0xFFF plus the lowest kept bit, clear the low 13 bits; a carry moves into the exponent as
     it should). Below 2^-14 F16 is subnormal, a fixed step of 2^-24: rint(x·2^24)·2^-24, exact in
-    float32. From 65520 up the F16 is ±inf; NaN stays NaN."""
+    float32. From 65520 up the F16 is ±inf; NaN stays NaN. Compiled when numba is there (the
+    same steps in two vectorized loops, ~5x)."""
+    fast = jit.round_f16(x)
+    if fast is not None:
+        return fast
     x = np.ascontiguousarray(x, dtype=np.float32)
     u = x.view(np.uint32)
     out = ((u + (np.uint32(0xFFF) + ((u >> 13) & 1))) & np.uint32(0xFFFFE000)).view(np.float32)
