@@ -111,7 +111,8 @@ def test_random_normal(qtype):
         check(rows, qtype, im, "random normal")
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+# iq1_s / iq1_m: 17-23 s with two workers (2 long rows), in make test-slow as above
+@pytest.mark.parametrize("qtype", [pytest.param(t, marks=pytest.mark.slow) if t.startswith("iq1") else t for t in TYPES])
 def test_odd_shapes(qtype):
     """One super-block, and rows long enough to span several chunks."""
     rng = np.random.default_rng(9)
@@ -235,6 +236,7 @@ def test_libgguf_without_an_imatrix_uses_the_column_mean():
         assert np.array_equal(got, want), q
 
 
+@pytest.mark.slow  # 39 s with two workers: it explains an oracle choice, and tests none of loraq's bytes
 def test_iq1_m_libgguf_differs_only_by_rounding():
     """Documents why iq1_m has another oracle: on unit-scale rows libgguf's older split search
     agrees with llama.cpp's, so the two ggml versions differ only where their sums round apart."""
