@@ -49,6 +49,20 @@ def _llama_ggml() -> ctypes.CDLL | None:
     return lib
 
 
+def tiered(heavy: bool = False) -> list[object]:
+    """TYPES as test parameters: iq1_m, whose oracle is llama.cpp's ggml, in the interop tier (the
+    one with llama-cpp-python installed: elsewhere it could only skip); with `heavy`, iq1_s in the
+    slow tier (13-23 s a case with two workers)."""
+    return [
+        pytest.param(t, marks=pytest.mark.interop)
+        if t in LLAMA_GGML
+        else pytest.param(t, marks=pytest.mark.slow)
+        if heavy and t.startswith("iq1")
+        else t
+        for t in TYPES
+    ]
+
+
 def llama_ggml_blocks(rows: np.ndarray, qtype: str, imatrix: np.ndarray | None) -> np.ndarray:
     """ggml_quantize_chunk from the llama.cpp that llama-cpp-python ships."""
     from loraq.ggml_types import ggml_type
@@ -97,8 +111,7 @@ def imatrix_cases(qtype: str, k: int, seed: int) -> list[np.ndarray | None]:
 # ------------------------------------------------------------------ random and real rows
 
 
-# iq1_s / iq1_m: 13 s and 10 s, in make test-slow (make test keeps the other five)
-@pytest.mark.parametrize("qtype", [pytest.param(t, marks=pytest.mark.slow) if t.startswith("iq1") else t for t in TYPES])
+@pytest.mark.parametrize("qtype", tiered(heavy=True))
 def test_random_normal(qtype):
     rng = np.random.default_rng(7)
     rows = rng.standard_normal((12, 1024)).astype(F32)
@@ -111,8 +124,7 @@ def test_random_normal(qtype):
         check(rows, qtype, im, "random normal")
 
 
-# iq1_s / iq1_m: 17-23 s with two workers (2 long rows), in make test-slow as above
-@pytest.mark.parametrize("qtype", [pytest.param(t, marks=pytest.mark.slow) if t.startswith("iq1") else t for t in TYPES])
+@pytest.mark.parametrize("qtype", tiered(heavy=True))
 def test_odd_shapes(qtype):
     """One super-block, and rows long enough to span several chunks."""
     rng = np.random.default_rng(9)
@@ -135,7 +147,7 @@ def real_rows(smollm2_q4_1) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", tiered())
 def test_real_weights(qtype, real_rows):
     for i, (name, rows) in enumerate(real_rows.items()):
         # an activation-like imatrix, and the rows' own mean x² (what a real imatrix resembles)
@@ -195,12 +207,12 @@ def _superblocks() -> list[np.ndarray]:
     return b
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", tiered())
 def test_adversarial_blocks(qtype):
     check_layouts(_superblocks(), qtype, lambda k: imatrix_cases(qtype, k, 5))
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", tiered())
 def test_imatrix_edge_values(qtype):
     """All-zero imatrix (every sumq2 = 0), tiny and huge importances, importance zero exactly on the
     outliers, and sub-blocks whose importance is zero."""
@@ -236,7 +248,7 @@ def test_libgguf_without_an_imatrix_uses_the_column_mean():
         assert np.array_equal(got, want), q
 
 
-@pytest.mark.slow  # 39 s with two workers: it explains an oracle choice, and tests none of loraq's bytes
+@pytest.mark.interop  # needs llama-cpp-python's ggml
 def test_iq1_m_libgguf_differs_only_by_rounding():
     """Documents why iq1_m has another oracle: on unit-scale rows libgguf's older split search
     agrees with llama.cpp's, so the two ggml versions differ only where their sums round apart."""
