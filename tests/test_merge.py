@@ -115,6 +115,7 @@ def test_bf16_output_rounds_once(small_base, tmp_path):
         assert errs[int(g)] <= min(errs.values()), (v, g)
 
 
+@pytest.mark.slow  # 26 s with two workers, the fast tier's longest case
 def test_peft_folder_merge_gives_peft_delta_with_rslora_and_alpha_pattern(small_base, tmp_path):
     """Merging a PEFT folder applies exactly PEFT's scale (α/√r for rsLoRA, per-module α)."""
     peft = tmp_path / "rs"

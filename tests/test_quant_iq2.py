@@ -49,16 +49,12 @@ def _llama_ggml() -> ctypes.CDLL | None:
     return lib
 
 
-def tiered(heavy: bool = False) -> list[object]:
+def tiered(slow: tuple[str, ...] = ()) -> list[object]:
     """TYPES as test parameters: iq1_m, whose oracle is llama.cpp's ggml, in the interop tier (the
-    one with llama-cpp-python installed: elsewhere it could only skip); with `heavy`, iq1_s in the
-    slow tier (13-23 s a case with two workers)."""
+    one with llama-cpp-python installed: elsewhere it could only skip); the types in `slow` in the
+    slow tier (their cases take 15-23 s with two workers, against a 5-minute make test)."""
     return [
-        pytest.param(t, marks=pytest.mark.interop)
-        if t in LLAMA_GGML
-        else pytest.param(t, marks=pytest.mark.slow)
-        if heavy and t.startswith("iq1")
-        else t
+        pytest.param(t, marks=pytest.mark.interop) if t in LLAMA_GGML else pytest.param(t, marks=pytest.mark.slow) if t in slow else t
         for t in TYPES
     ]
 
@@ -111,7 +107,7 @@ def imatrix_cases(qtype: str, k: int, seed: int) -> list[np.ndarray | None]:
 # ------------------------------------------------------------------ random and real rows
 
 
-@pytest.mark.parametrize("qtype", tiered(heavy=True))
+@pytest.mark.parametrize("qtype", tiered(slow=("iq1_s",)))
 def test_random_normal(qtype):
     rng = np.random.default_rng(7)
     rows = rng.standard_normal((12, 1024)).astype(F32)
@@ -124,7 +120,7 @@ def test_random_normal(qtype):
         check(rows, qtype, im, "random normal")
 
 
-@pytest.mark.parametrize("qtype", tiered(heavy=True))
+@pytest.mark.parametrize("qtype", tiered(slow=("iq1_s",)))
 def test_odd_shapes(qtype):
     """One super-block, and rows long enough to span several chunks."""
     rng = np.random.default_rng(9)
@@ -147,7 +143,7 @@ def real_rows(smollm2_q4_1) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("qtype", tiered())
+@pytest.mark.parametrize("qtype", tiered(slow=("iq2_xs", "iq3_xxs")))
 def test_real_weights(qtype, real_rows):
     for i, (name, rows) in enumerate(real_rows.items()):
         # an activation-like imatrix, and the rows' own mean x² (what a real imatrix resembles)
