@@ -179,6 +179,9 @@ def test_compiled_f16_cast_exhaustive():
     if got is None:
         pytest.skip("numba not installed")
     np.testing.assert_array_equal(got.view(np.uint32), h.view(np.float16).astype(F32).view(np.uint32))
+    for bad in (np.empty(100, F32), np.empty((256, 512), F32)[:, ::2], np.empty(1 << 16, np.float64)):
+        with pytest.raises(ValueError, match="C-contiguous float32"):
+            jit.f16_to_f32(h, bad)
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])

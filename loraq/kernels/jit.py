@@ -514,6 +514,9 @@ def f16_to_f32(h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | Non
     h = np.ascontiguousarray(h)
     if out is None:
         out = np.empty(h.shape, F32)
+    elif out.dtype != F32 or not out.flags.c_contiguous or out.size != h.size:
+        # the kernel writes h.size values without bounds checks; a reshaped copy would lose them
+        raise ValueError(f"out must be C-contiguous float32 of {h.size} values, got {out.dtype} {out.shape}")
     kern(h.reshape(-1), out.reshape(-1))
     return out
 
